@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine (README): `make run` and `make test`.
+# Each creates .venv, installs the pinned dependencies and the project, then runs.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# CPU torch for CI and laptops. On a CUDA machine: make run TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/loopfm run $(if $(CONFIG),--config $(CONFIG)) --out $(or $(OUT),runs/default)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

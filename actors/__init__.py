@@ -1,0 +1,1 @@
+"""Ray actors and callable classes: anything stateful that Ray schedules."""

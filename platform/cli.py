@@ -1,0 +1,116 @@
+"""The `loopfm` command: one subcommand per pipeline stage.
+
+Every command takes `--config` (YAML; defaults when omitted), `--out` (the run directory) and
+`--set key.path=value` overrides, so the same line works locally and under
+`ray job submit --working-dir . -- loopfm <stage> ...`. Stage code is imported lazily: `loopfm
+--help` and `loopfm config show` do not pay for importing Ray and torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from loopfm.config import ConfigError, LoopFMConfig, load_config
+from loopfm.errors import LoopFMError
+from loopfm.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]
+    help: str
+    target: Optional[str]  # "module:function"; None = not built yet
+    options: tuple[tuple[tuple[str, ...], dict], ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.words)
+
+    def load(self) -> Callable:
+        if self.target is None:
+            raise NotImplementedError(f"`loopfm {self.name}` is not built yet")
+        module, func = self.target.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+def _opt(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    return flags, kwargs
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(("config", "show"), "print the resolved config", "loopfm.cli:show_config"),
+    Command(("data", "generate"), "write the seeded synthetic multi-surface log", "loopfm.datasets.synthetic:generate_stage"),
+    Command(("data", "validate"), "read the configured log, validate it, write normalized events", "loopfm.datasets.ingest:validate_stage"),
+    Command(("data", "split"), "split events by time into train/valid/test and build the vocabulary", "loopfm.datasets.splits:split_stage"),
+    Command(("fm", "train"), "train the foundation model with Ray Train", None),
+    Command(("embed",), "extract FM embeddings with Ray Data actors into the versioned store", None),
+    Command(("features",), "point-in-time join of stored embeddings into VM examples", None),
+    Command(("train",), "train one VM (one arm, one seed) with Ray Train", None),
+    Command(("report",), "evaluate every arm and write report.json, report.md and plots", None),
+    Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B)", None),
+    Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve", None),
+    Command(("serve", "build"), "write a Serve config YAML for `serve deploy`", None),
+    Command(("run",), "run every stage end to end and write the report", "loopfm.pipeline:run_pipeline"),
+)
+
+
+def show_config(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace) -> None:
+    print(cfg.to_yaml(), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopfm", description=__doc__.split("\n")[0])
+    groups: dict[str, argparse._SubParsersAction] = {}
+    top = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    groups[""] = top
+    for cmd in COMMANDS:
+        parent = ""
+        for depth, word in enumerate(cmd.words[:-1]):
+            key = " ".join(cmd.words[: depth + 1])
+            if key not in groups:
+                sub = groups[parent].add_parser(word, help=f"{word} commands")
+                groups[key] = sub.add_subparsers(dest=f"sub_{depth}", metavar="<subcommand>", required=True)
+            parent = key
+        help_text = cmd.help + ("" if cmd.target else " (not built yet)")
+        p = groups[parent].add_parser(cmd.words[-1], help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML config file (defaults when omitted)")
+        p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set vm.pooling=mean (repeatable)")
+        for flags, kwargs in cmd.options:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(_command=cmd)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from loopfm.runtime import setup_logging
+
+    args = build_parser().parse_args(argv)
+    cmd: Command = args._command
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"loopfm: {err}", file=sys.stderr)
+        return 2
+    run = RunDir(args.out or f"runs/{cfg.name}")
+    setup_logging()
+    try:
+        fn = cmd.load()
+    except NotImplementedError as err:
+        print(f"loopfm: {err}", file=sys.stderr)
+        return 2
+    try:
+        fn(cfg, run, args)
+    except LoopFMError as err:
+        print(f"loopfm {cmd.name}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

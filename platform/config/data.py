@@ -1,0 +1,87 @@
+"""Config of the event log: where it comes from, how it is validated and split by time."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import Section
+
+
+class ColumnMapping(Section):
+    """Names of the contract's columns in the source log (DESIGN section 3)."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    ts: str = "ts"
+    label: str = "label"
+    surface: Optional[str] = "surface"
+    category: Optional[str] = Field("category", description="item category (FM token, VM feature)")
+    event_id: Optional[str] = "event_id"
+    categorical: list[str] = Field(default_factory=list, description="other categorical int columns (VM context)")
+
+
+class SyntheticConfig(Section):
+    """The seeded multi-surface generator (docs/SYNTHETIC.md explains every knob)."""
+
+    num_users: PositiveInt = 4000
+    num_items: PositiveInt = 6000
+    num_categories: PositiveInt = 60
+    num_surfaces: PositiveInt = 3
+    events_per_user: PositiveInt = 120
+    num_days: PositiveInt = 14
+    latent_dim: PositiveInt = 16
+    long_weight: float = Field(1.5, ge=0, description="weight of the stable long-term interest")
+    short_weight: float = Field(1.0, ge=0, description="weight of the drifting short-term interest")
+    short_drift: float = Field(0.15, ge=0, le=1, description="per-event innovation of the short-term interest")
+    item_bias_scale: float = Field(0.5, ge=0)
+    noise: float = Field(0.5, ge=0, description="std of per-impression logit noise")
+    base_logit: float = -2.5
+    vertical_share: float = Field(0.3, gt=0, lt=1, description="mean share of a user's events on surface 0")
+    personalization: float = Field(0.5, ge=0, le=1, description="share of impressions drawn from the user's interest")
+    users_per_chunk: PositiveInt = 1000
+    seed: int = 0
+
+
+class ValidationConfig(Section):
+    strict: bool = False
+    max_examples: PositiveInt = 5
+
+
+class SplitConfig(Section):
+    """Time split: train < valid < test, by quantiles of `ts` or by cut-off timestamps."""
+
+    method: Literal["quantile", "cutoff"] = "quantile"
+    valid_quantile: float = Field(0.7, gt=0, lt=1)
+    test_quantile: float = Field(0.85, gt=0, lt=1)
+    valid_start_ts: Optional[int] = None
+    test_start_ts: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SplitConfig":
+        if self.method == "quantile" and not self.valid_quantile < self.test_quantile:
+            raise ValueError("valid_quantile must be < test_quantile")
+        if self.method == "cutoff":
+            if self.valid_start_ts is None or self.test_start_ts is None:
+                raise ValueError("method 'cutoff' needs valid_start_ts and test_start_ts")
+            if not self.valid_start_ts < self.test_start_ts:
+                raise ValueError("valid_start_ts must be < test_start_ts")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "events", "taobao_ad", "kuaivideo", "amazon_electronics"] = "synthetic"
+    path: Optional[str] = Field(None, description="file, directory or glob of the source log")
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    vertical: int = Field(0, ge=0, description="the surface the vertical model serves")
+
+    @model_validator(mode="after")
+    def _path_when_not_synthetic(self) -> "DataConfig":
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"source '{self.source}' needs data.path")
+        return self

@@ -1,0 +1,65 @@
+"""Config of the foundation model, its training, and extraction + compression into the store."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from .base import Section
+
+
+class FMConfig(Section):
+    """A causal transformer over each user's events on all surfaces (models/fm.py)."""
+
+    d_model: PositiveInt = 64
+    n_layers: PositiveInt = 2
+    n_heads: PositiveInt = 4
+    d_ff: PositiveInt = 256
+    window: PositiveInt = Field(64, description="events each position attends to, per layer")
+    chunk_len: PositiveInt = Field(128, description="events per training / extraction chunk")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = Field(32, description="chunks per step")
+    lr: PositiveFloat = 1e-3
+    weight_decay: float = Field(0.0, ge=0)
+    patience: PositiveInt = 2
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 runs in the driver)")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "FMConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class CompressConfig(Section):
+    """Matryoshka autoencoder: z = tanh(enc(e)); every prefix in prefix_widths reconstructs e."""
+
+    width: PositiveInt = 32
+    prefix_widths: list[PositiveInt] = Field(default_factory=lambda: [8, 16, 32])
+    dtype: Literal["int4", "fp16"] = "int4"
+    hidden: PositiveInt = 128
+    epochs: PositiveInt = 20
+    sample_events: PositiveInt = 50_000
+    batch_size: PositiveInt = 1024
+    lr: PositiveFloat = 2e-3
+
+    @model_validator(mode="after")
+    def _prefixes(self) -> "CompressConfig":
+        bad = [w for w in self.prefix_widths if w > self.width]
+        if bad:
+            raise ValueError(f"prefix_widths {bad} exceed width {self.width}")
+        if self.dtype == "int4" and self.width % 2:
+            raise ValueError("int4 packs two values per byte: width must be even")
+        return self
+
+
+class EmbedConfig(Section):
+    """Extraction through Ray Data actors: which layers, how many actors, how big a batch."""
+
+    layers: list[int] = Field(default_factory=lambda: [1], description="0 = input tokens, k = output of block k")
+    batch_size: PositiveInt = Field(64, description="user chunks per actor call")
+    num_actors: PositiveInt = 1
+    actor_num_cpus: PositiveFloat = 1.0
+    compress: CompressConfig = Field(default_factory=CompressConfig)

@@ -1,0 +1,1 @@
+"""Event logs in: the synthetic generator, readers for real logs, validation and the time split."""

@@ -1,0 +1,42 @@
+"""Column names of the event contract (DESIGN section 3), shared by every stage.
+
+A normalized event row: `event_id` (unique int64), `user_id`, `item_id`, `category`, `surface`,
+`ts` (int64 seconds or order), `label` (0/1), plus optional categorical context columns listed in
+the events manifest. After the split, `*_idx` columns hold vocabulary indices (0 = padding,
+1 = out of vocabulary, 2.. = known ids), which is what models consume.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+EVENT_ID = "event_id"
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+CATEGORY = "category"
+SURFACE = "surface"
+TS = "ts"
+LABEL = "label"
+
+REQUIRED = (USER_ID, ITEM_ID, TS, LABEL)
+SPLITS = ("train", "valid", "test")
+
+PAD_INDEX = 0
+OOV_INDEX = 1
+
+EVENT_SCHEMA = pa.schema(
+    [
+        (EVENT_ID, pa.int64()),
+        (USER_ID, pa.int64()),
+        (ITEM_ID, pa.int64()),
+        (CATEGORY, pa.int64()),
+        (SURFACE, pa.int32()),
+        (TS, pa.int64()),
+        (LABEL, pa.int8()),
+    ]
+)
+
+
+def idx(column: str) -> str:
+    """Name of the vocabulary-index column of `column`."""
+    return f"{column}_idx"

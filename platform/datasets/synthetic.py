@@ -1,0 +1,244 @@
+"""The seeded multi-surface log generator (DESIGN section 4; docs/SYNTHETIC.md tells the story).
+
+Generative process, per user u and event n:
+
+  items      v_i = sqrt(rho) * c_cat(i) + sqrt(1 - rho) * eps_i        (latent, shared by surfaces)
+             every item lives on one surface; b_i ~ N(0, item_bias_scale^2)
+  users      p_u ~ N(0, I/k)                                         (stable long-term interest)
+             q_u(n) = sqrt(1 - d) q_u(n-1) + sqrt(d) eta_n              (drifting short-term interest)
+  activity   surface of each event ~ the user's surface mix (vertical share ~ Beta around
+             vertical_share); times uniform over num_days, sorted
+  exposure   with prob. personalization the item's category is drawn by the user's interest,
+             otherwise the item is uniform on the surface
+  click      logit = long_weight * sqrt(k) <p_u, v_i> + short_weight * sqrt(k) <q_u(n), v_i>
+                     + b_i + base_logit + surface_offset_s + noise * N(0, 1);  label ~ Bernoulli
+
+The long-term interest is spread across every surface; a model that sees one surface's short
+history recovers it poorly, one that sees the long cross-surface history (the FM) recovers it
+well. `vertical_share`, `long_weight` and `events_per_user` move that gap.
+
+Users are generated in chunks of `users_per_chunk`, one Ray task and one parquet file per chunk,
+so 10M events never sit in memory at once. A chunk's output depends only on (seed, chunk index).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loopfm.config import SyntheticConfig
+from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID
+
+SEGMENT = "user_segment"
+NUM_SEGMENTS = 8
+CATEGORY_RHO = 0.7
+SECONDS_PER_DAY = 86_400
+CHUNK_ID_SHIFT = 32  # event_id = chunk << 32 | row: unique without coordination between chunks
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything shared by all users: items, categories, surfaces, segment directions."""
+
+    item_vec: np.ndarray  # (num_items, k)
+    item_cat: np.ndarray  # (num_items,)
+    item_surface: np.ndarray  # (num_items,)
+    item_bias: np.ndarray  # (num_items,)
+    cat_vec: np.ndarray  # (num_categories, k)
+    surface_offset: np.ndarray  # (num_surfaces,)
+    segment_dirs: np.ndarray  # (NUM_SEGMENTS, k)
+    items_by_surface_cat: dict  # (surface, category) -> item ids
+    items_by_surface: dict  # surface -> item ids
+
+
+def make_world(cfg: SyntheticConfig) -> World:
+    rng = np.random.default_rng([cfg.seed, 0])
+    k, n_items, n_cats, n_surf = cfg.latent_dim, cfg.num_items, cfg.num_categories, cfg.num_surfaces
+    cat_vec = rng.normal(0, 1 / np.sqrt(k), (n_cats, k))
+    item_cat = rng.integers(0, n_cats, n_items)
+    item_vec = np.sqrt(CATEGORY_RHO) * cat_vec[item_cat] + np.sqrt(1 - CATEGORY_RHO) * rng.normal(
+        0, 1 / np.sqrt(k), (n_items, k)
+    )
+    item_surface = np.arange(n_items) % n_surf
+    item_bias = rng.normal(0, cfg.item_bias_scale, n_items)
+    surface_offset = np.concatenate([[0.0], rng.normal(0, 0.3, n_surf - 1)])
+    segment_dirs = rng.normal(0, 1, (NUM_SEGMENTS, k))
+    by_sc: dict = {}
+    for s in range(n_surf):
+        for c in range(n_cats):
+            ids = np.flatnonzero((item_surface == s) & (item_cat == c))
+            if len(ids):
+                by_sc[(s, c)] = ids
+    by_s = {s: np.flatnonzero(item_surface == s) for s in range(n_surf)}
+    return World(item_vec, item_cat, item_surface, item_bias, cat_vec, surface_offset, segment_dirs, by_sc, by_s)
+
+
+def num_chunks(cfg: SyntheticConfig) -> int:
+    return -(-cfg.num_users // cfg.users_per_chunk)
+
+
+def generate_chunk(cfg: SyntheticConfig, world: World, chunk: int) -> pa.Table:
+    """Events of users [chunk * users_per_chunk, ...), sorted by (user, ts)."""
+    rng = np.random.default_rng([cfg.seed, 1, chunk])
+    k = cfg.latent_dim
+    first = chunk * cfg.users_per_chunk
+    users = np.arange(first, min(first + cfg.users_per_chunk, cfg.num_users))
+    n_users = len(users)
+
+    # Activity: heavy-tailed event counts around events_per_user, a per-user surface mix.
+    sigma = 0.6
+    counts = np.maximum(5, rng.lognormal(np.log(cfg.events_per_user) - sigma**2 / 2, sigma, n_users)).astype(int)
+    mix = _surface_mix(rng, cfg, n_users)
+
+    long_int = rng.normal(0, 1 / np.sqrt(k), (n_users, k))
+    segment = np.argmax((long_int + rng.normal(0, 0.5 / np.sqrt(k), (n_users, k))) @ world.segment_dirs.T, axis=1)
+
+    user_rows = np.repeat(np.arange(n_users), counts)
+    position = np.concatenate([np.arange(c) for c in counts])
+    total = len(user_rows)
+
+    short_int = _short_interest(rng, counts, k, cfg.short_drift)  # (total, k), per event
+    cum = np.cumsum(mix[user_rows], axis=1)
+    surface = (rng.random(total)[:, None] > cum).sum(axis=1).clip(0, cfg.num_surfaces - 1)
+
+    items = _expose(rng, cfg, world, long_int[user_rows] + short_int, surface)
+    vec = world.item_vec[items]
+    logit = (
+        cfg.long_weight * np.sqrt(k) * np.einsum("nk,nk->n", long_int[user_rows], vec)
+        + cfg.short_weight * np.sqrt(k) * np.einsum("nk,nk->n", short_int, vec)
+        + world.item_bias[items]
+        + cfg.base_logit
+        + world.surface_offset[surface]
+        + cfg.noise * rng.normal(size=total)
+    )
+    label = (rng.random(total) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+
+    horizon = cfg.num_days * SECONDS_PER_DAY
+    ts = np.empty(total, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    for u in range(n_users):
+        ts[offsets[u] : offsets[u + 1]] = np.sort(rng.integers(0, horizon, counts[u]))
+
+    return pa.table(
+        {
+            EVENT_ID: (np.int64(chunk) << CHUNK_ID_SHIFT) + np.arange(total, dtype=np.int64),
+            USER_ID: users[user_rows].astype(np.int64),
+            ITEM_ID: items.astype(np.int64),
+            CATEGORY: world.item_cat[items].astype(np.int64),
+            SURFACE: surface.astype(np.int32),
+            TS: ts,
+            LABEL: label,
+            SEGMENT: segment[user_rows].astype(np.int64),
+        }
+    )
+
+
+def _surface_mix(rng: np.random.Generator, cfg: SyntheticConfig, n_users: int) -> np.ndarray:
+    if cfg.num_surfaces == 1:
+        return np.ones((n_users, 1))
+    concentration = 4.0
+    vertical = rng.beta(cfg.vertical_share * concentration, (1 - cfg.vertical_share) * concentration, n_users)
+    rest = rng.dirichlet(np.ones(cfg.num_surfaces - 1), n_users) * (1 - vertical)[:, None]
+    return np.concatenate([vertical[:, None], rest], axis=1)
+
+
+def _short_interest(rng: np.random.Generator, counts: np.ndarray, k: int, drift: float) -> np.ndarray:
+    """AR(1) per user: stationary N(0, I/k), innovation share `drift` per event.
+
+    Vectorized over users, looping over positions (the longest user's event count).
+    """
+    eta = rng.normal(0, 1 / np.sqrt(k), (int(counts.sum()), k))
+    out = np.empty_like(eta)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    keep, fresh = np.sqrt(1 - drift), np.sqrt(drift)
+    state = eta[starts].copy()
+    out[starts] = state
+    for n in range(1, int(counts.max())):
+        active = np.flatnonzero(counts > n)
+        rows = starts[active] + n
+        state[active] = keep * state[active] + fresh * eta[rows]
+        out[rows] = state[active]
+    return out
+
+
+def _expose(rng, cfg: SyntheticConfig, world: World, interest: np.ndarray, surface: np.ndarray) -> np.ndarray:
+    """Pick the shown item: interest-driven category with prob. `personalization`, else uniform."""
+    total = len(surface)
+    items = np.empty(total, dtype=np.int64)
+    personal = rng.random(total) < cfg.personalization
+    scores = interest @ world.cat_vec.T * np.sqrt(cfg.latent_dim) * 2.0
+    gumbel = -np.log(-np.log(rng.random(scores.shape)))
+    wanted_cat = np.argmax(scores + gumbel, axis=1)
+    for s in range(cfg.num_surfaces):
+        pool = world.items_by_surface[s]
+        on_s = surface == s
+        uniform = on_s & ~personal
+        items[uniform] = rng.choice(pool, uniform.sum())
+        for c in np.unique(wanted_cat[on_s & personal]):
+            sel = on_s & personal & (wanted_cat == c)
+            cat_pool = world.items_by_surface_cat.get((s, c), pool)
+            items[sel] = rng.choice(cat_pool, sel.sum())
+    return items
+
+
+def _write_chunk(cfg_json: str, chunk: int, out_dir: str) -> int:
+    cfg = SyntheticConfig.model_validate_json(cfg_json)
+    table = generate_chunk(cfg, make_world(cfg), chunk)
+    pq.write_table(table, Path(out_dir) / f"part-{chunk:05d}.parquet", row_group_size=65_536)
+    return table.num_rows
+
+
+def generate(cfg: SyntheticConfig, out_dir: Path, parallel: bool = True) -> dict:
+    """Write the log as one parquet file per user chunk; returns a summary for the manifest."""
+    import ray
+
+    out_dir = Path(out_dir)
+    cfg_json = cfg.model_dump_json()
+    n = num_chunks(cfg)
+    if parallel and ray.is_initialized():
+        task = ray.remote(num_cpus=1)(_write_chunk)
+        rows = _gather_with_progress([task.remote(cfg_json, c, str(out_dir)) for c in range(n)])
+    else:
+        rows = [_write_chunk(cfg_json, c, str(out_dir)) for c in range(n)]
+    return {"rows": int(sum(rows)), "files": n, "categorical": [SEGMENT]}
+
+
+def _gather_with_progress(refs: list) -> list:
+    import ray
+
+    from loopfm.runtime import log
+
+    done: dict = {}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done[ready[0]] = ray.get(ready[0])
+        log.info("data generate: %d/%d chunks written", len(done), len(refs))
+    return [done[r] for r in refs]
+
+
+def generate_stage(cfg, run, args=None) -> Path:
+    """`loopfm data generate`: the synthetic log under <out>/data/source (skipped if current)."""
+    from loopfm.config import stable_hash
+    from loopfm.rundir import atomic_output, is_complete, write_manifest
+    from loopfm.runtime import init_ray, log
+
+    fingerprint = stable_hash(cfg.data.synthetic)
+    if is_complete(run.source, fingerprint):
+        log.info("data generate: %s is current, skipped", run.source)
+        return run.source
+    init_ray(cfg.ray)
+    with atomic_output(run.source) as tmp:
+        summary = generate(cfg.data.synthetic, tmp)
+        write_manifest(tmp, {"fingerprint": fingerprint, "generator": "synthetic", **summary})
+    log.info("data generate: %d events in %d files -> %s", summary["rows"], summary["files"], run.source)
+    return run.source
+
+
+def describe(path: Path) -> str:
+    return json.dumps(json.loads((Path(path) / "manifest.json").read_text()), indent=2)

@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message alone, without a traceback."""
+
+
+class LoopFMError(Exception):
+    """Base of every user-facing error: the message names the file, field or row count."""
+
+
+class MissingInputError(LoopFMError):
+    """A stage's input is missing (a file, or an upstream stage that has not run)."""
+
+
+class DataValidationError(LoopFMError):
+    """The event log breaks the contract (strict mode, or nothing valid is left)."""
+
+
+class VersionMismatchError(LoopFMError):
+    """A store, checkpoint or feature set does not match what its reader expects."""

@@ -1,0 +1,66 @@
+"""How every command reaches Ray, picks a device and reports progress.
+
+Commands connect to a cluster when one is named (`ray.address`, or RAY_ADDRESS, which
+`ray job submit` sets), and otherwise start an embedded local Ray. On small machines the local
+Ray gets more logical CPUs than cores (DESIGN section 8): an actor pool or a Train worker that
+reserves every CPU would otherwise starve Ray Data's read tasks and hang the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from loopfm.config import RayConfig
+
+log = logging.getLogger("loopfm")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[loopfm %(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level)
+
+
+def local_num_cpus(cfg: RayConfig) -> int:
+    return cfg.num_cpus or max(4, os.cpu_count() or 1)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to (or start) Ray once per process and apply the Data settings we rely on."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, log_to_driver=True)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    # Hash-shuffle groupby can hang on small clusters; the sort-based shuffle does not.
+    ctx.shuffle_strategy = "sort_shuffle_pull_based"
+
+
+def use_gpu(cfg: RayConfig) -> bool:
+    """`auto` uses GPUs when the cluster (or this machine, before Ray starts) has any."""
+    if cfg.use_gpu != "auto":
+        return cfg.use_gpu == "always"
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def torch_device(gpu: bool) -> "torch.device":  # noqa: F821
+    import torch
+
+    return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")

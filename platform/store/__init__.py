@@ -1,0 +1,1 @@
+"""The historical representation store: per-event compressed FM embeddings, versioned by FM."""

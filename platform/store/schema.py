@@ -1,0 +1,81 @@
+"""The store's data contract (DESIGN section 3): row columns and the manifest.
+
+A store version is a directory of parquet files with one row per event and a `manifest.json`.
+Readers state what they expect (FM version, layer set, width, dtype) and are refused, with the
+differing field named, when the manifest says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from loopfm.errors import MissingInputError, VersionMismatchError
+
+EVENT_ID = "event_id"
+USER_ID = "user_id"
+TS = "ts"
+SURFACE = "surface"
+FM_LOGIT = "fm_logit"
+Z = "z"
+
+ROW_SCHEMA = pa.schema(
+    [
+        (EVENT_ID, pa.int64()),
+        (USER_ID, pa.int64()),
+        (TS, pa.int64()),
+        (SURFACE, pa.int32()),
+        (FM_LOGIT, pa.float32()),
+        (Z, pa.binary()),
+    ]
+)
+
+# Fields a reader may pin; everything else in the manifest is informational.
+CHECKED_FIELDS = ("fm_version", "layers", "width", "dtype")
+
+
+@dataclass
+class StoreManifest:
+    store_version: str
+    fm_version: str
+    checkpoint_hash: str
+    layers: list[int]
+    raw_width: int
+    width: int
+    prefix_widths: list[int]
+    dtype: str
+    rows: int
+    min_ts: int
+    max_ts: int
+    recon_error: dict[str, float] = field(default_factory=dict)  # prefix width -> MSE of e'
+    quant_error: dict[str, float] = field(default_factory=dict)  # dtype -> max |z - decode(encode(z))|
+    parent: Optional[str] = None  # set on deltas: the version this one extends
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, checked on open
+    created_at: str = ""
+
+    @classmethod
+    def read(cls, path: Path) -> "StoreManifest":
+        f = Path(path) / "manifest.json"
+        if not f.is_file():
+            raise MissingInputError(f"no store at {path} (missing {f.name})")
+        raw = json.loads(f.read_text())
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self, expected: dict[str, Any], where: Path | str = "") -> None:
+        """Raise VersionMismatchError naming every pinned field that differs."""
+        diffs = []
+        for key, want in expected.items():
+            if key not in CHECKED_FIELDS:
+                raise ValueError(f"{key!r} is not a pinnable store field; use one of {CHECKED_FIELDS}")
+            have = getattr(self, key)
+            if want is not None and have != want:
+                diffs.append(f"{key}: store has {have!r}, expected {want!r}")
+        if diffs:
+            raise VersionMismatchError(f"store {where or self.store_version} does not match: " + "; ".join(diffs))

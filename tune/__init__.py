@@ -1,0 +1,1 @@
+"""Ray Tune: search spaces, Optuna + ASHA, W&B wiring, the trial function."""
