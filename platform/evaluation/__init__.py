@@ -1,0 +1,1 @@
+"""Metrics, transfer ratios, gain decomposition, paired tests, the report and its plots."""

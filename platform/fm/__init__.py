@@ -1,0 +1,1 @@
+"""The foundation model stage: user chunks, Ray Train training, versioned checkpoints."""

@@ -1,0 +1,1 @@
+"""Ray Train loops for the vertical models, and the experiment over arms and seeds."""
