@@ -1,4 +1,8 @@
-"""Shared fixtures: one local Ray per test session, progress bars off, W&B offline."""
+"""Shared fixtures: one local Ray reused across tests, a two-node cluster on demand, smoke config.
+
+Every test that touches Ray carries a pytest-timeout (pyproject sets a default): on small
+machines most Ray failures are silent hangs.
+"""
 
 from __future__ import annotations
 
@@ -11,30 +15,91 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (DESIGN section 8)
+
+_state = {"local": False}
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A session-wide local Ray with more logical CPUs than cores (DESIGN section 8)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def _data_context_for_tests() -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.shuffle_strategy = "sort_shuffle_pull_based"
+
+
+@pytest.fixture
+def ray_session():
+    """The shared local Ray (4 logical CPUs on 2 cores; DESIGN section 8), started on first use."""
+    import ray
+
+    if ray.is_initialized() and not _state["local"]:
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        _state["local"] = True
+    _data_context_for_tests()
     yield ray
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head and one worker node on this machine (`ray.cluster_utils.Cluster`)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     ray.shutdown()
+    _state["local"] = False
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    _data_context_for_tests()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
 def smoke_config():
     from loopfm.config import load_config
 
-    cfg = load_config(SMOKE)
-    return cfg.updated({"ray.progress_bars": False})
+    return load_config(SMOKE, ["ray.progress_bars=false"])
+
+
+@pytest.fixture(scope="session")
+def smoke_splits(tmp_path_factory, smoke_config):
+    """A run directory holding the smoke config's generated, validated and split log.
+
+    Read-only for tests: copy it (shutil.copytree) before writing into it.
+    """
+    import ray
+
+    from loopfm.datasets.ingest import validate_stage
+    from loopfm.datasets.splits import split_stage
+    from loopfm.datasets.synthetic import generate_stage
+    from loopfm.rundir import RunDir
+
+    if not ray.is_initialized() or not _state["local"]:
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        _state["local"] = True
+    _data_context_for_tests()
+    run = RunDir(tmp_path_factory.mktemp("smoke_run"))
+    generate_stage(smoke_config, run)
+    validate_stage(smoke_config, run)
+    split_stage(smoke_config, run)
+    return run

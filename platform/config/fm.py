@@ -16,8 +16,8 @@ class FMConfig(Section):
     n_layers: PositiveInt = 2
     n_heads: PositiveInt = 4
     d_ff: PositiveInt = 256
-    window: PositiveInt = Field(64, description="events each position attends to, per layer")
-    chunk_len: PositiveInt = Field(128, description="events per training / extraction chunk")
+    window: PositiveInt = Field(32, description="events each position attends to, per layer")
+    chunk_len: PositiveInt = Field(256, description="events per training / extraction chunk")
     dropout: float = Field(0.1, ge=0, lt=1)
     epochs: PositiveInt = 5
     batch_size: PositiveInt = Field(32, description="chunks per step")
@@ -30,7 +30,16 @@ class FMConfig(Section):
     def _shapes(self) -> "FMConfig":
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.chunk_len <= self.context:
+            raise ValueError(
+                f"chunk_len ({self.chunk_len}) must exceed the receptive field n_layers * (window - 1) = {self.context}"
+            )
         return self
+
+    @property
+    def context(self) -> int:
+        """Predecessors a position's output depends on: chunks overlap by this much."""
+        return self.n_layers * (self.window - 1)
 
 
 class CompressConfig(Section):
