@@ -10,10 +10,12 @@ from pydantic import Field, ValidationError
 
 from .base import ConfigError, Section, format_validation_error, register_root, stable_hash
 from .data import ColumnMapping, DataConfig, SplitConfig, SyntheticConfig, ValidationConfig
-from .fm import CompressConfig, EmbedConfig, FMConfig
+from .compress import CompressConfig
+from .features import FeaturesConfig
+from .fm import EmbedConfig, FMConfig
 from .serve import AutoscalingConfig, RayConfig, ServeConfig
 from .tune import ParamSpec, TuneConfig, WandbConfig
-from .vm import ARMS, ExperimentConfig, FeaturesConfig, TrainConfig, VMConfig
+from .vm import ARMS, ExperimentConfig, TrainConfig, VMConfig
 
 
 @register_root

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
@@ -10,16 +10,6 @@ from .base import Section
 
 Arm = Literal["base", "kd", "loopfm", "kd_loopfm"]
 ARMS: tuple[str, ...] = ("base", "kd", "loopfm", "kd_loopfm")
-
-
-class FeaturesConfig(Section):
-    """Point-in-time join rule of DESIGN section 1.3."""
-
-    seq_len: PositiveInt = Field(32, description="L: stored FM embeddings per example")
-    raw_seq_len: PositiveInt = Field(10, description="L_raw: raw item ids of the vertical's own history")
-    lag: int = Field(0, ge=0, description="only embeddings with ts < t - lag")
-    retention: Optional[PositiveInt] = Field(None, description="only embeddings with ts >= t - retention")
-    surfaces: Union[Literal["all"], list[int]] = "all"
 
 
 class VMConfig(Section):
