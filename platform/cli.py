@@ -48,7 +48,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("data", "split"), "split events by time into train/valid/test and build the vocabulary", "loopfm.datasets.splits:split_stage"),
     Command(("fm", "train"), "train the foundation model with Ray Train", None),
     Command(("embed",), "extract FM embeddings with Ray Data actors into the versioned store", None),
-    Command(("features",), "point-in-time join of stored embeddings into VM examples", None),
+    Command(("features",), "point-in-time join of stored embeddings into VM examples", "loopfm.features:features_stage"),
     Command(("train",), "train one VM (one arm, one seed) with Ray Train", None),
     Command(("report",), "evaluate every arm and write report.json, report.md and plots", None),
     Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B)", None),

@@ -21,6 +21,14 @@ class ColumnMapping(Section):
     event_id: Optional[str] = "event_id"
     categorical: list[str] = Field(default_factory=list, description="other categorical int columns (VM context)")
 
+    @model_validator(mode="after")
+    def _context_names_are_free(self) -> "ColumnMapping":
+        taken = {"event_id", "user_id", "item_id", "category", "surface", "ts", "label"}
+        clash = sorted(taken.intersection(self.categorical))
+        if clash:
+            raise ValueError(f"categorical columns {clash} clash with contract column names; rename them")
+        return self
+
 
 class SyntheticConfig(Section):
     """The seeded multi-surface generator (docs/SYNTHETIC.md explains every knob)."""
@@ -45,8 +53,10 @@ class SyntheticConfig(Section):
 
 
 class ValidationConfig(Section):
+    """strict: any defect fails the run; lenient: defective rows are dropped and reported."""
+
     strict: bool = False
-    max_examples: PositiveInt = 5
+    max_examples: PositiveInt = Field(5, description="example rows shown per rule")
 
 
 class SplitConfig(Section):
@@ -78,6 +88,11 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    sorted_by_ts: Optional[bool] = Field(
+        None,
+        description="the log promises each file is in ts order, so rows that break it are defects; "
+        "None: as the source format promises (kuaivideo yes, others no)",
+    )
     vertical: int = Field(0, ge=0, description="the surface the vertical model serves")
 
     @model_validator(mode="after")

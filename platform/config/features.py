@@ -4,16 +4,29 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
 from .base import Section
 
 
 class FeaturesConfig(Section):
-    """Point-in-time join rule of DESIGN section 1.3."""
+    """Point-in-time join rule of DESIGN section 1.3 (docs/ARCHITECTURE.md, "Features")."""
 
     seq_len: PositiveInt = Field(32, description="L: stored FM embeddings per example")
     raw_seq_len: PositiveInt = Field(10, description="L_raw: raw item ids of the vertical's own history")
     lag: int = Field(0, ge=0, description="only embeddings with ts < t - lag")
     retention: Optional[PositiveInt] = Field(None, description="only embeddings with ts >= t - retention")
-    surfaces: Union[Literal["all"], list[int]] = "all"
+    surfaces: Union[Literal["all"], list[int]] = Field("all", description="surfaces whose embeddings enter")
+
+    @field_validator("surfaces")
+    @classmethod
+    def _surfaces(cls, value):
+        if value == "all":
+            return value
+        if not value or any(s < 0 for s in value):
+            raise ValueError("surfaces must be 'all' or a non-empty list of surface ids >= 0")
+        return sorted(set(value))
+
+    def surface_filter(self) -> Optional[tuple[int, ...]]:
+        """The surfaces to keep, or None for all of them."""
+        return None if self.surfaces == "all" else tuple(self.surfaces)

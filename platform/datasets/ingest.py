@@ -1,39 +1,131 @@
 """`loopfm data validate`: read the configured log, check the contract, write normalized events.
 
-(First cut: synthetic source only, no rules yet. The readers and validation rules replace it.)
+The log is read through Ray Data (readers.py, bars.py), every block is checked by the rules in
+validate.py, and the checked rows are staged as parquet inside the output's temp directory by a
+sink that hands each write task's counts and examples back. Rules that span blocks (duplicate
+ids, time order) then read back two columns of the staged rows; the final pass writes the
+surviving rows in the event schema. Strict mode
+fails on any defect; lenient mode drops and reports. Either way `<out>/data/validation.json`
+says what was found.
+
+Output (`<out>/data/events/`): parquet in `schema.event_schema(categorical)` and `manifest.json`
+with the fingerprint, row counts, the count per rule, the categorical columns, the number of
+surfaces, what ts means, and the files (with the ts each one starts at, where ts is an order).
 """
 
 from __future__ import annotations
 
-from loopfm.config import LoopFMConfig, stable_hash
-from loopfm.datasets.schema import EVENT_SCHEMA
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+
+from loopfm.config import DataConfig, LoopFMConfig, stable_hash
+from loopfm.datasets import bars
+from loopfm.datasets.readers import FILE_SHIFT, Source, generic_layout, open_source
+from loopfm.datasets.schema import event_schema
+from loopfm.datasets.validate import BIT, CheckedSink, audit, check_batch, fail_if_invalid, keep_batch, num_surfaces
 from loopfm.errors import MissingInputError
 from loopfm.rundir import RunDir, atomic_output, is_complete, read_manifest, write_manifest
 
 
+def report_path(run: RunDir) -> Path:
+    return run.events.parent / "validation.json"
+
+
+def open_configured_source(data: DataConfig, run: RunDir) -> tuple[Source, object]:
+    """The configured log and what identifies its content (for the fingerprint)."""
+    if data.source == "synthetic":
+        generated = read_manifest(run.source)
+        if generated is None:
+            raise MissingInputError(f"no log in {run.source}: run `loopfm data generate` first")
+        layout = generic_layout(data.columns, generated.get("categorical", []), bool(data.sorted_by_ts))
+        return open_source(str(run.source), "parquet", layout), generated["fingerprint"]
+    if data.source == "events":
+        source = open_source(data.path, data.format, generic_layout(data.columns, sorted_by_ts=bool(data.sorted_by_ts)))
+    else:
+        layout = bars.LAYOUTS[data.source]
+        if data.sorted_by_ts is not None:
+            layout = dataclasses.replace(layout, sorted_by_ts=data.sorted_by_ts)
+        source = open_source(data.path, "csv", layout, files=bars.release_files(data.path))
+    content = [(f.path, os.path.getsize(f.path), os.path.getmtime(f.path)) for f in source.files]
+    return source, content
+
+
 def validate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
+    """`loopfm data validate`."""
     import ray
 
     from loopfm.runtime import init_ray, log
 
-    source = read_manifest(run.source)
-    if source is None:
-        raise MissingInputError(f"no log in {run.source}: run `loopfm data generate` first")
-    fingerprint = stable_hash(source["fingerprint"], cfg.data.validation)
+    data = cfg.data
+    source, content = open_configured_source(data, run)
+    fingerprint = stable_hash(content, data.model_dump(exclude={"synthetic", "split", "vertical"}))
     if is_complete(run.events, fingerprint):
         log.info("data validate: %s is current, skipped", run.events)
         return read_manifest(run.events)
     init_ray(cfg.ray)
-    categorical = list(source.get("categorical", []))
-    ds = ray.data.read_parquet(str(run.source))
+    usable = source.usable()
+    categorical = list(source.layout.categorical)
+    log.info("data validate: %d %s files (%d usable) from %s", len(source.files), source.fmt, len(usable), source.root)
+    for column in categorical:
+        if usable and not any(column in f.columns for f in usable):
+            log.warning("data validate: categorical column %r is in no file; it will be 0 everywhere", column)
     with atomic_output(run.events) as tmp:
-        ds.write_parquet(str(tmp))
+        staged = tmp / ".checked"  # hidden: readers of the final directory skip it
+        sink = CheckedSink(staged)
+        if usable:
+            check = functools.partial(
+                check_batch, files=[f.name for f in source.files], categorical=categorical,
+                max_examples=data.validation.max_examples,
+            )
+            source.dataset().map_batches(check, batch_format="pyarrow", batch_size=None).write_datasink(sink)
+        checked = ray.data.read_parquet(str(staged)) if sink.tallies else None
+        report, drop = audit(sink.tallies, checked, source, data.validation.strict, data.validation.max_examples)
+        _write_report(report.to_json(), report_path(run))
+        for line in report.summary():
+            log.info("data validate:%s", line)
+        fail_if_invalid(report, report_path(run))
+        columns = event_schema(categorical).names
+        keep = functools.partial(keep_batch, drop_ref=ray.put(drop), columns=columns)
+        checked.map_batches(keep, batch_format="pyarrow", batch_size=None).write_parquet(str(tmp))
+        shutil.rmtree(staged)
         manifest = {
             "fingerprint": fingerprint,
-            "rows": ds.count(),
+            "source": data.source,
+            "path": source.root,
+            "rows": report.rows_kept,
+            "rows_read": report.rows_read,
+            "invalid": {rule: report.counts[rule] for rule in BIT},
             "categorical": categorical,
-            "columns": [*EVENT_SCHEMA.names, *categorical],
+            "columns": columns,
+            "num_surfaces": num_surfaces(report),
+            "ts_unit": source.layout.ts_unit,
+            "files": _file_entries(source, report.file_rows),
         }
         write_manifest(tmp, manifest)
-    log.info("data validate: %d events -> %s", manifest["rows"], run.events)
+    log.info(
+        "data validate: %d of %d rows kept (%d dropped), %d surfaces -> %s",
+        report.rows_kept, report.rows_read, report.rows_read - report.rows_kept, manifest["num_surfaces"], run.events,
+    )
     return manifest
+
+
+def _file_entries(source: Source, file_rows: list[int]) -> list[dict]:
+    """Per file: name and rows read; where ts is an order, the ts its rows start at (split cut-offs)."""
+    entries = []
+    for f, rows in zip(source.files, file_rows):
+        entry = {"name": f.name, "rows": rows}
+        if source.layout.ts_unit == "order":
+            entry["ts_start"] = f.index << FILE_SHIFT
+        entries.append(entry)
+    return entries
+
+
+def _write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)

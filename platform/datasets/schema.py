@@ -19,6 +19,7 @@ TS = "ts"
 LABEL = "label"
 
 REQUIRED = (USER_ID, ITEM_ID, TS, LABEL)
+OPTIONAL = (EVENT_ID, CATEGORY, SURFACE)  # 0 when the log lacks them; event ids are derived
 SPLITS = ("train", "valid", "test")
 
 PAD_INDEX = 0
@@ -35,6 +36,11 @@ EVENT_SCHEMA = pa.schema(
         (LABEL, pa.int8()),
     ]
 )
+
+
+def event_schema(categorical: list[str] | tuple[str, ...] = ()) -> pa.Schema:
+    """The normalized events' schema: the contract columns plus int64 categorical context."""
+    return pa.schema([*EVENT_SCHEMA, *[(name, pa.int64()) for name in categorical]])
 
 
 def idx(column: str) -> str:

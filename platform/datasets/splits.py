@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,12 +21,13 @@ from typing import Optional
 import numpy as np
 
 from loopfm.config import LoopFMConfig, SplitConfig, stable_hash
-from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
+from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
 from loopfm.datasets.vocab import Vocab, VocabBuilder
 from loopfm.errors import MissingInputError
 from loopfm.rundir import RunDir, atomic_output, is_complete, read_manifest, write_manifest
 
 VOCAB_COLUMNS = (USER_ID, ITEM_ID, CATEGORY)
+SPLIT_TAG = "_split"  # partition column of the one write pass; becomes the directory name
 
 
 @dataclass
@@ -69,7 +71,7 @@ def read_split(run: RunDir, name: str, columns: Optional[list[str]] = None):
     return ray.data.read_parquet(str(path), columns=columns)
 
 
-def boundaries(ts: np.ndarray, cfg: SplitConfig) -> tuple[int, int]:
+def boundaries(ts: Optional[np.ndarray], cfg: SplitConfig) -> tuple[int, int]:
     """(valid_start, test_start) from quantiles of the event times or from fixed cut-offs."""
     if cfg.method == "cutoff":
         return int(cfg.valid_start_ts), int(cfg.test_start_ts)
@@ -82,19 +84,34 @@ def split_of(ts: np.ndarray, valid_start: int, test_start: int) -> np.ndarray:
     return (ts >= valid_start).astype(np.int8) + (ts >= test_start).astype(np.int8)
 
 
-def _add_indices(vocabs_ref, batch: dict) -> dict:
-    """map_batches fn: adds `<column>_idx` for every vocabulary column."""
+def _train_stats(batch: dict, *, columns: tuple[str, ...], valid_start: int, test_start: int) -> "pa.Table":
+    """map_batches fn: one row per block with rows and positives per split and the train ids."""
+    import pyarrow as pa
+
+    which = split_of(batch[TS], valid_start, test_start)
+    train = which == 0
+    stats = {
+        "rows": [np.bincount(which, minlength=len(SPLITS)).tolist()],
+        "positives": [np.bincount(which, weights=batch[LABEL], minlength=len(SPLITS)).astype(np.int64).tolist()],
+    }
+    for column in columns:
+        stats[column] = pa.array([np.unique(batch[column][train])], pa.list_(pa.int64()))
+    return pa.table(stats)
+
+
+def _index_and_tag(batch: dict, *, vocabs_ref, valid_start: int, test_start: int) -> dict:
+    """map_batches fn: `<column>_idx` for every vocabulary column and the split each row goes to."""
     import ray
 
     for column, vocab in ray.get(vocabs_ref).items():
         batch[idx(column)] = vocab.lookup(batch[column])
+    batch[SPLIT_TAG] = np.asarray(SPLITS)[split_of(batch[TS], valid_start, test_start)]
     return batch
 
 
 def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
-    """`loopfm data split`."""
+    """`loopfm data split`: at most three passes, two of them over a few columns only."""
     import ray
-    from ray.data.expressions import col
 
     from loopfm.runtime import init_ray, log
 
@@ -107,54 +124,59 @@ def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
         return SplitInfo.load(run)
     init_ray(cfg.ray)
     categorical = list(events.get("categorical", []))
+    vocab_columns = (*VOCAB_COLUMNS, *categorical)
     ds = ray.data.read_parquet(str(run.events))
 
-    ts = np.concatenate([b[TS] for b in ds.select_columns([TS]).iter_batches(batch_format="numpy", batch_size=1 << 20)])
+    ts = None
+    if cfg.data.split.method == "quantile":  # pass 1 (quantiles only): the ts column
+        batches = ds.select_columns([TS]).iter_batches(batch_format="numpy", batch_size=1 << 20)
+        ts = np.concatenate([b[TS] for b in batches])
     valid_start, test_start = boundaries(ts, cfg.data.split)
-    which = split_of(ts, valid_start, test_start)
-    rows = {name: int((which == i).sum()) for i, name in enumerate(SPLITS)}
-    empty = [name for name, n in rows.items() if n == 0]
-    if empty:
-        raise MissingInputError(f"split {empty} would be empty (boundaries {valid_start}, {test_start}); adjust data.split")
 
-    in_split = {
-        "train": col(TS) < valid_start,
-        "valid": (col(TS) >= valid_start) & (col(TS) < test_start),
-        "test": col(TS) >= test_start,
-    }
-    train = ds.filter(expr=in_split["train"])
-    builders = {c: VocabBuilder() for c in (*VOCAB_COLUMNS, *categorical)}
-    label_sum = {name: 0.0 for name in SPLITS}
-    for batch in train.select_columns(list(builders)).iter_batches(batch_format="numpy", batch_size=1 << 18):
-        for col, b in builders.items():
-            b.add(batch[col])
+    # pass 2: split sizes, label rates and the train vocabularies, reduced per block
+    stats = functools.partial(_train_stats, columns=vocab_columns, valid_start=valid_start, test_start=test_start)
+    rows = np.zeros(len(SPLITS), np.int64)
+    positives = np.zeros(len(SPLITS), np.int64)
+    builders = {c: VocabBuilder() for c in vocab_columns}
+    per_block = ds.select_columns([TS, LABEL, *vocab_columns]).map_batches(stats, batch_format="numpy", batch_size=None)
+    for block in per_block.iter_rows():
+        rows += block["rows"]
+        positives += block["positives"]
+        for column, builder in builders.items():
+            builder.add(block[column])
+    counts = {name: int(n) for name, n in zip(SPLITS, rows)}
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise MissingInputError(
+            f"split {empty} would be empty (valid_start_ts={valid_start}, test_start_ts={test_start}); "
+            "adjust data.split"
+        )
     vocabs = {c: b.build() for c, b in builders.items()}
 
-    with atomic_output(run.splits) as tmp:
+    with atomic_output(run.splits) as tmp:  # pass 3: indices added, each row written to its split
         (tmp / "vocab").mkdir()
-        for col, vocab in vocabs.items():
-            vocab.save(tmp / "vocab" / f"{col}.npy")
-        add_indices = functools.partial(_add_indices, ray.put(vocabs))
-        for name, predicate in in_split.items():
-            ds.filter(expr=predicate).map_batches(add_indices, batch_format="numpy").write_parquet(str(tmp / name))
-            label_sum[name] = float(
-                sum(b[LABEL].sum() for b in ray.data.read_parquet(str(tmp / name), columns=[LABEL]).iter_batches(batch_format="numpy"))
-            )
-        num_surfaces = int(ds.max(SURFACE)) + 1 if SURFACE in ds.schema().names else 1
+        for column, vocab in vocabs.items():
+            vocab.save(tmp / "vocab" / f"{column}.npy")
+        tag = functools.partial(
+            _index_and_tag, vocabs_ref=ray.put(vocabs), valid_start=valid_start, test_start=test_start
+        )
+        ds.map_batches(tag, batch_format="numpy", batch_size=None).write_parquet(str(tmp), partition_cols=[SPLIT_TAG])
+        for name in SPLITS:
+            os.replace(tmp / f"{SPLIT_TAG}={name}", tmp / name)
         info = SplitInfo(
             fingerprint=fingerprint,
             valid_start_ts=valid_start,
             test_start_ts=test_start,
-            rows=rows,
-            label_rate={n: (label_sum[n] / rows[n]) for n in SPLITS},
+            rows=counts,
+            label_rate={name: float(p / n) for name, p, n in zip(SPLITS, positives, rows)},
             vocab_sizes={c: v.size for c, v in vocabs.items()},
             categorical=categorical,
-            num_surfaces=num_surfaces,
+            num_surfaces=int(events.get("num_surfaces", 1)),
             vertical=cfg.data.vertical,
         )
         write_manifest(tmp, asdict(info))
     for name in SPLITS:
-        log.info("data split: %-5s %9d events, label rate %.4f", name, rows[name], info.label_rate[name])
+        log.info("data split: %-5s %9d events, label rate %.4f", name, counts[name], info.label_rate[name])
     log.info("data split: boundaries valid_start_ts=%d test_start_ts=%d -> %s", valid_start, test_start, run.splits)
     return info
 

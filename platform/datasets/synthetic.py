@@ -39,6 +39,9 @@ NUM_SEGMENTS = 8
 CATEGORY_RHO = 0.7
 SECONDS_PER_DAY = 86_400
 CHUNK_ID_SHIFT = 32  # event_id = chunk << 32 | row: unique without coordination between chunks
+SURFACE_OFFSET_SD = 0.3  # click-logit offset of surfaces 1.. (surface 0 has none)
+ACTIVITY_SIGMA = 0.6  # log-normal spread of events per user
+MIX_CONCENTRATION = 4.0  # Beta concentration of a user's share of events on surface 0
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def make_world(cfg: SyntheticConfig) -> World:
     )
     item_surface = np.arange(n_items) % n_surf
     item_bias = rng.normal(0, cfg.item_bias_scale, n_items)
-    surface_offset = np.concatenate([[0.0], rng.normal(0, 0.3, n_surf - 1)])
+    surface_offset = np.concatenate([[0.0], rng.normal(0, SURFACE_OFFSET_SD, n_surf - 1)])
     segment_dirs = rng.normal(0, 1, (NUM_SEGMENTS, k))
     by_sc: dict = {}
     for s in range(n_surf):
@@ -91,7 +94,7 @@ def generate_chunk(cfg: SyntheticConfig, world: World, chunk: int) -> pa.Table:
     n_users = len(users)
 
     # Activity: heavy-tailed event counts around events_per_user, a per-user surface mix.
-    sigma = 0.6
+    sigma = ACTIVITY_SIGMA
     counts = np.maximum(5, rng.lognormal(np.log(cfg.events_per_user) - sigma**2 / 2, sigma, n_users)).astype(int)
     mix = _surface_mix(rng, cfg, n_users)
 
@@ -99,7 +102,6 @@ def generate_chunk(cfg: SyntheticConfig, world: World, chunk: int) -> pa.Table:
     segment = np.argmax((long_int + rng.normal(0, 0.5 / np.sqrt(k), (n_users, k))) @ world.segment_dirs.T, axis=1)
 
     user_rows = np.repeat(np.arange(n_users), counts)
-    position = np.concatenate([np.arange(c) for c in counts])
     total = len(user_rows)
 
     short_int = _short_interest(rng, counts, k, cfg.short_drift)  # (total, k), per event
@@ -141,8 +143,8 @@ def generate_chunk(cfg: SyntheticConfig, world: World, chunk: int) -> pa.Table:
 def _surface_mix(rng: np.random.Generator, cfg: SyntheticConfig, n_users: int) -> np.ndarray:
     if cfg.num_surfaces == 1:
         return np.ones((n_users, 1))
-    concentration = 4.0
-    vertical = rng.beta(cfg.vertical_share * concentration, (1 - cfg.vertical_share) * concentration, n_users)
+    c = MIX_CONCENTRATION
+    vertical = rng.beta(cfg.vertical_share * c, (1 - cfg.vertical_share) * c, n_users)
     rest = rng.dirichlet(np.ones(cfg.num_surfaces - 1), n_users) * (1 - vertical)[:, None]
     return np.concatenate([vertical[:, None], rest], axis=1)
 

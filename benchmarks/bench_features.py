@@ -1,0 +1,213 @@
+"""Feature join throughput: `loopfm features` on a synthetic log, events/s and peak memory.
+
+Writes splits and a store straight into a scratch run directory (random ids, times and z; the
+join's cost does not depend on what z says), runs the stage once per size, and records:
+examples/s (vertical events joined), input rows/s (events + store rows through the shuffle),
+the private memory (RssAnon, summed over the driver and the local Ray's processes) before and at
+peak during the stage, next to what materializing every sequence as float32 would take
+(examples x L x width x 4 bytes), and the peak of /dev/shm (Ray's object store, which holds the
+shuffled events and store rows). Two sizes show how memory grows with the number of examples.
+
+    python benchmarks/bench_features.py                      # 0.3M and 1.2M events
+    python benchmarks/bench_features.py --users 2000 --events-per-user 50
+
+Results: benchmarks/results/features_<device>.json and a row in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loopfm.config import LoopFMConfig
+from loopfm.datasets.schema import SPLITS
+from loopfm.datasets.splits import SplitInfo, boundaries, split_of
+from loopfm.features import features_stage, store_version
+from loopfm.rundir import RunDir, write_manifest
+from loopfm.store import codec
+from loopfm.store.schema import ROW_SCHEMA, StoreManifest
+
+REPO = Path(__file__).resolve().parents[1]
+FM_VERSION = "bench"
+
+
+def write_log(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, seed: int = 0) -> int:
+    """Splits (with *_idx columns and a SplitInfo manifest) and a matching store; returns events."""
+    rng = np.random.default_rng(seed)
+    n = users * events_per_user
+    user = np.repeat(np.arange(users), events_per_user)
+    ts = rng.integers(0, 14 * 86_400, n)
+    surface = np.where(rng.random(n) < 0.3, 0, rng.integers(1, 3, n)).astype(np.int32)
+    events = pa.table({
+        "event_id": np.arange(n, dtype=np.int64), "user_id": user, "item_id": rng.integers(0, 20_000, n),
+        "category": rng.integers(0, 60, n), "surface": surface, "ts": ts,
+        "label": (rng.random(n) < 0.3).astype(np.int8),
+    })
+    events = events.append_column("user_id_idx", pa.array(user + 2)).append_column(
+        "item_id_idx", pa.array(events["item_id"].to_numpy() + 2)).append_column(
+        "category_idx", pa.array(events["category"].to_numpy() + 2))
+    valid_start, test_start = boundaries(ts, cfg.data.split)
+    which = split_of(ts, valid_start, test_start)
+    for i, name in enumerate(SPLITS):
+        (run.splits / name).mkdir(parents=True)
+        pq.write_table(events.filter(pa.array(which == i)), run.splits / name / "part-0.parquet", row_group_size=200_000)
+    info = SplitInfo(fingerprint=f"bench-{users}-{events_per_user}", valid_start_ts=valid_start, test_start_ts=test_start,
+                     rows={s: int((which == i).sum()) for i, s in enumerate(SPLITS)}, label_rate={},
+                     vocab_sizes={}, num_surfaces=3, vertical=0)
+    write_manifest(run.splits, asdict(info))
+
+    c = cfg.embed.compress
+    version = store_version(FM_VERSION, cfg.embed)
+    path = run.store(version)
+    path.mkdir(parents=True)
+    z = codec.encode(rng.uniform(-1, 1, (n, c.width)), c.dtype)
+    store = pa.table({
+        "event_id": events["event_id"], "user_id": events["user_id"], "ts": events["ts"], "surface": events["surface"],
+        "fm_logit": rng.normal(size=n).astype(np.float32),
+        "z": pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(np.arange(n + 1, dtype=np.int32) * z.shape[1]), pa.py_buffer(z)]),
+    }).cast(ROW_SCHEMA)
+    pq.write_table(store, path / "part-0.parquet", row_group_size=200_000)
+    manifest = StoreManifest(version, FM_VERSION, "none", list(cfg.embed.layers), 64, c.width, list(c.prefix_widths),
+                             c.dtype, n, int(ts.min()), int(ts.max()), created_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    (path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
+    return n
+
+
+class MemorySampler(threading.Thread):
+    """Peaks (MiB) of private memory (RssAnon summed over this process and its descendants, i.e.
+    the local Ray) and of shared memory in /dev/shm (Ray's object store)."""
+
+    def __init__(self, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.every, self.private, self.shm, self._done = every, 0.0, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            private, shm = memory_now()
+            self.private, self.shm = max(self.private, private), max(self.shm, shm)
+
+    def stop(self) -> tuple[float, float]:
+        self._done.set()
+        self.join()
+        return round(self.private, 1), round(self.shm, 1)
+
+
+def memory_now() -> tuple[float, float]:
+    """(private MiB of the process tree, used MiB of /dev/shm)."""
+    shm = os.statvfs("/dev/shm")
+    return sum(_rss_anon_mib(pid) for pid in _descendants(os.getpid())), (shm.f_blocks - shm.f_bfree) * shm.f_frsize / 2**20
+
+
+def _descendants(root: int) -> list[int]:
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += frontier
+    return found
+
+
+def _rss_anon_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def bench_size(cfg: LoopFMConfig, users: int, events_per_user: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="bench_features_"))
+    try:
+        run = RunDir(root)
+        events = write_log(cfg, run, users, events_per_user)
+        private_before, shm_before = memory_now()
+        sampler = MemorySampler()
+        sampler.start()
+        started = time.perf_counter()
+        manifest = features_stage(cfg, run)
+        seconds = time.perf_counter() - started
+        private_peak, shm_peak = sampler.stop()
+        examples = sum(manifest.rows.values())
+        return {
+            "users": users, "events": events, "examples": examples, "seconds": round(seconds, 2),
+            "examples_per_s": round(examples / seconds), "input_rows_per_s": round((examples + events) / seconds),
+            "private_mib_before": round(private_before, 1), "private_mib_peak": private_peak,
+            "shm_mib_before": round(shm_before, 1), "shm_mib_peak": shm_peak,
+            "dense_sequences_mib": round(examples * manifest.seq_len * manifest.width * 4 / 2**20, 1),
+            "output_mib": round(sum(f.stat().st_size for f in run.features(manifest.fingerprint).rglob("*.parquet")) / 2**20, 1),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, nargs="+", default=[3000, 12000])
+    parser.add_argument("--events-per-user", type=int, default=100)
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
+    args = parser.parse_args()
+
+    import ray
+
+    from loopfm.runtime import init_ray, setup_logging
+
+    setup_logging()
+    cfg = LoopFMConfig().updated({"ray.progress_bars": False, **({"ray.num_cpus": args.num_cpus} if args.num_cpus else {})})
+    init_ray(cfg.ray)
+    sizes = [bench_size(cfg, users, args.events_per_user) for users in args.users]
+    device = f"cpu-{os.cpu_count()}core"
+    result = {
+        "benchmark": "features", "device": device, "cpu": platform.processor() or platform.machine(),
+        "ray_cpus": ray.cluster_resources().get("CPU"), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "versions": {"ray": ray.__version__, "pyarrow": pa.__version__, "numpy": np.__version__, "python": platform.python_version()},
+        "config": {"features": cfg.features.model_dump(mode="json"), "width": cfg.embed.compress.width, "dtype": cfg.embed.compress.dtype},
+        "sizes": sizes,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = REPO / "benchmarks" / "results" / f"features_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    append_row(result)
+
+
+def append_row(result: dict) -> None:
+    table = REPO / "docs" / "BENCHMARKS.md"
+    if not table.exists():
+        table.write_text("# Benchmarks\n\nOne row per run; JSON with full details in `benchmarks/results/`.\n\n"
+                         "| date | benchmark | device | result | details |\n|---|---|---|---|---|\n")
+    big = result["sizes"][-1]
+    cfg = result["config"]
+    row = (f"| {result['date']} | features (point-in-time join) | {result['device']}, Ray {result['versions']['ray']} | "
+           f"{big['examples_per_s']:,} examples/s ({big['input_rows_per_s']:,} input rows/s) | "
+           f"{big['events']:,} events, {big['examples']:,} examples, L={cfg['features']['seq_len']}, "
+           f"width {cfg['width']} {cfg['dtype']}; private memory growth "
+           + ", ".join(f"+{s['private_mib_peak'] - s['private_mib_before']:.0f} MiB at {s['events']:,} events" for s in result["sizes"])
+           + f" (the first includes starting Ray's workers; dense sequences would be {big['dense_sequences_mib']:,.0f} MiB);"
+           f" load avg {result['load_avg_1m']} |\n")
+    with table.open("a") as f:
+        f.write(row)
+
+
+if __name__ == "__main__":
+    main()

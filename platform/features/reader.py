@@ -1,0 +1,105 @@
+"""Reading VM examples back: the features manifest, a Ray Dataset per split, and the batch decoder.
+
+`decode_batch` turns feature rows into the VM batch contract of docs/ARCHITECTURE.md ("VM
+batch"); the training loop calls it as the collate step of `iter_torch_batches`, so the packed
+`seq_z` bytes are decoded per batch and the (examples, L, width) floats never exist all at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from loopfm.datasets.schema import LABEL, SPLITS, idx
+from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.rundir import MANIFEST, RunDir
+from loopfm.store import codec
+
+HIST_ITEMS = "hist_items"
+SEQ_Z = "seq_z"
+SEQ_LEN_VALID = "seq_len_valid"
+KD_LOGIT = "kd_logit"
+
+
+@dataclass
+class FeaturesManifest:
+    """What a VM needs to know about its examples (`features/<fingerprint>/manifest.json`)."""
+
+    fingerprint: str
+    store_version: str
+    splits_fingerprint: str
+    vertical: int
+    rows: dict[str, int]
+    seq_len: int
+    raw_seq_len: int
+    width: int
+    dtype: str
+    bytes_per_row: int
+    context_columns: list[str] = field(default_factory=list)
+    lag: int = 0
+    retention: Optional[int] = None
+    surfaces: Union[str, list[int]] = "all"
+    seconds: float = 0.0
+
+    @classmethod
+    def read(cls, path: Path) -> "FeaturesManifest":
+        f = Path(path) / MANIFEST
+        if not f.is_file():
+            raise MissingInputError(f"no features at {path}: run `loopfm features` first")
+        raw = json.loads(f.read_text())
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_features(run: RunDir, features: Union[str, FeaturesManifest], split: str, columns: Optional[list[str]] = None):
+    """One split of a feature set (by fingerprint or manifest) as a Ray Dataset."""
+    import ray
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    fingerprint = features if isinstance(features, str) else features.fingerprint
+    manifest = FeaturesManifest.read(run.features(fingerprint))
+    if manifest.fingerprint != fingerprint:
+        raise VersionMismatchError(f"{run.features(fingerprint)} holds features {manifest.fingerprint}")
+    return ray.data.read_parquet(str(run.features(fingerprint) / split), columns=columns)
+
+
+def decode_batch(batch: dict[str, np.ndarray], manifest: FeaturesManifest, width: Optional[int] = None) -> dict:
+    """Feature rows (numpy columns, as Ray Data yields them) -> the VM batch.
+
+    `width` keeps a prefix of each stored z (Matryoshka: any prefix is usable alone); None keeps
+    all `manifest.width` coordinates. Padded slots of `seq` are zeros and False in `seq_mask`.
+    """
+    width = manifest.width if width is None else width
+    if not 0 < width <= manifest.width:
+        raise ValueError(f"width must be in 1..{manifest.width} (the stored z width), got {width}")
+    n, length = len(batch[LABEL]), manifest.seq_len
+    packed = codec.from_binary_column(batch[SEQ_Z], length * manifest.bytes_per_row)
+    seq = codec.decode(packed.reshape(n * length, manifest.bytes_per_row), manifest.dtype, manifest.width)
+    mask = np.arange(length)[None, :] >= (length - np.asarray(batch[SEQ_LEN_VALID]))[:, None]
+    seq = seq.reshape(n, length, manifest.width)[:, :, :width] * mask[:, :, None]
+    context = [np.asarray(batch[c], dtype=np.int64) for c in manifest.context_columns]
+    return {
+        "user": np.asarray(batch[idx("user_id")], dtype=np.int64),
+        "item": np.asarray(batch[idx("item_id")], dtype=np.int64),
+        "category": np.asarray(batch[idx("category")], dtype=np.int64),
+        "context": np.stack(context, axis=1) if context else np.zeros((n, 0), dtype=np.int64),
+        "hist_items": _matrix(batch[HIST_ITEMS], manifest.raw_seq_len),
+        "seq": seq.astype(np.float32, copy=False),
+        "seq_mask": mask,
+        "kd_logit": np.asarray(batch[KD_LOGIT], dtype=np.float32),
+        "label": np.asarray(batch[LABEL], dtype=np.float32),
+    }
+
+
+def _matrix(column: np.ndarray, length: int) -> np.ndarray:
+    """A list column (object array of arrays from parquet, or already 2-D) as (rows, length) int64."""
+    if column.dtype == object:
+        return np.stack(column).astype(np.int64) if len(column) else np.zeros((0, length), dtype=np.int64)
+    return np.asarray(column, dtype=np.int64).reshape(len(column), length)

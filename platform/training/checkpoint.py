@@ -1,0 +1,96 @@
+"""A trained VM on disk: `model.pt` (a state dict) and `manifest.json` saying how to rebuild it.
+
+The manifest pins everything the VM was trained against (feature set, store version, vocab and
+context sizes, LoopFM width), so serving and evaluation rebuild the same module and refuse a store
+it was not trained on. `model_version` is the sha256 prefix of `model.pt`; loading re-hashes the
+bytes and refuses a file that does not match (torch.load(weights_only=True) never runs code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from loopfm.errors import MissingInputError, VersionMismatchError
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class VMManifest:
+    fingerprint: str
+    model_version: str
+    arm: str
+    seed: int
+    features_fingerprint: str
+    store_version: Optional[str]
+    vm: dict[str, Any]  # VMConfig as JSON
+    train: dict[str, Any]  # TrainConfig as JSON (use_kd, use_loopfm, ...)
+    vocab_sizes: dict[str, int]
+    context_columns: list[str]
+    context_sizes: list[int]
+    seq_len: int
+    seq_width: Optional[int]  # None when the VM does not read the LoopFM sequence
+    raw_seq_len: int
+    metrics: dict[str, Any] = field(default_factory=dict)  # {"valid": {...}, "test": {...}, "epochs": n}
+
+    @classmethod
+    def read(cls, path: Path) -> "VMManifest":
+        f = Path(path) / "manifest.json"
+        if not f.is_file():
+            raise MissingInputError(f"no VM checkpoint at {path} (missing manifest.json)")
+        raw = json.loads(f.read_text())
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def state_bytes(model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def model_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> None:
+    """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
+    directory = Path(directory)
+    (directory / MODEL_FILE).write_bytes(model_state)
+    manifest.model_version = model_hash(model_state)
+    (directory / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
+
+
+def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
+    from loopfm.config import TrainConfig, VMConfig
+    from loopfm.models.vm import build_vm
+
+    train = TrainConfig.model_validate(manifest.train)
+    return build_vm(
+        VMConfig.model_validate(manifest.vm),
+        vocab_sizes=manifest.vocab_sizes,
+        context_sizes=manifest.context_sizes,
+        seq_width=manifest.seq_width,
+        aux_head=train.use_kd and train.aux_head,
+    )
+
+
+def load_vm(directory: Path) -> tuple[torch.nn.Module, VMManifest]:
+    directory = Path(directory)
+    manifest = VMManifest.read(directory)
+    data = (directory / MODEL_FILE).read_bytes()
+    if model_hash(data) != manifest.model_version:
+        raise VersionMismatchError(
+            f"{directory / MODEL_FILE} does not match its manifest (model_version {manifest.model_version}); "
+            "the checkpoint was modified or is incomplete"
+        )
+    model = build_from_manifest(manifest)
+    model.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+    model.eval()
+    return model, manifest

@@ -1,0 +1,63 @@
+"""The data commands through the real CLI, as a user (or `ray job submit`) runs them.
+
+The subprocesses join the test session's Ray through RAY_ADDRESS, the way `ray job submit`
+hands a cluster to a command, instead of each starting a Ray of its own.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from conftest import SMOKE
+
+from loopfm.rundir import read_manifest
+
+
+def loopfm(*args, cwd) -> subprocess.CompletedProcess:
+    import ray
+
+    script = Path(sys.executable).parent / "loopfm"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "loopfm.cli"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return subprocess.run([*command, *args, "--config", str(SMOKE), "--set", "ray.progress_bars=false"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def corrupt_copy(source: Path, target: Path) -> None:
+    """The generated log with 3 labels set to 2 and 2 user ids removed, in its first file."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("manifest.json"))
+    first = sorted(target.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    label = table["label"].to_pylist()
+    label[10:13] = [2, 2, 2]
+    user = table["user_id"].to_pylist()
+    user[20:22] = [None, None]
+    table = table.set_column(table.schema.get_field_index("label"), "label", pc.cast(label, "int8"))
+    table = table.set_column(table.schema.get_field_index("user_id"), "user_id", pc.cast(user, "int64"))
+    pq.write_table(table, first)
+
+
+@pytest.mark.timeout(600)
+def test_generate_validate_split_then_a_corrupted_copy_fails_cleanly(ray_session, tmp_path):
+    run = tmp_path / "D"
+    for command in (["data", "generate"], ["data", "validate"], ["data", "split"]):
+        done = loopfm(*command, "--out", str(run), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "label rate" in done.stdout and "boundaries valid_start_ts=" in done.stdout
+    events, splits = read_manifest(run / "data" / "events"), read_manifest(run / "data" / "splits")
+    assert events["rows"] == read_manifest(run / "data" / "source")["rows"] == sum(splits["rows"].values())
+
+    corrupt_copy(run / "data" / "source", tmp_path / "copy")
+    done = loopfm("data", "validate", "--out", str(tmp_path / "E"), "--set", "data.source=events",
+                  "--set", f"data.path={tmp_path / 'copy'}", "--set", "data.columns.categorical=[user_segment]",
+                  "--set", "data.validation.strict=true", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "loopfm data validate: error: event log" in done.stderr
+    assert "label_out_of_range: 3 rows" in done.stderr and "null_required: 2 rows" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / "E" / "data" / "events").exists()

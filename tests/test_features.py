@@ -1,0 +1,216 @@
+"""`loopfm features`: the join equals a brute-force reference, and the stage delivers it end to end.
+
+Stored z are tagged (features_reference.tagged_z) so every decoded sequence names the store
+rows it came from and can be compared with the plain rule, row for row.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import SMOKE
+from features_reference import (
+    join_frames, reference_history, reference_sequences, sequence_tags, tagged_z, tags_of, unpad,
+)
+from loopfm.cli import main
+from loopfm.datasets.schema import SPLITS
+from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features, store_version
+from loopfm.features.collate import VMBatchCollate
+from loopfm.rundir import RunDir
+from loopfm.store import codec
+from loopfm.store.schema import ROW_SCHEMA, StoreManifest
+
+FM_VERSION = "fm-fabricated"
+
+
+def random_log(seed: int, users: int = 15, n: int = 900) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Random multi-surface events with many ties; the store misses a few of them."""
+    rng = np.random.default_rng(seed)
+    log = pd.DataFrame({
+        "event_id": rng.permutation(n) + 1,
+        "user_id": rng.integers(0, users, n),
+        "ts": rng.integers(0, 40, n) * 25,
+        "surface": rng.integers(0, 3, n),
+        "label": (rng.random(n) < 0.4).astype(np.int8),
+        "item_id_idx": rng.integers(1, 50, n),
+    })
+    store = log.sample(frac=0.97, random_state=seed)[["event_id", "user_id", "ts", "surface"]].copy()
+    store["fm_logit"] = rng.normal(size=len(store)).astype(np.float32)
+    return log[log["surface"] == 0].reset_index(drop=True), store
+
+
+@pytest.mark.parametrize(
+    "seq_len, raw_seq_len, lag, retention, surfaces, dtype",
+    [
+        (3, 2, 0, None, None, "int4"),  # truncation to L, every surface
+        (5, 4, 150, None, (1, 2), "fp16"),  # lag, other surfaces only
+        (4, 3, 50, 300, (0,), "int4"),  # lag and retention, the vertical alone
+        (24, 12, 0, 200, None, "int4"),  # mostly padding
+    ],
+)
+def test_join_matches_reference(seq_len, raw_seq_len, lag, retention, surfaces, dtype):
+    width = 8
+    events, store = random_log(seed=seq_len)
+    store["tag"] = store["event_id"]
+    store["z"] = list(tagged_z(store["tag"].to_numpy(), width, dtype))
+    spec = JoinSpec(seq_len, raw_seq_len, lag, retention, surfaces, codec.bytes_per_row(width, dtype))
+
+    out = join_frames(events, store, spec)
+
+    expected = reference_sequences(events, store, seq_len, lag, retention, surfaces)
+    assert sequence_tags(out["seq_z"], out["seq_len_valid"], spec, width, dtype) == expected
+    assert unpad(out["hist_items"], (out["hist_items"] > 0).sum(axis=1)) == reference_history(events, raw_seq_len)
+    assert (out["seq_len_valid"] < seq_len).any()  # some windows are padded
+    if seq_len < 20:
+        assert (out["seq_len_valid"] == seq_len).any()  # and short ones fill up
+    logit = dict(zip(store["event_id"], store["fm_logit"]))
+    want = np.array([logit.get(e, np.nan) for e in events["event_id"]], dtype=np.float32)
+    np.testing.assert_array_equal(out["kd_logit"], want)
+    assert np.isnan(want).sum() > 0  # the store misses some events: NaN, never a neighbour's logit
+
+
+# -- the stage, end to end --------------------------------------------------------------------
+
+
+def read_splits(run: RunDir) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(run.splits / s).assign(split=s) for s in SPLITS], ignore_index=True)
+
+
+def fabricate_store(cfg, run: RunDir, log: pd.DataFrame) -> pd.DataFrame:
+    """A store in the contract (rows + manifest) with tagged z for every event of every surface."""
+    c = cfg.embed.compress
+    rng = np.random.default_rng(0)
+    store = log[["event_id", "user_id", "ts", "surface"]].copy()
+    store["fm_logit"] = rng.normal(size=len(store)).astype(np.float32)
+    store["tag"] = np.arange(1, len(store) + 1)
+    z = tagged_z(store["tag"].to_numpy(), c.width, c.dtype)
+    version = store_version(FM_VERSION, cfg.embed)
+    path = run.store(version)
+    path.mkdir(parents=True)
+    table = pa.table({**{k: store[k].to_numpy() for k in ROW_SCHEMA.names[:-1]}, "z": codec.to_binary_column(z)})
+    pq.write_table(table.cast(ROW_SCHEMA), path / "part-0.parquet")
+    manifest = StoreManifest(
+        store_version=version, fm_version=FM_VERSION, checkpoint_hash="none", layers=list(cfg.embed.layers),
+        raw_width=64, width=c.width, prefix_widths=list(c.prefix_widths), dtype=c.dtype, rows=len(store),
+        min_ts=int(store["ts"].min()), max_ts=int(store["ts"].max()), created_at="2026-01-01T00:00:00",
+    )
+    (path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
+    return store
+
+
+def copy_with_store(smoke_splits, smoke_config, root) -> tuple[RunDir, pd.DataFrame, pd.DataFrame]:
+    run = RunDir(root)
+    shutil.copytree(smoke_splits.root, run.root)
+    log = read_splits(run)
+    return run, log, fabricate_store(smoke_config, run, log)
+
+
+@pytest.fixture
+def run_with_store(smoke_splits, smoke_config, tmp_path):
+    return copy_with_store(smoke_splits, smoke_config, tmp_path / "run")
+
+
+OVERRIDES = ["--set", "ray.progress_bars=false", "--set", "features.lag=1800", "--set", "features.retention=172800"]
+
+
+@pytest.fixture(scope="module")
+def built(smoke_splits, smoke_config, tmp_path_factory):
+    """The smoke splits and a fabricated store, joined once through the CLI (lag 30 min, retention 2 days)."""
+    run, log, store = copy_with_store(smoke_splits, smoke_config, tmp_path_factory.mktemp("features") / "run")
+    argv = ["features", "--config", str(SMOKE), "--out", str(run.root), *OVERRIDES]
+    assert main(argv) == 0
+    [out] = list((run.root / "features").iterdir())
+    cfg = smoke_config.updated({"features.lag": 1800, "features.retention": 172800})
+    manifest = FeaturesManifest.read(out)
+    return SimpleNamespace(
+        run=run, log=log, store=store, argv=argv, out=out, manifest=manifest,
+        spec=JoinSpec.from_config(cfg.features, manifest.bytes_per_row),
+        examples=pd.concat([pd.read_parquet(out / s).assign(split=s) for s in SPLITS], ignore_index=True),
+    )
+
+
+@pytest.mark.timeout(240)
+def test_every_vertical_event_once_in_its_split_with_its_logit(built):
+    examples, vertical = built.examples, built.log[built.log["surface"] == 0]
+    assert sorted(examples["event_id"]) == sorted(vertical["event_id"])
+    assert built.manifest.rows == examples["split"].value_counts().to_dict() == vertical["split"].value_counts().to_dict()
+    merged = examples.merge(vertical[["event_id", "split"]], on="event_id", suffixes=("", "_source"))
+    assert (merged["split"] == merged["split_source"]).all()
+    logit = dict(zip(built.store["event_id"], built.store["fm_logit"]))
+    np.testing.assert_array_equal(examples["kd_logit"], examples["event_id"].map(logit).to_numpy(np.float32))
+
+
+@pytest.mark.timeout(240)
+def test_stage_sequences_follow_the_rule_across_splits(built):
+    examples, spec, m = built.examples, built.spec, built.manifest
+    seq_z = np.stack([np.frombuffer(b, np.uint8) for b in examples["seq_z"]])
+    got = sequence_tags(seq_z, examples["seq_len_valid"].to_numpy(), spec, m.width, m.dtype)
+    assert got == reference_sequences(examples, built.store, spec.seq_len, spec.lag, spec.retention)
+    hist = np.stack(examples["hist_items"].to_numpy())
+    assert unpad(hist, (hist > 0).sum(axis=1)) == reference_history(examples, spec.raw_seq_len)
+    valid = examples["seq_len_valid"]
+    assert valid.between(1, spec.seq_len - 1).any() and (valid == spec.seq_len).any()
+
+
+@pytest.mark.timeout(240)
+def test_reader_gives_the_vm_batch(built):
+    m, spec = built.manifest, built.spec
+    batch = next(iter(read_features(built.run, m, "valid").iter_batches(batch_size=64, batch_format="numpy")))
+    vm = decode_batch(batch, m)
+    assert vm["seq"].shape == (64, spec.seq_len, m.width) and vm["seq"].dtype == np.float32
+    assert vm["hist_items"].shape == (64, spec.raw_seq_len) and vm["context"].shape == (64, len(m.context_columns))
+    assert (vm["seq_mask"].sum(axis=1) == batch["seq_len_valid"]).all()
+    assert not vm["seq"][~vm["seq_mask"]].any()
+    events = pd.DataFrame({"user_id": batch["user_id"], "ts": batch["ts"]})
+    expected = reference_sequences(events, built.store, spec.seq_len, spec.lag, spec.retention)
+    assert [list(t[mask]) for t, mask in zip(tags_of(vm["seq"]), vm["seq_mask"])] == expected
+    np.testing.assert_array_equal(decode_batch(batch, m, width=4)["seq"], vm["seq"][:, :, :4])
+
+    torch_batches = read_features(built.run, m, "valid").iter_torch_batches(batch_size=64, collate_fn=VMBatchCollate(m, width=4))
+    tensors = next(iter(torch_batches))
+    np.testing.assert_array_equal(tensors["seq"].numpy(), vm["seq"][:, :, :4])
+    assert tensors["seq_mask"].dtype == torch.bool and tensors["user"].dtype == torch.int64
+
+
+@pytest.mark.timeout(240)
+def test_current_features_are_skipped(built):
+    stamp = (built.out / "manifest.json").stat().st_mtime_ns
+    assert main(built.argv) == 0
+    assert (built.out / "manifest.json").stat().st_mtime_ns == stamp
+    assert list((built.run.root / "features").iterdir()) == [built.out]
+
+
+@pytest.mark.timeout(120)
+def test_store_that_does_not_match_is_refused(run_with_store, capsys):
+    run, _, _ = run_with_store
+    [path] = list((run.root / "store").iterdir())
+    raw = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**raw, "width": raw["width"] * 2}))
+
+    assert main(["features", "--config", str(SMOKE), "--out", str(run.root)]) == 1
+    err = capsys.readouterr().err
+    assert "width: store has 32, expected 16" in err
+    assert not (run.root / "features").exists()
+
+
+@pytest.mark.timeout(120)
+def test_events_missing_from_the_store_are_refused(ray_session, run_with_store, capsys):
+    """A store built from other events would give NaN KD targets: the stage names the count instead."""
+    run, log, _ = run_with_store
+    [path] = list((run.root / "store").iterdir())
+    rows = pq.read_table(path / "part-0.parquet")
+    lost = set(log.loc[(log["surface"] == 0) & (log["split"] == "test"), "event_id"].head(5))
+    pq.write_table(rows.filter(pa.array(~np.isin(rows["event_id"].to_numpy(), list(lost)))), path / "part-0.parquet")
+
+    assert main(["features", "--config", str(SMOKE), "--out", str(run.root), *OVERRIDES]) == 1
+    assert "has no FM logit for 5 of" in capsys.readouterr().err
+    assert list((run.root / "features").iterdir()) == []  # no half-written feature set
