@@ -37,6 +37,7 @@ from loopfm.datasets.splits import SplitInfo, boundaries, split_of
 from loopfm.features import features_stage, store_version
 from loopfm.rundir import RunDir, write_manifest
 from loopfm.store import codec
+from loopfm.store.parquet import seal
 from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,12 +77,11 @@ def write_log(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, 
     store = pa.table({
         "event_id": events["event_id"], "user_id": events["user_id"], "ts": events["ts"], "surface": events["surface"],
         "fm_logit": rng.normal(size=n).astype(np.float32),
-        "z": pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(np.arange(n + 1, dtype=np.int32) * z.shape[1]), pa.py_buffer(z)]),
+        "z": codec.rows_to_binary(z),
     }).cast(ROW_SCHEMA)
     pq.write_table(store, path / "part-0.parquet", row_group_size=200_000)
-    manifest = StoreManifest(version, FM_VERSION, "none", list(cfg.embed.layers), 64, c.width, list(c.prefix_widths),
-                             c.dtype, n, int(ts.min()), int(ts.max()), created_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    (path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
+    seal(path, StoreManifest(version, FM_VERSION, "none", list(cfg.embed.layers), 64, c.width, list(c.prefix_widths),
+                             c.dtype, n, int(ts.min()), int(ts.max())), expected_rows=n)
     return n
 
 

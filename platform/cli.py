@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from loopfm.config import ConfigError, LoopFMConfig, load_config
+from loopfm.config import ARMS, ConfigError, LoopFMConfig, load_config
 from loopfm.errors import LoopFMError
 from loopfm.rundir import RunDir
 
@@ -46,11 +46,15 @@ COMMANDS: tuple[Command, ...] = (
     Command(("data", "generate"), "write the seeded synthetic multi-surface log", "loopfm.datasets.synthetic:generate_stage"),
     Command(("data", "validate"), "read the configured log, validate it, write normalized events", "loopfm.datasets.ingest:validate_stage"),
     Command(("data", "split"), "split events by time into train/valid/test and build the vocabulary", "loopfm.datasets.splits:split_stage"),
-    Command(("fm", "train"), "train the foundation model with Ray Train", None),
-    Command(("embed",), "extract FM embeddings with Ray Data actors into the versioned store", None),
+    Command(("fm", "train"), "train the foundation model with Ray Train", "loopfm.fm.train:fm_train_stage"),
+    Command(("embed",), "extract FM embeddings with Ray Data actors into the versioned store", "loopfm.fm.embed:embed_stage"),
     Command(("features",), "point-in-time join of stored embeddings into VM examples", "loopfm.features:features_stage"),
-    Command(("train",), "train one VM (one arm, one seed) with Ray Train", None),
-    Command(("report",), "evaluate every arm and write report.json, report.md and plots", None),
+    Command(("train",), "train one VM (one arm, one seed) with Ray Train", "loopfm.training.vm:train_stage", (
+        _opt("--arm", choices=ARMS, help="base, kd, loopfm or kd_loopfm (default: from train.use_kd/use_loopfm)"),
+        _opt("--seed", type=int, help="default: train.seed"),
+    )),
+    Command(("report",), "train every arm on every seed, evaluate, write report.json, report.md and plots",
+            "loopfm.training.experiment:report_stage"),
     Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B)", None),
     Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve", None),
     Command(("serve", "build"), "write a Serve config YAML for `serve deploy`", None),

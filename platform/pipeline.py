@@ -20,8 +20,7 @@ PIPELINE: tuple[str, ...] = (
     "fm train",
     "embed",
     "features",
-    "train",
-    "report",
+    "report",  # trains every arm x seed (`loopfm train` is one of them)
 )
 
 

@@ -40,7 +40,9 @@ def init_ray(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, log_to_driver=True)
+            # "local": always a new embedded Ray, never another session's `ray start` cluster
+            ray.init(address="local", num_cpus=local_num_cpus(cfg), include_dashboard=cfg.dashboard,
+                     log_to_driver=True)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     # Hash-shuffle groupby can hang on small clusters; the sort-based shuffle does not.

@@ -39,7 +39,7 @@ def ray_session():
     if ray.is_initialized() and not _state["local"]:
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         _state["local"] = True
     _data_context_for_tests()
     yield ray
@@ -95,7 +95,7 @@ def smoke_splits(tmp_path_factory, smoke_config):
     if not ray.is_initialized() or not _state["local"]:
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         _state["local"] = True
     _data_context_for_tests()
     run = RunDir(tmp_path_factory.mktemp("smoke_run"))
@@ -103,3 +103,22 @@ def smoke_splits(tmp_path_factory, smoke_config):
     validate_stage(smoke_config, run)
     split_stage(smoke_config, run)
     return run
+
+
+@pytest.fixture(scope="session")
+def smoke_embedded(tmp_path_factory, smoke_config, smoke_splits):
+    """The smoke run with a trained FM (one real Ray Train worker) and its store.
+
+    Read-only for tests: copy it (shutil.copytree) before writing into it.
+    """
+    import shutil
+
+    from loopfm.fm.embed import embed_stage
+    from loopfm.fm.train import fm_train_stage
+    from loopfm.rundir import RunDir
+
+    run = RunDir(tmp_path_factory.mktemp("smoke_embedded") / "run")
+    shutil.copytree(smoke_splits.root, run.root)
+    fm = fm_train_stage(smoke_config, run)
+    store = embed_stage(smoke_config, run)
+    return run, fm, store

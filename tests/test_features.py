@@ -27,6 +27,7 @@ from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_featu
 from loopfm.features.collate import VMBatchCollate
 from loopfm.rundir import RunDir
 from loopfm.store import codec
+from loopfm.store.parquet import seal
 from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 
 FM_VERSION = "fm-fabricated"
@@ -101,9 +102,9 @@ def fabricate_store(cfg, run: RunDir, log: pd.DataFrame) -> pd.DataFrame:
     manifest = StoreManifest(
         store_version=version, fm_version=FM_VERSION, checkpoint_hash="none", layers=list(cfg.embed.layers),
         raw_width=64, width=c.width, prefix_widths=list(c.prefix_widths), dtype=c.dtype, rows=len(store),
-        min_ts=int(store["ts"].min()), max_ts=int(store["ts"].max()), created_at="2026-01-01T00:00:00",
+        min_ts=0, max_ts=0,
     )
-    (path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
+    seal(path, manifest, expected_rows=len(store))
     return store
 
 
@@ -210,6 +211,7 @@ def test_events_missing_from_the_store_are_refused(ray_session, run_with_store, 
     rows = pq.read_table(path / "part-0.parquet")
     lost = set(log.loc[(log["surface"] == 0) & (log["split"] == "test"), "event_id"].head(5))
     pq.write_table(rows.filter(pa.array(~np.isin(rows["event_id"].to_numpy(), list(lost)))), path / "part-0.parquet")
+    seal(path, StoreManifest.read(path))  # a whole store, just built from other events
 
     assert main(["features", "--config", str(SMOKE), "--out", str(run.root), *OVERRIDES]) == 1
     assert "has no FM logit for 5 of" in capsys.readouterr().err

@@ -34,3 +34,4 @@ class RayConfig(Section):
     num_cpus: Optional[PositiveInt] = Field(None, description="logical CPUs of a local Ray (default max(4, cores))")
     use_gpu: Literal["auto", "always", "never"] = "auto"
     progress_bars: bool = True
+    dashboard: bool = Field(True, description="start the dashboard with a local Ray (the State API Ray Train uses needs it)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 from loopfm.config import LoopFMConfig, SplitConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
@@ -84,10 +85,8 @@ def split_of(ts: np.ndarray, valid_start: int, test_start: int) -> np.ndarray:
     return (ts >= valid_start).astype(np.int8) + (ts >= test_start).astype(np.int8)
 
 
-def _train_stats(batch: dict, *, columns: tuple[str, ...], valid_start: int, test_start: int) -> "pa.Table":
+def _train_stats(batch: dict, *, columns: tuple[str, ...], valid_start: int, test_start: int) -> pa.Table:
     """map_batches fn: one row per block with rows and positives per split and the train ids."""
-    import pyarrow as pa
-
     which = split_of(batch[TS], valid_start, test_start)
     train = which == 0
     stats = {

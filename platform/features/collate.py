@@ -17,11 +17,13 @@ from loopfm.features.reader import FeaturesManifest, decode_batch
 
 
 class VMBatchCollate(NumpyBatchCollateFn):
-    def __init__(self, manifest: FeaturesManifest, width: Optional[int] = None, device: Optional[str] = None):
-        self.manifest, self.width, self.device = manifest, width, device
+    def __init__(self, manifest: FeaturesManifest, width: Optional[int] = None, device: Optional[str] = None,
+                 with_seq: bool = True):
+        self.manifest, self.width, self.device, self.with_seq = manifest, width, device, with_seq
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        tensors = {k: _tensor(v) for k, v in decode_batch(batch, self.manifest, self.width).items()}
+        decoded = decode_batch(batch, self.manifest, self.width, self.with_seq)
+        tensors = {k: _tensor(v) for k, v in decoded.items()}
         return tensors if self.device is None else {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
 
 

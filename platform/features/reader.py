@@ -70,20 +70,25 @@ def read_features(run: RunDir, features: Union[str, FeaturesManifest], split: st
     return ray.data.read_parquet(str(run.features(fingerprint) / split), columns=columns)
 
 
-def decode_batch(batch: dict[str, np.ndarray], manifest: FeaturesManifest, width: Optional[int] = None) -> dict:
+def decode_batch(batch: dict[str, np.ndarray], manifest: FeaturesManifest, width: Optional[int] = None,
+                 with_seq: bool = True) -> dict:
     """Feature rows (numpy columns, as Ray Data yields them) -> the VM batch.
 
     `width` keeps a prefix of each stored z (Matryoshka: any prefix is usable alone); None keeps
     all `manifest.width` coordinates. Padded slots of `seq` are zeros and False in `seq_mask`.
+    `with_seq=False` (VMs without the LoopFM feature) skips the sequence: `seq` is (n, 0, width).
     """
     width = manifest.width if width is None else width
     if not 0 < width <= manifest.width:
         raise ValueError(f"width must be in 1..{manifest.width} (the stored z width), got {width}")
-    n, length = len(batch[LABEL]), manifest.seq_len
-    packed = codec.from_binary_column(batch[SEQ_Z], length * manifest.bytes_per_row)
-    seq = codec.decode(packed.reshape(n * length, manifest.bytes_per_row), manifest.dtype, manifest.width)
-    mask = np.arange(length)[None, :] >= (length - np.asarray(batch[SEQ_LEN_VALID]))[:, None]
-    seq = seq.reshape(n, length, manifest.width)[:, :, :width] * mask[:, :, None]
+    n, length = len(batch[LABEL]), manifest.seq_len if with_seq else 0
+    if with_seq:
+        packed = codec.from_binary_column(batch[SEQ_Z], length * manifest.bytes_per_row)
+        seq = codec.decode(packed.reshape(n * length, manifest.bytes_per_row), manifest.dtype, manifest.width)
+        mask = np.arange(length)[None, :] >= (length - np.asarray(batch[SEQ_LEN_VALID]))[:, None]
+        seq = seq.reshape(n, length, manifest.width)[:, :, :width] * mask[:, :, None]
+    else:
+        seq, mask = np.zeros((n, 0, width), dtype=np.float32), np.zeros((n, 0), dtype=bool)
     context = [np.asarray(batch[c], dtype=np.int64) for c in manifest.context_columns]
     return {
         "user": np.asarray(batch[idx("user_id")], dtype=np.int64),

@@ -14,6 +14,7 @@ from typing import Optional
 from loopfm.config import EmbedConfig, LoopFMConfig, stable_hash
 from loopfm.errors import MissingInputError
 from loopfm.rundir import RunDir
+from loopfm.store.parquet import open_store
 from loopfm.store.schema import StoreManifest
 
 
@@ -47,6 +48,5 @@ def resolve_store(cfg: LoopFMConfig, run: RunDir, fm_version: Optional[str] = No
         seen = ", ".join(p.name for p, _ in found) or "none"
         wanted = f"FM {fm_version} and this embed config" if fm_version else "this embed config"
         raise MissingInputError(f"no store in {parent} built from {wanted} (found: {seen}): run `loopfm embed` first")
-    path, manifest = max(ours, key=lambda pm: (pm[1].created_at, pm[0].name))
-    manifest.check(expected_fields(cfg, fm_version), where=path)
-    return path, manifest
+    path, _ = max(ours, key=lambda pm: (pm[1].created_at, pm[0].name))
+    return path, open_store(path, expected_fields(cfg, fm_version))

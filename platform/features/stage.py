@@ -147,14 +147,14 @@ def join_group(group: pa.Table, spec: JoinSpec, event_columns: list[str]) -> pa.
             TS: store[TS].to_numpy(),
             SURFACE: store[SURFACE].to_numpy(),
             FM_LOGIT: store[FM_LOGIT].to_numpy(),
-            Z: binary_to_rows(store[Z], spec.row_bytes),
+            Z: codec.binary_to_rows(store[Z], spec.row_bytes),
         },
         spec,
     )
     hist_items = pa.FixedSizeListArray.from_arrays(pa.array(joined["hist_items"].ravel()), spec.raw_seq_len)
     return (
         events.append_column(HIST_ITEMS, hist_items)
-        .append_column(SEQ_Z, rows_to_binary(joined["seq_z"]))
+        .append_column(SEQ_Z, codec.rows_to_binary(joined["seq_z"]))
         .append_column(SEQ_LEN_VALID, pa.array(joined["seq_len_valid"]))
         .append_column(KD_LOGIT, pa.array(joined["kd_logit"]))
     )
@@ -164,29 +164,6 @@ def contiguous(block: pa.Table) -> pa.Table:
     """One chunk per column: a block of per-user pieces otherwise makes the partitioned parquet
     writer loop over thousands of tiny record batches (20x slower, measured)."""
     return block.combine_chunks()
-
-
-def binary_to_rows(column: pa.ChunkedArray, row_bytes: int) -> np.ndarray:
-    """A binary column whose values are all `row_bytes` long -> (n, row_bytes) uint8, no Python loop."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if len(arr) == 0:
-        return np.empty((0, row_bytes), dtype=np.uint8)
-    if arr.null_count:
-        raise VersionMismatchError(f"{arr.null_count} store rows have no z")
-    offset_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type)[arr.offset : arr.offset + len(arr) + 1]
-    if not np.all(np.diff(offsets) == row_bytes):
-        raise VersionMismatchError(f"store z values are not all {row_bytes} bytes (width/dtype of the manifest)")
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    return data.reshape(len(arr), row_bytes)
-
-
-def rows_to_binary(rows: np.ndarray) -> pa.Array:
-    """(n, k) uint8 -> a binary column of n values of k bytes each, no Python loop."""
-    n, k = rows.shape
-    offsets = np.arange(n + 1, dtype=np.int32) * k
-    data = pa.py_buffer(np.ascontiguousarray(rows))
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), data])
 
 
 def _finish_partitions(tmp: Path, store: StoreManifest, vertical: int) -> dict[str, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 
 Dtype = Literal["int4", "fp16"]
 
@@ -63,3 +64,26 @@ def from_binary_column(values, row_bytes: int) -> np.ndarray:
     if flat.size != len(values) * row_bytes:
         raise ValueError(f"z rows are not all {row_bytes} bytes long")
     return flat.reshape(len(values), row_bytes)
+
+
+def binary_to_rows(column: pa.ChunkedArray, row_bytes: int) -> np.ndarray:
+    """A binary column whose values are all `row_bytes` long -> (n, row_bytes) uint8, no Python loop."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(arr) == 0:
+        return np.empty((0, row_bytes), dtype=np.uint8)
+    if arr.null_count:
+        raise ValueError(f"{arr.null_count} rows have no z")
+    offset_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type)[arr.offset : arr.offset + len(arr) + 1]
+    if not np.all(np.diff(offsets) == row_bytes):
+        raise ValueError(f"z values are not all {row_bytes} bytes (width/dtype of the manifest)")
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(len(arr), row_bytes)
+
+
+def rows_to_binary(rows: np.ndarray) -> pa.Array:
+    """(n, k) uint8 -> a binary column of n values of k bytes each, no Python loop."""
+    n, k = rows.shape
+    offsets = np.arange(n + 1, dtype=np.int32) * k
+    data = pa.py_buffer(np.ascontiguousarray(rows))
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), data])

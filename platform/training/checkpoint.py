@@ -49,9 +49,12 @@ class VMManifest:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
-def state_bytes(model: torch.nn.Module) -> bytes:
+def state_bytes(state: "torch.nn.Module | dict") -> bytes:
+    """A module's (or a state dict's) tensors on CPU, serialized: the bytes a version hashes."""
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
     return buf.getvalue()
 
 
@@ -81,16 +84,24 @@ def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
     )
 
 
+def verified_state(directory: Path, version: str) -> dict:
+    """`model.pt` of `directory` as a state dict, refused unless its hash is `version`."""
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise MissingInputError(f"no weights at {path}")
+    data = path.read_bytes()
+    if model_hash(data) != version:
+        raise VersionMismatchError(
+            f"{path} does not match its manifest (version {version}, file hashes to {model_hash(data)}); "
+            "the checkpoint was modified or is incomplete"
+        )
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def load_vm(directory: Path) -> tuple[torch.nn.Module, VMManifest]:
     directory = Path(directory)
     manifest = VMManifest.read(directory)
-    data = (directory / MODEL_FILE).read_bytes()
-    if model_hash(data) != manifest.model_version:
-        raise VersionMismatchError(
-            f"{directory / MODEL_FILE} does not match its manifest (model_version {manifest.model_version}); "
-            "the checkpoint was modified or is incomplete"
-        )
     model = build_from_manifest(manifest)
-    model.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+    model.load_state_dict(verified_state(directory, manifest.model_version))
     model.eval()
     return model, manifest

@@ -1,0 +1,411 @@
+"""FM extraction throughput: Ray Data actor pool (`ChunkExtractor`) against a bare PyTorch loop.
+
+One run, one device, one data set. Synthetic users (event counts uniform in
+[n/2, 3n/2]) are cut into FM chunks by `loopfm.fm.chunks.user_chunks` (the real chunker) and
+held as an in-memory Ray Dataset, materialized before any clock starts (so the user shuffle of
+`build_chunks` is not timed). The FM is a random-init `CausalFM` (its weights go to the actors as
+`torch.save` bytes, as in `embed`), the compressor a random-init `MatryoshkaAE` with the
+normalizer set to unit scale. Measured:
+
+* **ray**: `ds.map_batches(ChunkExtractor, compute=ActorPoolStrategy(size=N), num_cpus=...,
+  batch_size=B, batch_format="numpy")` then `.materialize()`; the clock covers the whole call,
+  actor start-up included (end-to-end).
+* **bare**: the same FM + compressor in this process over the same chunk arrays in batches of
+  B: tokens -> `fm.extract` -> output mask -> `ae.encode` -> `codec.encode` (the pyarrow
+  table assembly of the store rows is left out). The clock covers building the models too.
+  Torch threads are set to what one actor gets (Ray sets OMP_NUM_THREADS from the actor's
+  `num_cpus`), so "1 actor vs bare" compares the same compute; a second bare run with 2x those
+  threads is the fair partner of the 2-actor runs.
+* **in-process**: `ChunkExtractor` itself called in this process (same threads, pyarrow table
+  included), to tell the cost of the actor process from that of the extractor code.
+* **sweep**: actors x batch size, with `ChunkExtractor` subclassed only to log wall-clock times of
+  its constructor and of each call (to a file), which splits the Ray wall time into actor
+  start-up, compute inside the calls, and the rest (scheduling, object store, batching).
+
+FLOPs: FM forward over every position of every chunk (padding included, it is computed):
+per layer 2*T*(4d^2 + 2*d*d_ff) in matmuls + 4*T^2*d in attention (masked SDPA computes the
+full T x T), plus the head. Achieved FLOP/s = FM FLOPs / seconds; on a GPU also the fraction of
+dense bf16 peak.
+
+    RAY_AUTH_MODE=disabled python benchmarks/bench_extract.py            # ~3-4 min on 2 loaded cores
+    python benchmarks/bench_extract.py --users 4000 --d-model 128 --layers 4 --no-sweep
+
+Results: benchmarks/results/extract_<device>.json and a row in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timer, append_row, device_name, gpu, machine, peak_flops, start_ray, versions, write_result  # noqa: E402
+
+from loopfm.actors.extractor import ChunkExtractor, build_compressor  # noqa: E402
+from loopfm.config import CompressConfig, EmbedConfig, FMConfig  # noqa: E402
+from loopfm.fm.chunks import CHUNK_COLUMNS, TOKENS, user_chunks  # noqa: E402
+from loopfm.store import codec  # noqa: E402
+
+NUM_ITEMS, NUM_CATEGORIES, NUM_SURFACES = 20_000, 60, 3
+
+
+# -- data ------------------------------------------------------------------------------------
+def make_chunks(users: int, events_per_user: int, fm: FMConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """All users' chunks, stacked: (n_chunks, chunk_len) per chunk column, (n_chunks,) user_id."""
+    rng = np.random.default_rng(seed)
+    horizon = 14 * 86_400
+    valid_start, test_start = int(horizon * 0.7), int(horizon * 0.85)
+    parts, next_id = [], 0
+    for user in range(users):
+        n = int(rng.integers(max(1, events_per_user // 2), events_per_user * 3 // 2 + 1))
+        events = {
+            "event_id": np.arange(next_id, next_id + n, dtype=np.int64), "user_id": np.full(n, user, np.int64),
+            "ts": np.sort(rng.integers(0, horizon, n)), "label": (rng.random(n) < 0.3).astype(np.int8),
+            "surface": rng.integers(0, NUM_SURFACES, n).astype(np.int32),
+            "item_id_idx": rng.integers(2, NUM_ITEMS + 2, n), "category_idx": rng.integers(2, NUM_CATEGORIES + 2, n),
+        }
+        next_id += n
+        parts.append(user_chunks(events, fm.chunk_len, fm.context, valid_start, test_start))
+    return {name: np.concatenate([p[name] for p in parts]) for name in (*CHUNK_COLUMNS, "user_id")}
+
+
+def to_dataset(chunks: dict[str, np.ndarray], blocks: int):
+    """An in-memory, materialized Ray Dataset with the columns `build_chunks` yields."""
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(chunks["user_id"])
+    tables = []
+    for rows in np.array_split(np.arange(n), min(blocks, n)):
+        cols = {name: ArrowTensorArray.from_numpy(np.ascontiguousarray(chunks[name][rows])) for name in CHUNK_COLUMNS}
+        tables.append(pa.table({**cols, "user_id": pa.array(chunks["user_id"][rows])}))
+    return ray.data.from_arrow(tables).materialize()
+
+
+# -- models ----------------------------------------------------------------------------------
+def make_models(fm_cfg: FMConfig, compress: CompressConfig, layers: list[int], seed: int = 0) -> dict:
+    """Random-init FM weights and a compressor spec, as `embed` hands them to `ChunkExtractor`."""
+    from loopfm.models.autoencoder import MatryoshkaAE
+    from loopfm.models.fm import CausalFM
+
+    torch.manual_seed(seed)
+    vocab = {"item_id": NUM_ITEMS + 2, "category": NUM_CATEGORIES + 2}
+    fm = CausalFM(fm_cfg, vocab, NUM_SURFACES)
+    raw = fm.layer_width(layers)
+    ae = MatryoshkaAE(raw, compress)
+    buf_fm, buf_ae = io.BytesIO(), io.BytesIO()
+    torch.save(fm.state_dict(), buf_fm)
+    torch.save(ae.state_dict(), buf_ae)
+    return {
+        "fm_weights": buf_fm.getvalue(),
+        "fm_manifest": {"fm": fm_cfg.model_dump(mode="json"), "vocab_sizes": vocab, "num_surfaces": NUM_SURFACES},
+        "layers": list(layers),
+        "compressor": {"raw_width": raw, "compress": compress.model_dump(mode="json"), "weights": buf_ae.getvalue()},
+        "dtype": compress.dtype,
+    }
+
+
+def fm_flops_per_chunk(cfg: FMConfig) -> float:
+    d, T, L = cfg.d_model, cfg.chunk_len, cfg.n_layers
+    matmul = L * 2 * T * (4 * d * d + 2 * d * cfg.d_ff) + 2 * T * d
+    attention = L * 4 * T * T * d
+    return float(matmul + attention)
+
+
+def ae_flops_per_event(raw: int, compress: CompressConfig) -> float:
+    return float(2 * (raw * compress.hidden + compress.hidden * compress.width))
+
+
+# -- the two paths ---------------------------------------------------------------------------
+class TimedExtractor(ChunkExtractor):
+    """ChunkExtractor plus wall-clock stamps of its constructor and of every call (one JSON line each)."""
+
+    def __init__(self, log_path: str, **kwargs):
+        started = time.time()
+        super().__init__(**kwargs)
+        self.log_path = log_path
+        self._log({"kind": "init", "start": started, "end": time.time(), "threads": torch.get_num_threads(),
+                   "omp": os.environ.get("OMP_NUM_THREADS")})
+
+    def __call__(self, batch):
+        started = time.time()
+        out = super().__call__(batch)
+        self._log({"kind": "call", "start": started, "end": time.time(), "chunks": len(batch["user_id"]),
+                   "events": out.num_rows})
+        return out
+
+    def _log(self, entry: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), **entry}) + "\n")
+
+
+def ray_pass(ds, models: dict, actors: int, batch_size: int, actor_cpus: float, log_path: str | None = None) -> dict:
+    from ray.data import ActorPoolStrategy
+
+    extractor, kwargs = (ChunkExtractor, dict(models)) if log_path is None else (TimedExtractor, {**models, "log_path": log_path})
+    started = time.time()
+    with Timer() as t:
+        out = ds.map_batches(extractor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=actors),
+                             num_cpus=actor_cpus, num_gpus=(1 / actors) if gpu() else 0,
+                             batch_size=batch_size, batch_format="numpy").materialize()
+    rows = out.count()
+    result = {"actors": actors, "batch_size": batch_size, "seconds": round(t.seconds, 3), "events": rows,
+              "events_per_s": round(rows / t.seconds)}
+    if log_path is not None:
+        result.update(breakdown(log_path, started, started + t.seconds, actors))
+    return result, out
+
+
+def breakdown(log_path: str, started: float, ended: float, actors: int) -> dict:
+    """Where the Ray wall time went, from the actors' own stamps."""
+    entries = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    inits = [e for e in entries if e["kind"] == "init"]
+    calls = [e for e in entries if e["kind"] == "call"]
+    first, last = min(c["start"] for c in calls), max(c["end"] for c in calls)
+    compute = sum(c["end"] - c["start"] for c in calls)
+    events = sum(c["events"] for c in calls)
+    wall = ended - started
+    return {
+        "actor_threads": sorted({e["threads"] for e in inits}), "actor_omp_num_threads": sorted({str(e["omp"]) for e in inits}),
+        "actor_init_s": round(max(e["end"] - e["start"] for e in inits), 3),
+        "to_first_call_s": round(first - started, 3),
+        "calls_s": round(last - first, 3), "after_last_call_s": round(ended - last, 3),
+        "compute_in_calls_s": round(compute, 3), "calls": len(calls),
+        "actor_busy_fraction": round(compute / (wall * actors), 3),
+        "steady_events_per_s": round(events / (last - first)),
+    }
+
+
+def bare_pass(chunks: dict[str, np.ndarray], models: dict, batch_size: int, threads: int) -> dict:
+    """The same work as ChunkExtractor in this process, without Ray (and without the pyarrow table)."""
+    from loopfm.config import FMConfig as _FMConfig
+    from loopfm.models.fm import CausalFM
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        device = torch.device("cuda" if gpu() else "cpu")
+        n, events, checksum = len(chunks["user_id"]), 0, 0.0
+        with Timer() as total:
+            m = models["fm_manifest"]
+            fm = CausalFM(_FMConfig.model_validate(m["fm"]), m["vocab_sizes"], m["num_surfaces"])
+            fm.load_state_dict(torch.load(io.BytesIO(models["fm_weights"]), weights_only=True))
+            fm.to(device).eval()
+            ae = build_compressor(models["compressor"]).to(device).eval()
+            with Timer() as loop, torch.no_grad():
+                for start in range(0, n, batch_size):
+                    batch = {k: v[start : start + batch_size] for k, v in chunks.items()}
+                    tokens = {name: torch.as_tensor(batch[name], dtype=torch.long, device=device) for name in TOKENS}
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        logit, emb = fm.extract(tokens, models["layers"])
+                    out = torch.as_tensor(batch["out"], device=device)
+                    z = ae.encode(emb[out].float()).cpu().numpy()
+                    encoded = codec.encode(z, models["dtype"])
+                    logits = logit[out].float().cpu().numpy()
+                    ids = batch["event_id"][batch["out"]]
+                    events += len(ids)
+                    checksum += float(logits.sum()) + float(encoded[:, 0].sum())
+        return {"threads": threads, "batch_size": batch_size, "seconds": round(total.seconds, 3),
+                "loop_seconds": round(loop.seconds, 3), "events": events, "events_per_s": round(events / total.seconds),
+                "steady_events_per_s": round(events / loop.seconds), "checksum": checksum}
+    finally:
+        torch.set_num_threads(before)
+
+
+def inprocess_pass(chunks: dict[str, np.ndarray], models: dict, batch_size: int, threads: int) -> dict:
+    """ChunkExtractor itself called in this process (pyarrow table included): separates what the
+    actor process costs from what the extractor's own code costs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, events = len(chunks["user_id"]), 0
+        with Timer() as total:
+            extractor = ChunkExtractor(**models)
+            for start in range(0, n, batch_size):
+                events += extractor({k: v[start : start + batch_size] for k, v in chunks.items()}).num_rows
+        return {"threads": threads, "batch_size": batch_size, "seconds": round(total.seconds, 3), "events": events,
+                "events_per_s": round(events / total.seconds)}
+    finally:
+        torch.set_num_threads(before)
+
+
+def ray_checksum(out, row_bytes: int) -> float:
+    """Sum of fm_logit + first z byte over every row (compare with the bare loop's)."""
+    import ray
+
+    total = 0.0
+    for ref in out.to_arrow_refs():
+        table = ray.get(ref)
+        if table.num_rows == 0:
+            continue
+        z = codec.binary_to_rows(table["z"], row_bytes)
+        total += float(table["fm_logit"].to_numpy().sum()) + float(z[:, 0].sum())
+    return total
+
+
+def probe_actor_threads(actor_cpus: float) -> dict:
+    """What torch in a Ray actor with `num_cpus=actor_cpus` runs with."""
+    import ray
+
+    @ray.remote(num_cpus=actor_cpus)
+    class Probe:
+        def threads(self):
+            return {"threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+    probe = Probe.remote()
+    out = ray.get(probe.threads.remote())
+    ray.kill(probe)
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=400)
+    parser.add_argument("--events-per-user", type=int, default=300, help="mean; each user uniform in [n/2, 3n/2]")
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2, help="FM blocks (n_layers)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--chunk-len", type=int, default=256)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64, help="chunks per call (embed.batch_size default)")
+    parser.add_argument("--actors", type=int, default=1, help="actors of the headline Ray run (embed.num_actors default)")
+    parser.add_argument("--actor-cpus", type=float, default=1.0, help="num_cpus per actor (embed.actor_num_cpus)")
+    parser.add_argument("--sweep-actors", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--sweep-batch", type=int, nargs="*", default=[16, 64, 256])
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--blocks", type=int, default=16, help="blocks of the input dataset")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument("--device-name", default=None)
+    args = parser.parse_args()
+
+    import ray
+
+    fm_cfg = FMConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=4 * args.d_model,
+                      window=args.window, chunk_len=args.chunk_len)
+    compress = CompressConfig()
+    layers = EmbedConfig().layers  # which activations are stored (embed.layers default)
+    device = device_name(args.device_name)
+    info = {**machine(), **start_ray(args.num_cpus)}
+
+    chunks = make_chunks(args.users, args.events_per_user, fm_cfg)
+    n_chunks, events = len(chunks["user_id"]), int(chunks["out"].sum())
+    ds = to_dataset(chunks, args.blocks)
+    models = make_models(fm_cfg, compress, layers)
+    flops_chunk = fm_flops_per_chunk(fm_cfg)
+    fm_flops = flops_chunk * n_chunks
+    peak = peak_flops()
+
+    def rates(seconds: float) -> dict:
+        achieved = fm_flops / seconds
+        return {"fm_flop_per_s": float(f"{achieved:.4g}"), **({"fraction_of_peak_bf16": round(achieved / peak, 5)} if peak else {})}
+
+    actor = probe_actor_threads(args.actor_cpus)
+    print(f"data: {args.users} users, {n_chunks} chunks, {events} events; actor threads {actor}", flush=True)
+
+    # Headline: plain ChunkExtractor through Ray, then the bare loop at one actor's threads.
+    headline, out = ray_pass(ds, models, args.actors, args.batch_size, args.actor_cpus)
+    headline.update(rates(headline["seconds"]))
+    ray_sum = ray_checksum(out, codec.bytes_per_row(compress.width, compress.dtype))
+    del out
+    print("ray:", headline, flush=True)
+    bare = bare_pass(chunks, models, args.batch_size, actor["threads"] * args.actors)
+    bare.update(rates(bare["seconds"]))
+    print("bare:", bare, flush=True)
+    inprocess = inprocess_pass(chunks, models, args.batch_size, actor["threads"] * args.actors)
+    print("ChunkExtractor in-process:", inprocess, flush=True)
+    bare_all = None
+    if actor["threads"] * args.actors < (os.cpu_count() or 1):
+        bare_all = bare_pass(chunks, models, args.batch_size, os.cpu_count())
+        bare_all.update(rates(bare_all["seconds"]))
+        print("bare (all cores):", bare_all, flush=True)
+
+    sweep = []
+    if not args.no_sweep:
+        with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
+            for actors in args.sweep_actors:
+                for batch_size in args.sweep_batch:
+                    log_path = str(Path(tmp) / f"a{actors}-b{batch_size}.jsonl")
+                    point, out = ray_pass(ds, models, actors, batch_size, args.actor_cpus, log_path)
+                    del out
+                    point.update(rates(point["seconds"]))
+                    print("sweep:", point, flush=True)
+                    sweep.append(point)
+
+    same = abs(ray_sum - bare["checksum"]) <= 1e-3 * max(1.0, abs(bare["checksum"]))
+    result = {
+        "benchmark": "extract", "device": device, **info, "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "versions": versions(),
+        "config": {"users": args.users, "events_per_user_mean": args.events_per_user, "chunks": n_chunks,
+                   "events": events, "positions": n_chunks * fm_cfg.chunk_len, "fm": fm_cfg.model_dump(mode="json"),
+                   "fm_context": fm_cfg.context, "layers": layers, "compress": compress.model_dump(mode="json"),
+                   "batch_size": args.batch_size, "actors": args.actors, "actor_num_cpus": args.actor_cpus,
+                   "input_blocks": args.blocks, "fm_flops_per_chunk": flops_chunk, "fm_flops_total": fm_flops,
+                   "ae_flops_per_event": ae_flops_per_event(fm_cfg.d_model * len(layers), compress)},
+        "threads": {"driver_default": torch.get_num_threads(), "actor": actor["threads"],
+                    "actor_omp_num_threads": actor["omp"], "bare": bare["threads"],
+                    **({"bare_all_cores": bare_all["threads"]} if bare_all else {})},
+        "ray": headline, "bare": bare, "extractor_in_process": inprocess, **({"bare_all_cores": bare_all} if bare_all else {}),
+        "ratio_ray_over_bare": round(headline["events_per_s"] / bare["events_per_s"], 3),
+        "outputs_match": same, "sweep": sweep,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    match = next((p for p in sweep if p["actors"] == args.actors and p["batch_size"] == args.batch_size), None)
+    if match:
+        result["ratio_ray_over_bare_steady"] = round(match["steady_events_per_s"] / bare["steady_events_per_s"], 3)
+    two = [p for p in sweep if p["actors"] == 2]
+    if bare_all and two:
+        best = max(two, key=lambda p: p["events_per_s"])
+        result["ratio_ray2_over_bare_all_cores"] = round(best["events_per_s"] / bare_all["events_per_s"], 3)
+    result["notes"] = notes(result)
+    write_result("extract", result)
+    row(result)
+    ray.shutdown()
+
+
+def notes(r: dict) -> str:
+    h, b = r["ray"], r["bare"]
+    text = (f"1 actor x {r['threads']['actor']} torch thread(s) vs bare at {b['threads']} thread(s), batch {h['batch_size']}: "
+            f"ray/bare end-to-end {r['ratio_ray_over_bare']}x")
+    if "ratio_ray_over_bare_steady" in r:
+        text += f", steady-state (first call to last call vs bare loop without model build) {r['ratio_ray_over_bare_steady']}x"
+    m = next((p for p in r["sweep"] if p["actors"] == h["actors"] and p["batch_size"] == h["batch_size"]), None)
+    if m:
+        text += (f". Ray wall {m['seconds']}s = {m['to_first_call_s']}s to first call (actor start {m['actor_init_s']}s) + "
+                 f"{m['calls_s']}s of calls (actor busy {m['actor_busy_fraction']:.0%}) + {m['after_last_call_s']}s after")
+    text += (f". ChunkExtractor called in-process (pyarrow table included) {r['extractor_in_process']['events_per_s']:,} "
+             f"events/s vs bare loop {r['bare']['events_per_s']:,}")
+    return text + "."
+
+
+def row(r: dict) -> None:
+    h, b, c = r["ray"], r["bare"], r["config"]
+    fm = c["fm"]
+    sweep = ", ".join(f"{p['actors']}a/b{p['batch_size']} {p['events_per_s']:,}" for p in r["sweep"])
+    flops = f"FM {h['fm_flop_per_s'] / 1e9:.1f} GFLOP/s (ray) vs {b['fm_flop_per_s'] / 1e9:.1f} (bare)"
+    if "fraction_of_peak_bf16" in h:
+        flops += f", {h['fraction_of_peak_bf16']:.2%} of bf16 peak"
+    extra = f"; bare at {r['bare_all_cores']['threads']} threads {r['bare_all_cores']['events_per_s']:,} ev/s" if "bare_all_cores" in r else ""
+    append_row(
+        r["date"], "extract (Ray Data actors vs bare loop)", f"{r['device']}, Ray {r['versions']['ray']}",
+        f"{h['events_per_s']:,} vs {b['events_per_s']:,} events/s, ratio {r['ratio_ray_over_bare']}x"
+        + (f" (steady {r['ratio_ray_over_bare_steady']}x)" if "ratio_ray_over_bare_steady" in r else ""),
+        f"{c['events']:,} events in {c['chunks']:,} chunks of {fm['chunk_len']}; FM d={fm['d_model']} L={fm['n_layers']} "
+        f"d_ff={fm['d_ff']}, int4 z width {c['compress']['width']}; {h['actors']} actor x {r['threads']['actor']} thread vs bare "
+        f"{b['threads']} thread, batch {c['batch_size']}; {flops}{extra}; sweep actors/batch events/s: {sweep}; "
+        f"{r['notes']} Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""VM training throughput: `train_vm` (Ray Train TorchTrainer over Ray Data shards) against a bare loop.
+
+One run, one device, one feature set, for two arms: `loopfm` (the stored-embedding sequence,
+attention pooling) and `base` (no sequence). The feature set is built by the real `features`
+stage over splits and a store written straight into a scratch run directory (random ids, times
+and z, as benchmarks/bench_features.py does; 3 surfaces, vertical 0). Measured per arm:
+
+* **bare**: the feature splits read with pyarrow into memory (numpy columns, once, not timed),
+  then per epoch a permutation, batches through `VMBatchCollate` (`decode_batch`), forward /
+  backward / step of the same `build_vm` model with `vm_loss`, and the same evaluation of valid
+  and test as `vm_loop` (no checkpoint). Torch threads = what the Ray Train worker gets.
+* **ray**: `loopfm.training.vm.train_vm` on the same features, the whole call timed (Ray Train
+  start-up, Ray Data reads and streaming, evaluation, checkpoints; nothing subtracted);
+  examples/s = train rows x epochs / seconds. `vm_loop` is swapped for a copy that only adds
+  wall-clock stamps (worker start, set-up, per epoch: waiting on the batch iterator vs compute,
+  evaluation, `report`; a few perf_counter calls per batch, one file line per epoch), which say
+  where the Ray time goes. The copy mirrors vm_loop as of writing; if vm_loop changes, re-check
+  `timed_vm_loop`. `--plain` adds a run of the unmodified vm_loop as a check.
+
+Ratios (ray / bare): whole fit (both including evaluation each epoch); train epochs (the train
+loops only); steady (train loops of epochs after the first, i.e. without Ray Data's per-dataset
+start-up).
+
+    RAY_AUTH_MODE=disabled python benchmarks/bench_train.py               # ~3-4 min on 2 cores
+    python benchmarks/bench_train.py --users 6000 --epochs 4 --batch-size 1024
+
+Results: benchmarks/results/train_<device>.json and a row in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timer, append_row, device_name, gpu, machine, start_ray, versions, write_result  # noqa: E402
+
+from loopfm.config import LoopFMConfig  # noqa: E402
+from loopfm.datasets.schema import SPLITS  # noqa: E402
+from loopfm.datasets.splits import SplitInfo, boundaries, split_of  # noqa: E402
+from loopfm.features import features_stage, store_version  # noqa: E402
+from loopfm.rundir import RunDir, write_manifest  # noqa: E402
+from loopfm.store import codec  # noqa: E402
+from loopfm.store.parquet import seal  # noqa: E402
+from loopfm.store.schema import ROW_SCHEMA, StoreManifest  # noqa: E402
+
+FM_VERSION = "bench"
+NUM_ITEMS, NUM_CATEGORIES, NUM_SURFACES = 20_000, 60, 3
+
+
+# -- data ------------------------------------------------------------------------------------
+def write_log(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, seed: int = 0) -> int:
+    """Splits (with *_idx columns and a SplitInfo with vocab sizes) and a matching store; returns events."""
+    rng = np.random.default_rng(seed)
+    n = users * events_per_user
+    user = np.repeat(np.arange(users), events_per_user)
+    ts = rng.integers(0, 14 * 86_400, n)
+    surface = rng.integers(0, NUM_SURFACES, n).astype(np.int32)
+    item, category = rng.integers(0, NUM_ITEMS, n), rng.integers(0, NUM_CATEGORIES, n)
+    events = pa.table({
+        "event_id": np.arange(n, dtype=np.int64), "user_id": user, "item_id": item, "category": category,
+        "surface": surface, "ts": ts, "label": (rng.random(n) < 0.3).astype(np.int8),
+        "user_id_idx": user + 2, "item_id_idx": item + 2, "category_idx": category + 2,
+    })
+    valid_start, test_start = boundaries(ts, cfg.data.split)
+    which = split_of(ts, valid_start, test_start)
+    for i, name in enumerate(SPLITS):
+        (run.splits / name).mkdir(parents=True)
+        pq.write_table(events.filter(pa.array(which == i)), run.splits / name / "part-0.parquet", row_group_size=200_000)
+    info = SplitInfo(fingerprint=f"bench-{users}-{events_per_user}", valid_start_ts=valid_start, test_start_ts=test_start,
+                     rows={s: int((which == i).sum()) for i, s in enumerate(SPLITS)}, label_rate={},
+                     vocab_sizes={"user_id": users + 2, "item_id": NUM_ITEMS + 2, "category": NUM_CATEGORIES + 2},
+                     categorical=[], num_surfaces=NUM_SURFACES, vertical=0)
+    write_manifest(run.splits, asdict(info))
+
+    c = cfg.embed.compress
+    version = store_version(FM_VERSION, cfg.embed)
+    path = run.store(version)
+    path.mkdir(parents=True)
+    z = codec.encode(rng.uniform(-1, 1, (n, c.width)), c.dtype)
+    store = pa.table({
+        "event_id": events["event_id"], "user_id": events["user_id"], "ts": events["ts"], "surface": events["surface"],
+        "fm_logit": rng.normal(size=n).astype(np.float32), "z": codec.rows_to_binary(z),
+    }).cast(ROW_SCHEMA)
+    pq.write_table(store, path / "part-0.parquet", row_group_size=200_000)
+    seal(path, StoreManifest(version, FM_VERSION, "none", list(cfg.embed.layers), 64, c.width, list(c.prefix_widths),
+                             c.dtype, 0, 0, 0), expected_rows=n)  # row count, ts range, file hashes
+    return n
+
+
+def read_split(run: RunDir, features, split: str, with_seq: bool) -> dict[str, np.ndarray]:
+    """One feature split in memory as numpy columns (what Ray Data would hand the collate fn)."""
+    import pyarrow.dataset as pads
+
+    from loopfm.features.reader import SEQ_Z
+
+    dataset = pads.dataset(str(run.features(features.fingerprint) / split), format="parquet")
+    columns = [n for n in dataset.schema.names if with_seq or n != SEQ_Z]
+    table = dataset.to_table(columns=columns)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
+
+
+# -- bare loop -------------------------------------------------------------------------------
+def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
+    """vm_loop's work without Ray: same model, loss, optimizer, collate, evaluation; data in memory."""
+    from loopfm.evaluation.metrics import evaluate
+    from loopfm.features.collate import VMBatchCollate
+    from loopfm.models.losses import vm_loss
+    from loopfm.models.vm import build_vm
+    from loopfm.training.loop import seed_everything
+    from loopfm.training.vm import predict, seq_width
+
+    width = seq_width(cfg, features)
+    with Timer() as load:
+        data = {s: read_split(run, features, s, width is not None) for s in SPLITS}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = cfg.train
+        seed_everything(t.seed)
+        info = SplitInfo.load(run)
+        device = torch.device("cuda" if gpu() else "cpu")
+        model = build_vm(cfg.vm, {k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
+                         [info.vocab_sizes[c] for c in info.categorical], width, t.use_kd and t.aux_head).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        collate = VMBatchCollate(features, width, str(device), with_seq=width is not None)
+        rng = np.random.default_rng(t.seed)
+        train = data["train"]
+        n = len(next(iter(train.values())))
+
+        def batches(split: dict, order=None):
+            size = len(next(iter(split.values())))
+            for start in range(0, size, t.batch_size):
+                rows = slice(start, start + t.batch_size) if order is None else order[start : start + t.batch_size]
+                yield collate({k: v[rows] for k, v in split.items()})
+
+        epochs, train_s, eval_s = [], 0.0, 0.0
+        with Timer() as total:
+            for epoch in range(t.epochs):
+                model.train()
+                with Timer() as tr:
+                    losses = []
+                    for batch in batches(train, rng.permutation(n)):
+                        loss, _ = vm_loss(model(batch), batch, t.use_kd, t.kd_lambda, t.kd_temperature)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        losses.append(loss.item())
+                with Timer() as ev:
+                    metrics = {}
+                    for split in ("valid", "test"):
+                        arrays = predict(model, batches(data[split]))
+                        metrics[split] = evaluate(arrays["label"], arrays["logit"], arrays["user"])
+                train_s, eval_s = train_s + tr.seconds, eval_s + ev.seconds
+                epochs.append({"epoch": epoch, "train_s": round(tr.seconds, 3), "eval_s": round(ev.seconds, 3),
+                               "train_loss": round(float(np.mean(losses)), 5), "valid_auc": round(metrics["valid"]["auc"], 5)})
+        return {"threads": threads, "load_s": round(load.seconds, 3), "seconds": round(total.seconds, 3),
+                "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "train_rows": n, "epochs": epochs,
+                "examples_per_s": round(n * t.epochs / total.seconds),
+                "train_examples_per_s": round(n * t.epochs / train_s)}
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- Ray path --------------------------------------------------------------------------------
+def make_timed_loop(log_path: str):
+    """A copy of loopfm.training.vm.vm_loop with wall-clock stamps (one JSON line per event)."""
+
+    def timed_vm_loop(config: dict) -> None:
+        started = time.time()
+        import ray.train
+        import ray.train.torch
+
+        from loopfm.config import TrainConfig
+        from loopfm.features.collate import VMBatchCollate
+        from loopfm.features.reader import FeaturesManifest
+        from loopfm.models.losses import vm_loss
+        from loopfm.training.checkpoint import VMManifest, build_from_manifest
+        from loopfm.training.loop import cpu_state, report_epoch, resume, seed_everything
+        from loopfm.training.vm import evaluate_vm
+
+        def log(entry: dict) -> None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), **entry}) + "\n")
+
+        manifest = VMManifest(**config["manifest"])
+        features = FeaturesManifest(**config["features"])
+        train_cfg = TrainConfig.model_validate(manifest.train)
+        seed_everything(train_cfg.seed)
+        model = build_from_manifest(manifest)
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        state = resume(model, optimizer, train_cfg.patience)
+        model = ray.train.torch.prepare_model(model)
+        device = ray.train.torch.get_device()
+        collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None)
+        shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "valid", "test")}
+        log({"kind": "setup", "start": started, "end": time.time(), "threads": torch.get_num_threads(),
+             "omp": os.environ.get("OMP_NUM_THREADS"), "device": str(device)})
+        for epoch in range(state.epoch, train_cfg.epochs):
+            if state.stopper.should_stop:
+                break
+            model.train()
+            losses, wait, compute, rows, first = [], 0.0, 0.0, 0, None
+            epoch_start = time.time()
+            batches = iter(shards["train"].iter_torch_batches(
+                batch_size=train_cfg.batch_size, collate_fn=collate,
+                local_shuffle_buffer_size=4 * train_cfg.batch_size, local_shuffle_seed=train_cfg.seed + epoch))
+            while True:
+                a = time.perf_counter()
+                batch = next(batches, None)
+                b = time.perf_counter()
+                wait += b - a
+                if first is None:
+                    first = b - a
+                if batch is None:
+                    break
+                loss, _ = vm_loss(model(batch), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                compute += time.perf_counter() - b
+                rows += len(batch["label"])
+            train_end = time.time()
+            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                       "valid": evaluate_vm(model, shards["valid"], collate, train_cfg.batch_size),
+                       "test": evaluate_vm(model, shards["test"], collate, train_cfg.batch_size)}
+            eval_end = time.time()
+            if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
+                state.best_state = cpu_state(model)
+            report_epoch(epoch, metrics, model, optimizer, state)
+            log({"kind": "epoch", "epoch": epoch, "start": epoch_start, "train_end": train_end, "eval_end": eval_end,
+                 "end": time.time(), "rows": rows, "wait_s": wait, "first_batch_s": first, "compute_s": compute})
+
+    return timed_vm_loop
+
+
+def ray_run(cfg: LoopFMConfig, run: RunDir, features, log_path: str | None = None) -> dict:
+    """`train_vm` once, timed whole; with log_path, vm_loop swapped for the stamped copy."""
+    import loopfm.training.vm as vm
+
+    original = vm.vm_loop
+    if log_path is not None:
+        vm.vm_loop = make_timed_loop(log_path)
+    try:
+        started = time.time()
+        with Timer() as t:
+            manifest = vm.train_vm(cfg, run, features)
+        ended = started + t.seconds
+    finally:
+        vm.vm_loop = original
+        shutil.rmtree(run.root / "vm", ignore_errors=True)  # so the next run is not "current" ...
+        shutil.rmtree(run.ray_storage, ignore_errors=True)  # ... nor resumed by Ray Train V2
+    n = features.rows["train"]
+    epochs = len(manifest.metrics["history"])
+    out = {"seconds": round(t.seconds, 3), "epochs": epochs, "train_rows": n,
+           "examples_per_s": round(n * epochs / t.seconds), "valid_auc": round(manifest.metrics["valid"]["auc"], 5)}
+    if log_path is not None:
+        out.update(breakdown(log_path, started, ended))
+    return out
+
+
+def breakdown(log_path: str, started: float, ended: float) -> dict:
+    entries = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    setup = next(e for e in entries if e["kind"] == "setup")
+    epochs = [e for e in entries if e["kind"] == "epoch"]
+    train_s = sum(e["train_end"] - e["start"] for e in epochs)
+    rows = sum(e["rows"] for e in epochs)
+    return {
+        "worker_threads": setup["threads"], "worker_omp_num_threads": setup["omp"],
+        "startup_s": round(setup["start"] - started, 3),  # fit() call -> loop function starts in the worker
+        "loop_setup_s": round(setup["end"] - setup["start"], 3),  # model, prepare_model, shards
+        "train_s": round(train_s, 3),
+        "train_wait_s": round(sum(e["wait_s"] for e in epochs), 3),  # blocked on the batch iterator
+        "first_batch_s": [round(e["first_batch_s"], 3) for e in epochs],
+        "train_compute_s": round(sum(e["compute_s"] for e in epochs), 3),
+        "eval_s": round(sum(e["eval_end"] - e["train_end"] for e in epochs), 3),
+        "report_s": round(sum(e["end"] - e["eval_end"] for e in epochs), 3),
+        "teardown_s": round(ended - max(e["end"] for e in epochs), 3),  # last report -> train_vm returns
+        "train_examples_per_s": round(rows / train_s),
+        **({"steady_train_examples_per_s": round(sum(e["rows"] for e in epochs[1:])
+                                                 / sum(e["train_end"] - e["start"] for e in epochs[1:]))}
+           if len(epochs) > 1 else {}),
+        "per_epoch": [{"epoch": e["epoch"], "train_s": round(e["train_end"] - e["start"], 3),
+                       "wait_s": round(e["wait_s"], 3), "compute_s": round(e["compute_s"], 3),
+                       "eval_s": round(e["eval_end"] - e["train_end"], 3), "report_s": round(e["end"] - e["eval_end"], 3)}
+                      for e in epochs],
+    }
+
+
+def probe_worker_threads() -> dict:
+    """Torch threads of a Ray actor holding 1 CPU (what a Train worker with CPU: 1 gets)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def threads(self):
+            return {"threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+    probe = Probe.remote()
+    out = ray.get(probe.threads.remote())
+    ray.kill(probe)
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=1500)
+    parser.add_argument("--events-per-user", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default: the config's)")
+    parser.add_argument("--arms", nargs="+", default=["loopfm", "base"])
+    parser.add_argument("--plain", action="store_true", help="also time train_vm with the unmodified vm_loop")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument("--device-name", default=None)
+    args = parser.parse_args()
+
+    import ray
+
+    from loopfm.training.vm import arm_config
+
+    overrides = {"ray.progress_bars": False, "ray.num_cpus": args.num_cpus, "train.epochs": args.epochs,
+                 "train.num_workers": 1, "vm.pooling": "attention"}
+    if args.batch_size:
+        overrides["train.batch_size"] = args.batch_size
+    cfg = LoopFMConfig().updated(overrides)
+    device = device_name(args.device_name)
+    info = {**machine(), **start_ray(args.num_cpus)}
+    worker = probe_worker_threads()
+    print("worker threads:", worker, flush=True)
+
+    root = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    try:
+        run = RunDir(root)
+        events = write_log(cfg, run, args.users, args.events_per_user)
+        with Timer() as feat:
+            features = features_stage(cfg, run)
+        print(f"features: {features.rows} in {feat.seconds:.1f}s", flush=True)
+        arms = {}
+        for arm in args.arms:
+            acfg = arm_config(cfg, arm, 0)
+            bare = bare_run(acfg, run, features, worker["threads"])
+            print(arm, "bare:", bare, flush=True)
+            with tempfile.TemporaryDirectory(prefix="bench_train_log_") as tmp:
+                timed = ray_run(acfg, run, features, str(Path(tmp) / "loop.jsonl"))
+            print(arm, "ray:", timed, flush=True)
+            entry = {"bare": bare, "ray": timed,
+                     "ratio_fit": round(timed["examples_per_s"] / bare["examples_per_s"], 3),
+                     "ratio_train_epochs": round(timed["train_examples_per_s"] / bare["train_examples_per_s"], 3)}
+            later = [e["train_s"] for e in bare["epochs"][1:]]
+            if later and "steady_train_examples_per_s" in timed:
+                bare["steady_train_examples_per_s"] = round(bare["train_rows"] * len(later) / sum(later))
+                entry["ratio_steady"] = round(timed["steady_train_examples_per_s"] / bare["steady_train_examples_per_s"], 3)
+            if args.plain:
+                entry["ray_plain"] = ray_run(acfg, run, features)
+                print(arm, "ray (plain vm_loop):", entry["ray_plain"], flush=True)
+            arms[arm] = entry
+        result = {
+            "benchmark": "train", "device": device, **info, "load_avg_1m_end": round(os.getloadavg()[0], 2),
+            "versions": versions(),
+            "config": {"users": args.users, "events": events, "features_rows": features.rows,
+                       "features_seconds": round(feat.seconds, 2), "seq_len": features.seq_len,
+                       "width": features.width, "dtype": features.dtype, "vm": cfg.vm.model_dump(mode="json"),
+                       "train": cfg.train.model_dump(mode="json"), "ray_train_workers": 1, "cpus_per_worker": 1},
+            "threads": {"driver_default": torch.get_num_threads(), "worker_probe": worker["threads"],
+                        "worker_omp_num_threads": worker["omp"], "bare": worker["threads"]},
+            "arms": arms, "date": time.strftime("%Y-%m-%d"),
+        }
+        result["notes"] = notes(result)
+        write_result("train", result)
+        row(result)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        ray.shutdown()
+
+
+def notes(r: dict) -> str:
+    parts = []
+    for arm, e in r["arms"].items():
+        text = (f"{arm}: whole fit {e['ray']['seconds']}s vs bare {e['bare']['seconds']}s "
+                f"(ratio {e['ratio_fit']}x)")
+        t = e["ray"]
+        if "startup_s" in t:
+            text += (f"; = start-up {t['startup_s']}s + loop set-up {t['loop_setup_s']}s + "
+                     f"train {t['train_s']}s (of which waiting on Ray Data {t['train_wait_s']}s, first batch per epoch "
+                     f"{t['first_batch_s']}s, compute {t['train_compute_s']}s) + eval {t['eval_s']}s + report "
+                     f"{t['report_s']}s + teardown {t['teardown_s']}s; bare train {e['bare']['train_s']}s, eval "
+                     f"{e['bare']['eval_s']}s; train-epochs ratio {e['ratio_train_epochs']}x"
+                     + (f", steady (epochs after the first) {e['ratio_steady']}x" if "ratio_steady" in e else ""))
+        parts.append(text)
+    return "; ".join(parts) + "."
+
+
+def row(r: dict) -> None:
+    c = r["config"]
+    result = ", ".join(f"{arm} {e['ray']['examples_per_s']:,} vs {e['bare']['examples_per_s']:,} ex/s ({e['ratio_fit']}x fit"
+                       + f", {e['ratio_train_epochs']}x train epochs"
+                       + (f", {e['ratio_steady']}x steady" if "ratio_steady" in e else "") + ")"
+                       for arm, e in r["arms"].items())
+    append_row(
+        r["date"], "train (Ray Train vs bare loop)", f"{r['device']}, Ray {r['versions']['ray']}", result,
+        f"{c['features_rows']['train']:,} train examples x {c['train']['epochs']} epochs, batch {c['train']['batch_size']}, "
+        f"VM {c['vm']['model']} {c['vm']['hidden']} pooling {c['vm']['pooling']}, L={c['seq_len']} width {c['width']} "
+        f"{c['dtype']}; 1 Train worker (1 CPU, {r['threads']['worker_probe']} torch thread) vs bare at "
+        f"{r['threads']['bare']} thread, both evaluating valid+test each epoch; {r['notes']} "
+        f"Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Shared pieces of bench_extract.py and bench_train.py: device naming, versions, results, timing.
+
+Not a benchmark itself. Both scripts put this folder on `sys.path` (they run as plain scripts),
+start the local Ray through `loopfm.runtime.init_ray` (so the Data settings of the real stages
+apply) and write `benchmarks/results/<name>_<device>.json` plus one row of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+TABLE = REPO / "docs" / "BENCHMARKS.md"
+
+# Dense bf16 tensor-core peak (no sparsity), FLOP/s, by GPU name substring.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_name(override: Optional[str] = None) -> str:
+    """`cpu-<n>core`, or the GPU's short name (`h100`), unless given."""
+    if override:
+        return override
+    if gpu():
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        for short in PEAK_BF16:
+            if short in name:
+                return short.lower()
+        return name.replace(" ", "-").lower()
+    return f"cpu-{os.cpu_count()}core"
+
+
+def peak_flops() -> Optional[float]:
+    """Dense bf16 peak of this machine's GPU, None on CPU (or an unknown GPU)."""
+    if not gpu():
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    return next((peak for short, peak in PEAK_BF16.items() if short in name), None)
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_avg_1m_start": round(os.getloadavg()[0], 2)}
+    if gpu():
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import ray
+    import torch
+
+    return {"ray": ray.__version__, "torch": torch.__version__, "pyarrow": pa.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def start_ray(num_cpus: Optional[int]) -> dict:
+    """The local Ray as every command starts it (more logical CPUs than cores, DESIGN section 8)."""
+    import ray
+
+    from loopfm.config import LoopFMConfig
+    from loopfm.runtime import init_ray, local_num_cpus, setup_logging
+
+    setup_logging()
+    cfg = LoopFMConfig().updated({"ray.progress_bars": False, **({"ray.num_cpus": num_cpus} if num_cpus else {})})
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # address="local": a fresh Ray of our own even when another local one runs on this machine
+        # (a plain ray.init() attaches to the newest `ray start` cluster and then refuses num_cpus).
+        ray.init(address="local", num_cpus=local_num_cpus(cfg.ray), include_dashboard=False, log_to_driver=True)
+    init_ray(cfg.ray)  # connected already: applies the Data settings of the real stages
+    return {"ray_cpus": ray.cluster_resources().get("CPU"), "ray_gpus": ray.cluster_resources().get("GPU", 0)}
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`"""
+
+    def __enter__(self) -> "Timer":
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+def write_result(name: str, result: dict) -> Path:
+    out = RESULTS / f"{name}_{result['device']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return out
+
+
+def append_row(date: str, benchmark: str, device: str, result: str, details: str) -> None:
+    """One row of docs/BENCHMARKS.md (append only)."""
+    if not TABLE.exists():
+        TABLE.write_text("# Benchmarks\n\nOne row per run; JSON with full details in `benchmarks/results/`.\n\n"
+                         "| date | benchmark | device | result | details |\n|---|---|---|---|---|\n")
+    cells = [c.replace("|", "/").replace("\n", " ") for c in (date, benchmark, device, result, details)]
+    with TABLE.open("a") as f:
+        f.write("| " + " | ".join(cells) + " |\n")

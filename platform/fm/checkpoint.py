@@ -1,0 +1,65 @@
+"""A trained FM on disk: `model.pt` + `manifest.json`. The FM version is the hash of `model.pt`.
+
+Everything downstream (the store, its version, the VM features) names the FM by that hash, so
+retraining with the same config but other weights gives a new version and never mixes with
+the old one's embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loopfm.errors import MissingInputError
+from loopfm.rundir import MANIFEST, RunDir, read_manifest
+from loopfm.training.checkpoint import MODEL_FILE, model_hash, verified_state
+
+
+@dataclass
+class FMManifest:
+    fingerprint: str
+    fm_version: str
+    fm: dict[str, Any]  # FMConfig as JSON
+    vocab_sizes: dict[str, int]
+    num_surfaces: int
+    splits_fingerprint: str
+    metrics: dict[str, Any] = field(default_factory=dict)  # best epoch's valid and test metrics
+    history: list = field(default_factory=list)  # one dict per epoch
+    seconds: float = 0.0
+
+    @classmethod
+    def read(cls, path: Path) -> "FMManifest":
+        raw = read_manifest(path)
+        if raw is None:
+            raise MissingInputError(f"no FM at {path}: run `loopfm fm train` first")
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def save_fm(directory: Path, weights: bytes, manifest: FMManifest) -> FMManifest:
+    """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
+    (Path(directory) / MODEL_FILE).write_bytes(weights)
+    manifest.fm_version = model_hash(weights)
+    (Path(directory) / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True, default=str))
+    return manifest
+
+
+def load_fm(directory: Path):
+    """(CausalFM in eval mode, manifest); refuses weights whose hash is not the manifest's version."""
+    from loopfm.config import FMConfig
+    from loopfm.models.fm import CausalFM
+
+    manifest = FMManifest.read(directory)
+    model = CausalFM(FMConfig.model_validate(manifest.fm), manifest.vocab_sizes, manifest.num_surfaces)
+    model.load_state_dict(verified_state(directory, manifest.fm_version))
+    return model.eval(), manifest
+
+
+def latest_fm(run: RunDir) -> Path:
+    """The newest finished FM of a run (what `loopfm embed` uses when no FM is named)."""
+    parent = run.root / "fm"
+    found = [p for p in parent.iterdir() if (p / MANIFEST).is_file()] if parent.is_dir() else []
+    if not found:
+        raise MissingInputError(f"no trained FM under {parent}: run `loopfm fm train` first")
+    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime)

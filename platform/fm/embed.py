@@ -1,0 +1,118 @@
+"""`loopfm embed`: every event's FM representation, compressed, into a versioned store.
+
+    splits -> user chunks (one shuffle) -> map_batches(ChunkExtractor actor pool) -> store/<version>/
+
+First a sample of train events goes through the FM uncompressed to train the Matryoshka
+autoencoder (stop-gradient by construction: the FM is frozen here); then one pass over every
+chunk writes (event_id, user_id, ts, surface, fm_logit, z). The store version is
+`stable_hash(fm_version, cfg.embed)`; the store is sealed (row count = event count, unique ids,
+file hashes) inside a temp directory before it appears under that name.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+
+import numpy as np
+import torch
+
+from loopfm.config import LoopFMConfig
+from loopfm.datasets.splits import SplitInfo
+from loopfm.errors import MissingInputError
+from loopfm.features.resolve import store_version
+from loopfm.fm.checkpoint import FMManifest
+from loopfm.fm.chunks import build_chunks, has_split
+from loopfm.fm.train import TRAIN, fm_fingerprint
+from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.store import codec
+from loopfm.store.parquet import seal
+from loopfm.store.schema import StoreManifest
+from loopfm.training.checkpoint import MODEL_FILE, state_bytes, verified_state
+
+
+def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> StoreManifest:
+    """`loopfm embed`."""
+    from ray.data import ActorPoolStrategy
+
+    from loopfm.actors.extractor import ChunkExtractor
+    from loopfm.runtime import init_ray, log, use_gpu
+
+    info = SplitInfo.load(run)
+    fm_dir = run.fm(fm_fingerprint(cfg, info))
+    if not (fm_dir / MODEL_FILE).is_file():
+        raise MissingInputError(f"no FM for this config at {fm_dir}: run `loopfm fm train` first")
+    fm = FMManifest.read(fm_dir)
+    version = store_version(fm.fm_version, cfg.embed)
+    out = run.store(version)
+    if is_complete(out):
+        log.info("embed: store %s is current, skipped", out)
+        return StoreManifest.read(out)
+    init_ray(cfg.ray)
+    gpu = use_gpu(cfg.ray)
+    started = time.time()
+    weights = state_bytes(verified_state(fm_dir, fm.fm_version))
+    fm_args = {"fm_weights": weights, "fm_manifest": {"fm": fm.fm, "vocab_sizes": fm.vocab_sizes,
+                                                      "num_surfaces": fm.num_surfaces}, "layers": cfg.embed.layers}
+    chunks = build_chunks(run, cfg, info).materialize()
+    pool = {"compute": ActorPoolStrategy(size=cfg.embed.num_actors), "num_cpus": cfg.embed.actor_num_cpus,
+            "num_gpus": 1 if gpu else 0, "batch_size": cfg.embed.batch_size, "batch_format": "numpy"}
+
+    sample = _raw_sample(chunks, cfg, ChunkExtractor(**fm_args, mode="raw"))
+    compressor, stats = _train_compressor(sample, cfg, log)
+    log.info("embed: compressor trained on %d train events (raw width %d -> %d), recon mse by prefix %s",
+             len(sample), sample.shape[1], cfg.embed.compress.width, stats["recon_error"])
+
+    total_events = sum(info.rows.values())
+    with atomic_output(out) as tmp:
+        rows = chunks.map_batches(ChunkExtractor, fn_constructor_kwargs={
+            **fm_args, "compressor": compressor, "dtype": cfg.embed.compress.dtype}, **pool)
+        rows.write_parquet(str(tmp))
+        torch.save(compressor, tmp / "compressor.pt")  # incremental embedding reuses it
+        manifest = seal(tmp, StoreManifest(
+            store_version=version, fm_version=fm.fm_version, checkpoint_hash=fm.fm_version,
+            layers=list(cfg.embed.layers), raw_width=int(sample.shape[1]), width=cfg.embed.compress.width,
+            prefix_widths=list(cfg.embed.compress.prefix_widths), dtype=cfg.embed.compress.dtype,
+            rows=0, min_ts=0, max_ts=0, recon_error=stats["recon_error"], quant_error=stats["quant_error"],
+        ), expected_rows=total_events)
+    seconds = time.time() - started
+    log.info("embed: %d events in %.1fs (%.0f events/s) -> store %s", manifest.rows, seconds,
+             manifest.rows / max(seconds, 1e-9), out)
+    return manifest
+
+
+def _raw_sample(chunks, cfg: LoopFMConfig, extractor) -> np.ndarray:
+    """Uncompressed e of about `compress.sample_events` train events (whole chunks, first ones).
+
+    Runs in the driver: the sample is small, and an actor pool would cost a worker start-up.
+    """
+    train = chunks.map_batches(lambda b: {k: v[has_split(b, (TRAIN,))] for k, v in b.items()}, batch_format="numpy")
+    per_chunk = max(1, cfg.fm.chunk_len - cfg.fm.context)
+    n_chunks = math.ceil(cfg.embed.compress.sample_events / per_chunk)
+    batches = train.limit(n_chunks).iter_batches(batch_format="numpy", batch_size=cfg.embed.batch_size)
+    parts = [extractor(batch)["e"] for batch in batches]
+    sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    if len(sample) < 10:
+        raise MissingInputError(f"only {len(sample)} train events to fit the compressor on")
+    return sample[: cfg.embed.compress.sample_events]
+
+
+def _train_compressor(sample: np.ndarray, cfg: LoopFMConfig, log) -> tuple[dict, dict]:
+    """Fit the autoencoder; measure reconstruction by prefix and the storage codec's error."""
+    from loopfm.models.autoencoder import train_autoencoder
+
+    compress = cfg.embed.compress
+    e = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    ae, stats = train_autoencoder(e, compress, seed=cfg.data.synthetic.seed, log=lambda line: log.info("embed: %s", line))
+    with torch.no_grad():
+        z = ae.encode(e).numpy()
+        quant = {}
+        for dtype in ("int4", "fp16"):
+            zq = codec.decode(codec.encode(z, dtype), dtype, compress.width)
+            quant[f"{dtype}_max_abs"] = float(np.abs(z - zq).max())
+            quant[f"{dtype}_recon_mse"] = float(((ae.decode(torch.from_numpy(zq)) - e) ** 2).mean())
+    buf = io.BytesIO()
+    torch.save(ae.state_dict(), buf)
+    spec = {"raw_width": int(e.shape[1]), "compress": compress.model_dump(mode="json"), "weights": buf.getvalue()}
+    return spec, {"recon_error": stats["recon_error"], "quant_error": quant}

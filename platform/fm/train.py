@@ -1,0 +1,143 @@
+"""`loopfm fm train`: the foundation model, trained with Ray Train on every surface's history.
+
+Data: each user's chunks over all three splits (`chunks.py`). The loss takes train-split
+positions only; valid positions pick the best epoch (early stopping on valid AUC) and test
+positions give the FM's test metrics. Causality makes this safe: a train position's output
+depends only on earlier events, which are all train events too.
+
+Output (`fm/<fingerprint>/`): `model.pt` (best epoch's weights) and `manifest.json`
+(`FMManifest`). The FM version is the hash of `model.pt`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from loopfm.config import FMConfig, LoopFMConfig, stable_hash
+from loopfm.datasets.splits import SplitInfo
+from loopfm.fm.chunks import TOKENS, build_chunks, has_split
+from loopfm.fm.checkpoint import FMManifest, save_fm
+from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.training.checkpoint import state_bytes
+
+TRAIN, VALID, TEST = 0, 1, 2
+
+
+def fm_fingerprint(cfg: LoopFMConfig, info: SplitInfo) -> str:
+    return stable_hash(info.fingerprint, cfg.fm)
+
+
+def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> FMManifest:
+    """`loopfm fm train`."""
+    from loopfm.runtime import init_ray, log, use_gpu
+    from loopfm.training.loop import final_state, run_trainer
+
+    info = SplitInfo.load(run)
+    fingerprint = fm_fingerprint(cfg, info)
+    out = run.fm(fingerprint)
+    if is_complete(out, fingerprint):
+        log.info("fm train: %s is current, skipped", out)
+        return FMManifest.read(out)
+    init_ray(cfg.ray)
+    gpu = use_gpu(cfg.ray)
+    chunks = build_chunks(run, cfg, info).materialize()
+    datasets = {
+        "train": chunks.map_batches(_keep, batch_format="numpy", fn_args=((TRAIN,),)),
+        "eval": chunks.map_batches(_keep, batch_format="numpy", fn_args=((VALID, TEST),)),
+    }
+    vocab_sizes = {k: info.vocab_sizes[k] for k in ("item_id", "category")}
+    log.info("fm train: %d chunks of %d events, %d workers%s, fm %s", chunks.count(), cfg.fm.chunk_len,
+             cfg.fm.num_workers, " on GPU" if gpu else "", cfg.fm.model_dump())
+    started = time.time()
+    result = run_trainer(
+        fm_loop,
+        {"fm": cfg.fm.model_dump(mode="json"), "vocab_sizes": vocab_sizes, "num_surfaces": info.num_surfaces,
+         "seed": cfg.data.synthetic.seed},
+        datasets, name=f"fm-{fingerprint}", storage=str(run.ray_storage),
+        num_workers=cfg.fm.num_workers, use_gpu=gpu,
+    )
+    state = final_state(result)
+    with atomic_output(out) as tmp:
+        manifest = save_fm(tmp, state_bytes(state["best"]), FMManifest(
+            fingerprint=fingerprint, fm_version="", fm=cfg.fm.model_dump(mode="json"), vocab_sizes=vocab_sizes,
+            num_surfaces=info.num_surfaces, splits_fingerprint=info.fingerprint,
+            metrics=state["stopper"]["best_metrics"], history=state["history"],
+            seconds=round(time.time() - started, 1),
+        ))
+    test = manifest.metrics.get("test", {})
+    log.info("fm train: FM %s (best epoch %d) test auc %.4f ne %.4f -> %s", manifest.fm_version,
+             state["stopper"]["best_epoch"] + 1, test.get("auc", float("nan")), test.get("ne", float("nan")), out)
+    return manifest
+
+
+def _keep(batch: dict, which: tuple[int, ...]) -> dict:
+    mask = has_split(batch, which)
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def fm_loop(config: dict) -> None:
+    """The per-worker training loop (Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    from loopfm.models.fm import CausalFM, fm_loss
+    from loopfm.training.loop import cpu_state, report_epoch, resume, say, seed_everything
+
+    cfg = FMConfig.model_validate(config["fm"])
+    seed_everything(config["seed"])
+    model = CausalFM(cfg, config["vocab_sizes"], config["num_surfaces"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = resume(model, optimizer, cfg.patience)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    rank = ray.train.get_context().get_world_rank()
+    train, evaluation = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("eval")
+    for epoch in range(state.epoch, cfg.epochs):
+        if state.stopper.should_stop:
+            break
+        model.train()
+        losses = []
+        for batch in train.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=256):
+            loss = fm_loss(model(_tokens(batch))["logit"], batch["label"].float(), batch["out"] & (batch["split"] == TRAIN))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   **evaluate_fm(model, evaluation, cfg.batch_size, device)}
+        if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
+            state.best_state = cpu_state(model)
+        if rank == 0:
+            v, t = metrics["valid"], metrics["test"]
+            say(f"fm epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} | valid auc "
+                  f"{v['auc']:.4f} logloss {v['logloss']:.4f} ne {v['ne']:.4f} | test auc {t['auc']:.4f}")
+        report_epoch(epoch, metrics, model, optimizer, state)
+
+
+def _tokens(batch: dict) -> dict:
+    return {name: batch[name].long() for name in TOKENS}
+
+
+@torch.no_grad()
+def evaluate_fm(model, shard, batch_size: int, device) -> dict:
+    """Valid and test metrics over every worker's eval shard."""
+    from loopfm.evaluation.metrics import evaluate
+    from loopfm.training.loop import gather
+
+    model.eval()
+    parts = {"split": [], "label": [], "logit": [], "user": []}
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        logit = model(_tokens(batch))["logit"]
+        out = batch["out"] & (batch["split"] >= VALID)
+        users = batch["user_id"][:, None].expand_as(out)
+        for name, value in (("split", batch["split"]), ("label", batch["label"]), ("logit", logit), ("user", users)):
+            parts[name].append(value[out].float().cpu().numpy() if name == "logit" else value[out].cpu().numpy())
+    arrays = gather({k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()})
+    result = {}
+    for name, which in (("valid", VALID), ("test", TEST)):
+        sel = arrays["split"] == which
+        result[name] = evaluate(arrays["label"][sel], arrays["logit"][sel], arrays["user"][sel])
+    return result

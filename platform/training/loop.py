@@ -1,0 +1,163 @@
+"""Ray Train plumbing shared by the FM and the VM loops: start, resume, report, stop early.
+
+A loop written with these pieces is an ordinary epoch loop: `resume` gives back the state of the
+last reported epoch (Ray Train V2 restores it after a worker failure or when a run with the same
+`storage_path` + `name` is started again), `report_epoch` checkpoints every epoch (V2's `report`
+is a barrier every worker calls; rank 0 alone writes the files), and `EarlyStopping` decides on
+numbers every worker has gathered, so all workers stop on the same epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class EarlyStopping:
+    """Best value so far (higher is better) and how many epochs since it improved."""
+
+    patience: int
+    best: float = -float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_metrics: dict = field(default_factory=dict)
+
+    def update(self, epoch: int, value: float, metrics: dict) -> bool:
+        """Record an epoch; True when it is the best so far."""
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_epochs, self.best_metrics = value, epoch, 0, dict(metrics)
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class LoopState:
+    """Everything a resumed loop needs: the next epoch, the stopper, the best weights so far."""
+
+    epoch: int
+    stopper: EarlyStopping
+    best_state: dict
+    model_state: dict
+    optim_state: dict
+    history: list = field(default_factory=list)
+
+
+def say(line: str) -> None:
+    """One progress line from a Train worker. Not `print`: Train V2 patches it, and each line
+    then reaches the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patience: int) -> LoopState:
+    """The state of the last reported epoch, or a fresh one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return LoopState(0, EarlyStopping(patience), cpu_state(model), {}, {})
+    with checkpoint.as_directory() as d:
+        saved = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+    unwrap(model).load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optim"])
+    stopper = EarlyStopping(**saved["stopper"])
+    return LoopState(int(saved["epoch"]) + 1, stopper, saved["best"], saved["model"], saved["optim"], saved["history"])
+
+
+def report_epoch(epoch: int, metrics: dict, model, optimizer, state: LoopState) -> None:
+    """Checkpoint this epoch (rank 0 writes, everyone calls) and report its metrics."""
+    import ray.train
+
+    state.history.append({"epoch": epoch, **metrics})
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"epoch": epoch, "model": cpu_state(model), "optim": optimizer.state_dict(),
+                        "stopper": asdict(state.stopper), "best": state.best_state, "history": state.history},
+                       os.path.join(d, STATE_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({"epoch": epoch, **_scalars(metrics)}, checkpoint=checkpoint)
+
+
+def final_state(result) -> dict:
+    """The saved state of a finished run's last checkpoint (driver side)."""
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+
+
+def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate each worker's arrays on every worker (evaluation over all shards)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return arrays
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def run_trainer(loop: Callable, loop_config: dict, datasets: dict, *, name: str, storage: str,
+                num_workers: int, use_gpu: bool, max_failures: int = 2, cpus_per_worker: float = 1.0):
+    """Fit a TorchTrainer; num_workers 0 runs the loop in this process (Train's local mode)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources if num_workers else None),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def _scalars(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{kk}": vv for kk, vv in _scalars(v).items()})
+        elif isinstance(v, (int, float, np.floating, np.integer)):
+            out[k] = float(v)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+

@@ -1,0 +1,173 @@
+"""`loopfm train`: one vertical model (one arm, one seed) with Ray Train over Ray Data shards.
+
+The arm decides the two channels: `kd` adds the distillation term on the stored FM logit,
+`loopfm` feeds the stored FM embeddings of the user's past as a sequence feature. Each worker
+streams its shard of the feature splits (`get_dataset_shard`) through `VMBatchCollate`, which
+decodes the packed sequences batch by batch. Valid AUC picks the epoch (early stopping); the
+test metrics of that epoch are the VM's result.
+
+Output (`vm/<arm>/seed<k>-<fingerprint>/`): `model.pt` + `manifest.json` (`VMManifest`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from loopfm.config import ARMS, LoopFMConfig, TrainConfig, stable_hash
+from loopfm.datasets.splits import SplitInfo
+from loopfm.features.reader import LABEL, SEQ_Z, FeaturesManifest, read_features
+from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes
+
+ARM_CHANNELS = {"base": (False, False), "kd": (True, False), "loopfm": (False, True), "kd_loopfm": (True, True)}
+
+
+def arm_config(cfg: LoopFMConfig, arm: str, seed: int) -> LoopFMConfig:
+    """The config of one arm and seed: the channels switched on or off, the seed set."""
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    use_kd, use_loopfm = ARM_CHANNELS[arm]
+    return cfg.updated({"train.use_kd": use_kd, "train.use_loopfm": use_loopfm, "train.seed": seed})
+
+
+def arm_of(train: TrainConfig) -> str:
+    return {v: k for k, v in ARM_CHANNELS.items()}[(train.use_kd, train.use_loopfm)]
+
+
+def seq_width(cfg: LoopFMConfig, features: FeaturesManifest):
+    """Width of the sequence the VM reads: None without LoopFM, else the configured prefix."""
+    if not cfg.train.use_loopfm:
+        return None
+    return cfg.vm.loopfm_width or features.width
+
+
+def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest) -> VMManifest:
+    """Train (or find current) the VM of `cfg.train`'s arm and seed on `features`."""
+    from loopfm.runtime import init_ray, log, use_gpu
+    from loopfm.training.loop import final_state, run_trainer
+
+    arm, seed = arm_of(cfg.train), cfg.train.seed
+    fingerprint = stable_hash(features.fingerprint, cfg.vm, cfg.train)
+    out = run.vm(arm, seed, fingerprint)
+    if is_complete(out, fingerprint):
+        log.info("train: %s is current, skipped", out)
+        return VMManifest.read(out)
+    init_ray(cfg.ray)
+    info = SplitInfo.load(run)
+    width = seq_width(cfg, features)
+    columns = None if width else _columns_without_seq(run, features)
+    datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid", "test")}
+    for split in ("valid", "test"):  # evaluated every epoch: read once, not once per epoch
+        datasets[split] = datasets[split].materialize()
+    manifest = VMManifest(
+        fingerprint=fingerprint, model_version="", arm=arm, seed=seed, features_fingerprint=features.fingerprint,
+        store_version=features.store_version if width else None, vm=cfg.vm.model_dump(mode="json"),
+        train=cfg.train.model_dump(mode="json"),
+        vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
+        context_columns=list(features.context_columns),
+        context_sizes=[info.vocab_sizes[c] for c in info.categorical],
+        seq_len=features.seq_len, seq_width=width, raw_seq_len=features.raw_seq_len,
+    )
+    started = time.time()
+    result = run_trainer(
+        vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict()}, datasets,
+        name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
+        num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray),
+    )
+    state = final_state(result)
+    manifest.metrics = {**state["stopper"]["best_metrics"], "best_epoch": state["stopper"]["best_epoch"] + 1,
+                        "history": state["history"], "seconds": round(time.time() - started, 1)}
+    with atomic_output(out) as tmp:
+        save_vm(tmp, state_bytes(state["best"]), manifest)
+    test = manifest.metrics["test"]
+    log.info("train: %s seed %d: test auc %.4f gauc %.4f ne %.4f (best epoch %d, %.0fs) -> %s", arm, seed,
+             test["auc"], test["gauc"], test["ne"], manifest.metrics["best_epoch"], manifest.metrics["seconds"], out)
+    return manifest
+
+
+def _columns_without_seq(run: RunDir, features: FeaturesManifest) -> list[str]:
+    import pyarrow.dataset as pads
+
+    names = pads.dataset(str(run.features(features.fingerprint) / "train"), format="parquet").schema.names
+    return [n for n in names if n != SEQ_Z]
+
+
+def vm_loop(config: dict) -> None:
+    """The per-worker training loop (Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    from loopfm.features.collate import VMBatchCollate
+    from loopfm.models.losses import vm_loss
+    from loopfm.training.checkpoint import build_from_manifest
+    from loopfm.training.loop import cpu_state, report_epoch, resume, say, seed_everything
+
+    manifest = VMManifest(**config["manifest"])
+    features = FeaturesManifest(**config["features"])
+    train_cfg = TrainConfig.model_validate(manifest.train)
+    seed_everything(train_cfg.seed)
+    model = build_from_manifest(manifest)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    state = resume(model, optimizer, train_cfg.patience)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None)
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "valid", "test")}
+    rank = ray.train.get_context().get_world_rank()
+    tag = f"{manifest.arm} seed {manifest.seed}"
+    for epoch in range(state.epoch, train_cfg.epochs):
+        if state.stopper.should_stop:
+            break
+        model.train()
+        losses = []
+        for batch in shards["train"].iter_torch_batches(batch_size=train_cfg.batch_size, collate_fn=collate,
+                                                         local_shuffle_buffer_size=4 * train_cfg.batch_size,
+                                                         local_shuffle_seed=train_cfg.seed + epoch):
+            loss, _ = vm_loss(model(batch), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "valid": evaluate_vm(model, shards["valid"], collate, train_cfg.batch_size),
+                   "test": evaluate_vm(model, shards["test"], collate, train_cfg.batch_size)}
+        if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
+            state.best_state = cpu_state(model)
+        if rank == 0:
+            v = metrics["valid"]
+            say(f"train {tag} epoch {epoch + 1}/{train_cfg.epochs}: loss {metrics['train_loss']:.4f} | valid auc "
+                  f"{v['auc']:.4f} gauc {v['gauc']:.4f} ne {v['ne']:.4f}")
+        report_epoch(epoch, metrics, model, optimizer, state)
+
+
+@torch.no_grad()
+def predict(model, batches) -> dict[str, np.ndarray]:
+    """Serving-head logits with labels and users, over an iterable of VM batches."""
+    model.eval()
+    parts: dict[str, list] = {"label": [], "logit": [], "user": []}
+    for batch in batches:
+        parts["logit"].append(model(batch)["logit"].float().cpu().numpy())
+        parts["label"].append(batch[LABEL].cpu().numpy())
+        parts["user"].append(batch["user"].cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
+def evaluate_vm(model, shard, collate, batch_size: int) -> dict:
+    from loopfm.evaluation.metrics import evaluate
+    from loopfm.training.loop import gather
+
+    arrays = gather(predict(model, shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate)))
+    return evaluate(arrays["label"], arrays["logit"], arrays["user"])
+
+
+def train_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> VMManifest:
+    """`loopfm train [--arm A] [--seed N]`: one VM on this config's features."""
+    from loopfm.features import features_stage
+
+    arm = getattr(args, "arm", None) or arm_of(cfg.train)
+    seed = cfg.train.seed if getattr(args, "seed", None) is None else args.seed
+    return train_vm(arm_config(cfg, arm, seed), run, features_stage(cfg, run))
+

@@ -1,0 +1,43 @@
+"""`loopfm run` end to end on the smoke config: every stage, ending in the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import SMOKE
+from loopfm.cli import main
+from loopfm.rundir import RunDir
+
+ARMS = ("base", "kd", "loopfm", "kd_loopfm")
+
+
+@pytest.mark.timeout(900)
+def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smoke_config, tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(smoke_embedded[0].root, run.root)  # data, FM and store are current: skipped
+    assert main(["run", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("data validate", "data split", "fm train", "embed"):
+        assert f"{stage}" in out
+    assert "fm train: " in out and "is current, skipped" in out
+
+    report = json.loads((run.report / "report.json").read_text())
+    assert set(report["arms"]) == set(ARMS)
+    for arm in ARMS:
+        for metric in ("auc", "gauc", "logloss", "ne"):
+            assert report["arms"][arm][metric]["n"] == smoke_config.experiment.seeds
+    assert set(report["fm"]) >= {"auc", "ne"}
+    assert set(report["tr"]) == {"kd", "loopfm", "kd_loopfm"} and set(report["tr"]["kd"]) >= {"ne", "auc"}
+    assert set(report["decomposition"]["auc"]) == {"gain_kd", "gain_loopfm", "gain_both", "interaction"}
+    assert {"kd_vs_base", "loopfm_vs_base", "kd_loopfm_vs_base", "kd_loopfm_vs_kd"} <= set(report["p_values"])
+    assert len(report["claims"]) >= 5
+    for name in ("report.md", "arms.png", "transfer.png"):
+        assert (run.report / name).stat().st_size > 1000
+    assert len(list((run.root / "vm").glob("*/seed*"))) == len(ARMS) * smoke_config.experiment.seeds
+
+    # `loopfm report` alone finds every VM current and only re-evaluates
+    assert main(["report", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0
+    assert capsys.readouterr().out.count("is current, skipped") >= len(ARMS) * smoke_config.experiment.seeds
