@@ -101,10 +101,12 @@ def atomic_output(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it replaces `final`, on error it is removed.
 
     A killed process leaves only a `.<name>.tmp-*` directory, which readers never look at and
-    `clean_stale_temps` removes on the next run.
+    the next run of the same output removes.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -119,14 +121,3 @@ def atomic_output(final: Path) -> Iterator[Path]:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-def clean_stale_temps(parent: Path) -> int:
-    """Remove temp dirs a killed job left in `parent`; returns how many."""
-    parent = Path(parent)
-    if not parent.is_dir():
-        return 0
-    stale = [p for p in parent.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return len(stale)

@@ -17,9 +17,21 @@ from loopfm.config import RayConfig
 log = logging.getLogger("loopfm")
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at the time (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _CurrentStdout()
         handler.setFormatter(logging.Formatter("[loopfm %(asctime)s] %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False

@@ -1,6 +1,6 @@
 """Which store a run's features read: the one this config's `embed` section built.
 
-A store version is `stable_hash(fm_version, cfg.embed)` (the embed stage names its output so),
+A store version is `stable_hash(fm_version, embed.layers, embed.compress)` (the embed stage names its output so),
 so a store built with other layers, width, dtype or compressor settings is never picked up by
 accident. Among stores of this embed config, the one from the requested FM (or, when no FM is
 named, the newest) wins; its manifest is then checked against what the features expect.
@@ -19,7 +19,8 @@ from loopfm.store.schema import StoreManifest
 
 
 def store_version(fm_version: str, embed: EmbedConfig) -> str:
-    return stable_hash(fm_version, embed)
+    """What the stored z depend on: the FM, the layers and the compressor (not batch sizes or actors)."""
+    return stable_hash(fm_version, embed.layers, embed.compress)
 
 
 def expected_fields(cfg: LoopFMConfig, fm_version: Optional[str] = None) -> dict:

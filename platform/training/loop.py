@@ -10,6 +10,7 @@ numbers every worker has gathered, so all workers stop on the same epoch.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -91,15 +92,22 @@ def report_epoch(epoch: int, metrics: dict, model, optimizer, state: LoopState) 
     import ray.train
 
     state.history.append({"epoch": epoch, **metrics})
-    rank = ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            torch.save({"epoch": epoch, "model": cpu_state(model), "optim": optimizer.state_dict(),
-                        "stopper": asdict(state.stopper), "best": state.best_state, "history": state.history},
-                       os.path.join(d, STATE_FILE))
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report({"epoch": epoch, **_scalars(metrics)}, checkpoint=checkpoint)
+    d = tempfile.mkdtemp(prefix="loopfm-ckpt-")
+    checkpoint = None
+    if ray.train.get_context().get_world_rank() == 0:
+        torch.save({"epoch": epoch, "model": cpu_state(model), "optim": optimizer.state_dict(),
+                    "stopper": asdict(state.stopper), "best": state.best_state, "history": state.history},
+                   os.path.join(d, STATE_FILE))
+        checkpoint = ray.train.Checkpoint.from_directory(d)
+    ray.train.report({"epoch": epoch, **_scalars(metrics)}, checkpoint=checkpoint,
+                     delete_local_checkpoint_after_upload=True)
+    if checkpoint is None:
+        shutil.rmtree(d, ignore_errors=True)
+    elif os.path.isdir(d):  # local mode (num_workers=0) keeps the directory itself as the checkpoint
+        _LOCAL_CHECKPOINTS.append(d)
+
+
+_LOCAL_CHECKPOINTS: list[str] = []
 
 
 def final_state(result) -> dict:
@@ -107,7 +115,10 @@ def final_state(result) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("training reported no checkpoint")
     with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+        state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+    while _LOCAL_CHECKPOINTS:
+        shutil.rmtree(_LOCAL_CHECKPOINTS.pop(), ignore_errors=True)
+    return state
 
 
 def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
