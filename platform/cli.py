@@ -55,6 +55,17 @@ COMMANDS: tuple[Command, ...] = (
     )),
     Command(("report",), "train every arm on every seed, evaluate, write report.json, report.md and plots",
             "loopfm.training.experiment:report_stage"),
+    Command(("ablate",), "vary one setting (e.g. vm.pooling) over values, train an arm on every seed, "
+            "write a table and plot", "loopfm.training.ablation:ablate_stage", (
+        _opt("--param", required=True, help="dotted config key, e.g. vm.pooling, embed.layers, features.seq_len"),
+        _opt("--values", required=True, help="comma-separated values, YAML each, e.g. mean,sum,attention or [1],[2]"),
+        _opt("--arm", choices=ARMS, default="loopfm", help="arm trained for each value (default: loopfm)"),
+    )),
+    Command(("freshness",), "a fixed FM checkpoint against FMs retrained per time slice: drift and transfer",
+            "loopfm.fm.freshness:freshness_stage", (
+        _opt("--slices", type=int, default=3, help="time slices of the train period, one FM each (default 3)"),
+        _opt("--arm", choices=ARMS, default="loopfm", help="arm trained on each store (default: loopfm)"),
+    )),
     Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B)", None),
     Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve", None),
     Command(("serve", "build"), "write a Serve config YAML for `serve deploy`", None),
@@ -110,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         fn(cfg, run, args)
-    except LoopFMError as err:
+    except (LoopFMError, ConfigError) as err:
         print(f"loopfm {cmd.name}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -41,3 +41,20 @@ def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smo
     # `loopfm report` alone finds every VM current and only re-evaluates
     assert main(["report", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0
     assert capsys.readouterr().out.count("is current, skipped") >= len(ARMS) * smoke_config.experiment.seeds
+
+
+@pytest.mark.timeout(600)
+def test_ablate_trains_the_arm_for_each_value_and_writes_the_table(smoke_embedded, smoke_config, tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(smoke_embedded[0].root, run.root)
+    argv = ["ablate", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false",
+            "--param", "vm.pooling", "--values", "mean,attention"]
+    assert main(argv) == 0
+    table = json.loads((run.report / "ablation_vm_pooling.json").read_text())
+    assert [row["vm.pooling"] for row in table["rows"]] == ["mean", "attention"]
+    assert all(row["auc"]["n"] == smoke_config.experiment.seeds for row in table["rows"])
+    assert (run.report / "ablation_vm_pooling.png").stat().st_size > 1000
+    assert len(list((run.root / "vm" / "loopfm").iterdir())) == 2 * smoke_config.experiment.seeds
+
+    assert main([*argv[:-4], "--param", "vm.poolin", "--values", "mean"]) == 1
+    assert "vm.poolin: unknown key" in capsys.readouterr().err

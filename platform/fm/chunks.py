@@ -68,8 +68,12 @@ def chunk_group(batch: dict[str, np.ndarray], chunk_len: int, context: int,
     return user_chunks(batch, chunk_len, context, valid_start, test_start)
 
 
-def build_chunks(run, cfg, info):
-    """All users' chunks over every split, as a lazy Ray Dataset (one shuffle by user)."""
+def build_chunks(run, cfg, cutoffs: tuple[int, int]):
+    """All users' chunks over every split, as a lazy Ray Dataset (one shuffle by user).
+
+    `cutoffs` = (valid_start, test_start) tag each position's split: the run's own boundaries,
+    or earlier ones for an FM that may only see older events (`loopfm freshness`).
+    """
     import ray
 
     from loopfm.datasets.schema import SPLITS
@@ -80,7 +84,7 @@ def build_chunks(run, cfg, info):
         ray.data.read_parquet(paths, columns=EVENT_COLUMNS)
         .groupby(USER_ID)
         .map_groups(chunk_group, batch_format="numpy",
-                    fn_args=(cfg.fm.chunk_len, cfg.fm.context, info.valid_start_ts, info.test_start_ts))
+                    fn_args=(cfg.fm.chunk_len, cfg.fm.context, *cutoffs))
     )
 
 

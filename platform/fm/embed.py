@@ -24,7 +24,7 @@ from loopfm.errors import MissingInputError
 from loopfm.features.resolve import store_version
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, has_split
-from loopfm.fm.train import TRAIN, fm_fingerprint
+from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.store import codec
 from loopfm.store.parquet import seal
@@ -32,15 +32,15 @@ from loopfm.store.schema import StoreManifest
 from loopfm.training.checkpoint import MODEL_FILE, state_bytes, verified_state
 
 
-def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> StoreManifest:
-    """`loopfm embed`."""
+def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> StoreManifest:
+    """`loopfm embed` (with `cutoffs`: the store of the FM trained only on events before them)."""
     from ray.data import ActorPoolStrategy
 
     from loopfm.actors.extractor import ChunkExtractor
     from loopfm.runtime import init_ray, log, use_gpu
 
     info = SplitInfo.load(run)
-    fm_dir = run.fm(fm_fingerprint(cfg, info))
+    fm_dir = run.fm(fm_fingerprint(cfg, info, cutoffs))
     if not (fm_dir / MODEL_FILE).is_file():
         raise MissingInputError(f"no FM for this config at {fm_dir}: run `loopfm fm train` first")
     fm = FMManifest.read(fm_dir)
@@ -55,7 +55,7 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> StoreManifest:
     weights = state_bytes(verified_state(fm_dir, fm.fm_version))
     fm_args = {"fm_weights": weights, "fm_manifest": {"fm": fm.fm, "vocab_sizes": fm.vocab_sizes,
                                                       "num_surfaces": fm.num_surfaces}, "layers": cfg.embed.layers}
-    chunks = build_chunks(run, cfg, info).materialize()
+    chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
     pool = {"compute": ActorPoolStrategy(size=cfg.embed.num_actors), "num_cpus": cfg.embed.actor_num_cpus,
             "num_gpus": 1 if gpu else 0, "batch_size": cfg.embed.batch_size, "batch_format": "numpy"}
 

@@ -12,6 +12,7 @@ Output (`fm/<fingerprint>/`): `model.pt` (best epoch's weights) and `manifest.js
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,24 +27,33 @@ from loopfm.training.checkpoint import state_bytes
 TRAIN, VALID, TEST = 0, 1, 2
 
 
-def fm_fingerprint(cfg: LoopFMConfig, info: SplitInfo) -> str:
-    return stable_hash(info.fingerprint, cfg.fm)
+Cutoffs = Optional[tuple[int, int]]
 
 
-def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> FMManifest:
+def fm_fingerprint(cfg: LoopFMConfig, info: SplitInfo, cutoffs: Cutoffs = None) -> str:
+    """The FM of this config on these splits; `cutoffs` (train-until, valid-until) other than the
+    splits' own boundaries give an FM that saw only older events."""
+    return stable_hash(info.fingerprint, cfg.fm) if cutoffs is None else stable_hash(info.fingerprint, cfg.fm, cutoffs)
+
+
+def split_cutoffs(info: SplitInfo, cutoffs: Cutoffs = None) -> tuple[int, int]:
+    return cutoffs if cutoffs is not None else (info.valid_start_ts, info.test_start_ts)
+
+
+def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> FMManifest:
     """`loopfm fm train`."""
     from loopfm.runtime import init_ray, log, use_gpu
     from loopfm.training.loop import final_state, run_trainer
 
     info = SplitInfo.load(run)
-    fingerprint = fm_fingerprint(cfg, info)
+    fingerprint = fm_fingerprint(cfg, info, cutoffs)
     out = run.fm(fingerprint)
     if is_complete(out, fingerprint):
         log.info("fm train: %s is current, skipped", out)
         return FMManifest.read(out)
     init_ray(cfg.ray)
     gpu = use_gpu(cfg.ray)
-    chunks = build_chunks(run, cfg, info).materialize()
+    chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
     datasets = {
         "train": chunks.map_batches(_keep, batch_format="numpy", fn_args=((TRAIN,),)),
         "eval": chunks.map_batches(_keep, batch_format="numpy", fn_args=((VALID, TEST),)),
