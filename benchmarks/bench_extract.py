@@ -49,7 +49,7 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, append_row, device_name, gpu, machine, peak_flops, start_ray, versions, write_result  # noqa: E402
+from common import Timer, probe_threads, append_row, device_name, gpu, machine, peak_flops, start_ray, versions, write_result  # noqa: E402
 
 from loopfm.actors.extractor import ChunkExtractor, build_compressor  # noqa: E402
 from loopfm.config import CompressConfig, EmbedConfig, FMConfig  # noqa: E402
@@ -253,21 +253,6 @@ def ray_checksum(out, row_bytes: int) -> float:
     return total
 
 
-def probe_actor_threads(actor_cpus: float) -> dict:
-    """What torch in a Ray actor with `num_cpus=actor_cpus` runs with."""
-    import ray
-
-    @ray.remote(num_cpus=actor_cpus)
-    class Probe:
-        def threads(self):
-            return {"threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
-
-    probe = Probe.remote()
-    out = ray.get(probe.threads.remote())
-    ray.kill(probe)
-    return out
-
-
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -310,7 +295,7 @@ def main() -> None:
         achieved = fm_flops / seconds
         return {"fm_flop_per_s": float(f"{achieved:.4g}"), **({"fraction_of_peak_bf16": round(achieved / peak, 5)} if peak else {})}
 
-    actor = probe_actor_threads(args.actor_cpus)
+    actor = probe_threads(args.actor_cpus)
     print(f"data: {args.users} users, {n_chunks} chunks, {events} events; actor threads {actor}", flush=True)
 
     # Headline: plain ChunkExtractor through Ray, then the bare loop at one actor's threads.

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, append_row, device_name, gpu, machine, start_ray, versions, write_result  # noqa: E402
+from common import Timer, probe_threads, append_row, device_name, gpu, machine, start_ray, versions, write_result  # noqa: E402
 
 from loopfm.config import LoopFMConfig  # noqa: E402
 from loopfm.datasets.schema import SPLITS  # noqa: E402
@@ -300,21 +300,6 @@ def breakdown(log_path: str, started: float, ended: float) -> dict:
     }
 
 
-def probe_worker_threads() -> dict:
-    """Torch threads of a Ray actor holding 1 CPU (what a Train worker with CPU: 1 gets)."""
-    import ray
-
-    @ray.remote(num_cpus=1)
-    class Probe:
-        def threads(self):
-            return {"threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
-
-    probe = Probe.remote()
-    out = ray.get(probe.threads.remote())
-    ray.kill(probe)
-    return out
-
-
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -339,7 +324,7 @@ def main() -> None:
     cfg = LoopFMConfig().updated(overrides)
     device = device_name(args.device_name)
     info = {**machine(), **start_ray(args.num_cpus)}
-    worker = probe_worker_threads()
+    worker = probe_threads(1)
     print("worker threads:", worker, flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))

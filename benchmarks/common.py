@@ -117,3 +117,19 @@ def append_row(date: str, benchmark: str, device: str, result: str, details: str
     cells = [c.replace("|", "/").replace("\n", " ") for c in (date, benchmark, device, result, details)]
     with TABLE.open("a") as f:
         f.write("| " + " | ".join(cells) + " |\n")
+
+
+def probe_threads(num_cpus: float) -> dict:
+    """What torch runs with in a Ray actor holding `num_cpus` (an extractor, a Train worker)."""
+    import ray
+    import torch
+
+    @ray.remote(num_cpus=num_cpus)
+    class Probe:
+        def threads(self):
+            return {"threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+    probe = Probe.remote()
+    out = ray.get(probe.threads.remote())
+    ray.kill(probe)
+    return out

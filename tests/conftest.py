@@ -31,6 +31,17 @@ def _data_context_for_tests() -> None:
     ctx.shuffle_strategy = "sort_shuffle_pull_based"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors on a shared 2-core box: intra-op threads only add contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def ray_session():
     """The shared local Ray (4 logical CPUs on 2 cores; DESIGN section 8), started on first use."""

@@ -11,13 +11,7 @@ from loopfm.models.autoencoder import MatryoshkaAE, train_autoencoder
 CFG = CompressConfig(width=16, prefix_widths=[4, 8], hidden=64, epochs=30, batch_size=128, lr=3e-3, dtype="fp16")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core box: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def low_rank(n: int = 3000, raw: int = 24, rank: int = 8, seed: int = 0) -> torch.Tensor:

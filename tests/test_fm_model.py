@@ -12,13 +12,7 @@ VOCAB = {"item_id": 60, "category": 8}
 LAYERS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core box: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_fm(**kw) -> CausalFM:

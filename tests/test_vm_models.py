@@ -19,13 +19,7 @@ MODELS = list(VM_ZOO)
 POOLINGS = ["mean", "sum", "attention"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core box: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(B: int = 8, seed: int = 0, width: int = W) -> dict[str, torch.Tensor]:
