@@ -49,7 +49,7 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, probe_threads, append_row, device_name, gpu, machine, peak_flops, start_ray, versions, write_result  # noqa: E402
+from common import Timer, append_row, probe_threads, device_name, gpu, machine, peak_flops, start_ray, versions, write_result  # noqa: E402
 
 from loopfm.actors.extractor import ChunkExtractor, build_compressor  # noqa: E402
 from loopfm.config import CompressConfig, EmbedConfig, FMConfig  # noqa: E402

@@ -36,68 +36,20 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, probe_threads, append_row, device_name, gpu, machine, start_ray, versions, write_result  # noqa: E402
+from common import Timer, append_row, device_name, gpu, machine, probe_threads, start_ray, versions, write_log, write_result  # noqa: E402
 
 from loopfm.config import LoopFMConfig  # noqa: E402
 from loopfm.datasets.schema import SPLITS  # noqa: E402
-from loopfm.datasets.splits import SplitInfo, boundaries, split_of  # noqa: E402
-from loopfm.features import features_stage, store_version  # noqa: E402
-from loopfm.rundir import RunDir, write_manifest  # noqa: E402
-from loopfm.store import codec  # noqa: E402
-from loopfm.store.parquet import seal  # noqa: E402
-from loopfm.store.schema import ROW_SCHEMA, StoreManifest  # noqa: E402
+from loopfm.datasets.splits import SplitInfo  # noqa: E402
+from loopfm.features import features_stage  # noqa: E402
+from loopfm.rundir import RunDir  # noqa: E402
 
-FM_VERSION = "bench"
-NUM_ITEMS, NUM_CATEGORIES, NUM_SURFACES = 20_000, 60, 3
-
-
-# -- data ------------------------------------------------------------------------------------
-def write_log(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, seed: int = 0) -> int:
-    """Splits (with *_idx columns and a SplitInfo with vocab sizes) and a matching store; returns events."""
-    rng = np.random.default_rng(seed)
-    n = users * events_per_user
-    user = np.repeat(np.arange(users), events_per_user)
-    ts = rng.integers(0, 14 * 86_400, n)
-    surface = rng.integers(0, NUM_SURFACES, n).astype(np.int32)
-    item, category = rng.integers(0, NUM_ITEMS, n), rng.integers(0, NUM_CATEGORIES, n)
-    events = pa.table({
-        "event_id": np.arange(n, dtype=np.int64), "user_id": user, "item_id": item, "category": category,
-        "surface": surface, "ts": ts, "label": (rng.random(n) < 0.3).astype(np.int8),
-        "user_id_idx": user + 2, "item_id_idx": item + 2, "category_idx": category + 2,
-    })
-    valid_start, test_start = boundaries(ts, cfg.data.split)
-    which = split_of(ts, valid_start, test_start)
-    for i, name in enumerate(SPLITS):
-        (run.splits / name).mkdir(parents=True)
-        pq.write_table(events.filter(pa.array(which == i)), run.splits / name / "part-0.parquet", row_group_size=200_000)
-    info = SplitInfo(fingerprint=f"bench-{users}-{events_per_user}", valid_start_ts=valid_start, test_start_ts=test_start,
-                     rows={s: int((which == i).sum()) for i, s in enumerate(SPLITS)}, label_rate={},
-                     vocab_sizes={"user_id": users + 2, "item_id": NUM_ITEMS + 2, "category": NUM_CATEGORIES + 2},
-                     categorical=[], num_surfaces=NUM_SURFACES, vertical=0)
-    write_manifest(run.splits, asdict(info))
-
-    c = cfg.embed.compress
-    version = store_version(FM_VERSION, cfg.embed)
-    path = run.store(version)
-    path.mkdir(parents=True)
-    z = codec.encode(rng.uniform(-1, 1, (n, c.width)), c.dtype)
-    store = pa.table({
-        "event_id": events["event_id"], "user_id": events["user_id"], "ts": events["ts"], "surface": events["surface"],
-        "fm_logit": rng.normal(size=n).astype(np.float32), "z": codec.rows_to_binary(z),
-    }).cast(ROW_SCHEMA)
-    pq.write_table(store, path / "part-0.parquet", row_group_size=200_000)
-    seal(path, StoreManifest(version, FM_VERSION, "none", list(cfg.embed.layers), 64, c.width, list(c.prefix_widths),
-                             c.dtype, 0, 0, 0), expected_rows=n)  # row count, ts range, file hashes
-    return n
 
 
 def read_split(run: RunDir, features, split: str, with_seq: bool) -> dict[str, np.ndarray]:
