@@ -16,7 +16,9 @@ class FMConfig(Section):
     n_heads: PositiveInt = 4
     d_ff: PositiveInt = 256
     window: PositiveInt = Field(32, description="events each position attends to, per layer")
-    chunk_len: PositiveInt = Field(128, description="events per training / extraction chunk (padding is computed too: keep it near a typical history)")
+    chunk_len: PositiveInt = Field(
+        128, description="events per training / extraction chunk; padding is computed too, so keep it near a typical history"
+    )
     dropout: float = Field(0.1, ge=0, lt=1)
     epochs: PositiveInt = 5
     batch_size: PositiveInt = Field(32, description="chunks per step")
