@@ -44,7 +44,7 @@ class ChunkExtractor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]):
-        tokens = {name: torch.as_tensor(batch[name], dtype=torch.long, device=self.device) for name in TOKENS}
+        tokens = {name: torch.tensor(batch[name], dtype=torch.long, device=self.device) for name in TOKENS}  # copies: Ray hands read-only arrays
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logit, emb = self.fm.extract(tokens, self.layers)
         mask = batch["out"] & (batch["split"] == 0) if self.mode == "raw" else batch["out"]

@@ -360,7 +360,7 @@ def main() -> None:
 
 def notes(r: dict) -> str:
     h, b = r["ray"], r["bare"]
-    text = (f"1 actor x {r['threads']['actor']} torch thread(s) vs bare at {b['threads']} thread(s), batch {h['batch_size']}: "
+    text = (f"{h['actors']} actor(s) x {r['threads']['actor']} torch thread(s) vs bare at {b['threads']} thread(s), batch {h['batch_size']}: "
             f"ray/bare end-to-end {r['ratio_ray_over_bare']}x")
     if "ratio_ray_over_bare_steady" in r:
         text += f", steady-state (first call to last call vs bare loop without model build) {r['ratio_ray_over_bare_steady']}x"
@@ -376,7 +376,7 @@ def notes(r: dict) -> str:
 def row(r: dict) -> None:
     h, b, c = r["ray"], r["bare"], r["config"]
     fm = c["fm"]
-    sweep = ", ".join(f"{p['actors']}a/b{p['batch_size']} {p['events_per_s']:,}" for p in r["sweep"])
+    sweep = ", ".join(f"{p['actors']}a/b{p['batch_size']} {p['events_per_s']:,}" for p in r["sweep"]) or "not run"
     flops = f"FM {h['fm_flop_per_s'] / 1e9:.1f} GFLOP/s (ray) vs {b['fm_flop_per_s'] / 1e9:.1f} (bare)"
     if "fraction_of_peak_bf16" in h:
         flops += f", {h['fraction_of_peak_bf16']:.2%} of bf16 peak"
