@@ -8,6 +8,7 @@ paper's claims hold on this run, and by how much.
 
 from __future__ import annotations
 
+import os
 import platform as _stdlib_platform
 import time
 
@@ -62,7 +63,7 @@ def report_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
         "run": str(run.root), "config_hash": stable_hash(cfg), "seeds": cfg.experiment.seeds,
         "vm": cfg.vm.model, "pooling": cfg.vm.pooling, "store_version": features.store_version,
         "features": features.fingerprint, "test_examples": features.rows["test"],
-        "machine": f"{_stdlib_platform.machine()} {_stdlib_platform.system()}, {_cpu_count()} cores",
+        "machine": f"{_stdlib_platform.machine()} {_stdlib_platform.system()}, {os.cpu_count()} cores",
         "experiment_seconds": round(time.time() - started, 1),
     }
     report = build_report(arms, fm, meta)
@@ -71,9 +72,3 @@ def report_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
         log.info("report: [%s] %s (%s)", "holds" if claim["holds"] else "does not hold", claim["claim"], claim["evidence"])
     log.info("report: %s", ", ".join(str(p) for p in paths))
     return report
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1
