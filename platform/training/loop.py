@@ -91,7 +91,7 @@ def report_epoch(epoch: int, metrics: dict, model, optimizer, state: LoopState) 
     """Checkpoint this epoch (rank 0 writes, everyone calls) and report its metrics."""
     import ray.train
 
-    state.history.append({"epoch": epoch, **metrics})
+    state.history.append({"epoch": epoch, "pid": os.getpid(), **metrics})  # pid: which worker trained it
     d = tempfile.mkdtemp(prefix="loopfm-ckpt-")
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
