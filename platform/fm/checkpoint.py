@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loopfm.errors import MissingInputError
-from loopfm.rundir import MANIFEST, RunDir, read_manifest
+from loopfm.rundir import MANIFEST, read_manifest
 from loopfm.training.checkpoint import MODEL_FILE, model_hash, verified_state
 
 
@@ -54,12 +54,3 @@ def load_fm(directory: Path):
     model = CausalFM(FMConfig.model_validate(manifest.fm), manifest.vocab_sizes, manifest.num_surfaces)
     model.load_state_dict(verified_state(directory, manifest.fm_version))
     return model.eval(), manifest
-
-
-def latest_fm(run: RunDir) -> Path:
-    """The newest finished FM of a run (what `loopfm embed` uses when no FM is named)."""
-    parent = run.root / "fm"
-    found = [p for p in parent.iterdir() if (p / MANIFEST).is_file()] if parent.is_dir() else []
-    if not found:
-        raise MissingInputError(f"no trained FM under {parent}: run `loopfm fm train` first")
-    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime)

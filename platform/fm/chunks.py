@@ -91,3 +91,9 @@ def build_chunks(run, cfg, cutoffs: tuple[int, int]):
 def has_split(batch: dict[str, np.ndarray], which: tuple[int, ...]) -> np.ndarray:
     """Rows (chunks) that output at least one event of the given splits."""
     return (batch["out"] & np.isin(batch["split"], which)).any(axis=1)
+
+
+def keep_chunks(batch: dict[str, np.ndarray], which: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """map_batches fn: only the chunks that output events of the given splits."""
+    mask = has_split(batch, which)
+    return {k: v[mask] for k, v in batch.items()}

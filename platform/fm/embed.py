@@ -23,13 +23,13 @@ from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError
 from loopfm.features.resolve import store_version
 from loopfm.fm.checkpoint import FMManifest
-from loopfm.fm.chunks import build_chunks, has_split
+from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.store import codec
 from loopfm.store.parquet import seal
 from loopfm.store.schema import StoreManifest
-from loopfm.training.checkpoint import MODEL_FILE, state_bytes, verified_state
+from loopfm.training.checkpoint import MODEL_FILE, verified_bytes
 
 
 def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> StoreManifest:
@@ -52,7 +52,7 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
     init_ray(cfg.ray)
     gpu = use_gpu(cfg.ray)
     started = time.time()
-    weights = state_bytes(verified_state(fm_dir, fm.fm_version))
+    weights = verified_bytes(fm_dir, fm.fm_version)
     fm_args = {"fm_weights": weights, "fm_manifest": {"fm": fm.fm, "vocab_sizes": fm.vocab_sizes,
                                                       "num_surfaces": fm.num_surfaces}, "layers": cfg.embed.layers}
     chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
@@ -87,7 +87,7 @@ def _raw_sample(chunks, cfg: LoopFMConfig, extractor) -> np.ndarray:
 
     Runs in the driver: the sample is small, and an actor pool would cost a worker start-up.
     """
-    train = chunks.map_batches(lambda b: {k: v[has_split(b, (TRAIN,))] for k, v in b.items()}, batch_format="numpy")
+    train = chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((TRAIN,),))
     per_chunk = max(1, cfg.fm.chunk_len - cfg.fm.context)
     n_chunks = math.ceil(cfg.embed.compress.sample_events / per_chunk)
     batches = train.limit(n_chunks).iter_batches(batch_format="numpy", batch_size=cfg.embed.batch_size)

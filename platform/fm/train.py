@@ -19,7 +19,7 @@ import torch
 
 from loopfm.config import FMConfig, LoopFMConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
-from loopfm.fm.chunks import TOKENS, build_chunks, has_split
+from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
 from loopfm.fm.checkpoint import FMManifest, save_fm
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.training.checkpoint import state_bytes
@@ -55,8 +55,8 @@ def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs =
     gpu = use_gpu(cfg.ray)
     chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
     datasets = {
-        "train": chunks.map_batches(_keep, batch_format="numpy", fn_args=((TRAIN,),)),
-        "eval": chunks.map_batches(_keep, batch_format="numpy", fn_args=((VALID, TEST),)),
+        "train": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((TRAIN,),)),
+        "eval": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((VALID, TEST),)),
     }
     vocab_sizes = {k: info.vocab_sizes[k] for k in ("item_id", "category")}
     log.info("fm train: %d chunks of %d events, %d workers%s, fm %s", chunks.count(), cfg.fm.chunk_len,
@@ -81,11 +81,6 @@ def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs =
     log.info("fm train: FM %s (best epoch %d) test auc %.4f ne %.4f -> %s", manifest.fm_version,
              state["stopper"]["best_epoch"] + 1, test.get("auc", float("nan")), test.get("ne", float("nan")), out)
     return manifest
-
-
-def _keep(batch: dict, which: tuple[int, ...]) -> dict:
-    mask = has_split(batch, which)
-    return {k: v[mask] for k, v in batch.items()}
 
 
 def fm_loop(config: dict) -> None:

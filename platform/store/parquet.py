@@ -39,18 +39,17 @@ def file_hash(path: Path) -> str:
 def seal(path: Path, manifest: StoreManifest, expected_rows: Optional[int] = None) -> StoreManifest:
     """Fill rows, ts range and file hashes into `manifest` and write it; checks event ids are unique."""
     files = data_files(path)
-    ids = [pq.read_table(f, columns=[EVENT_ID])[EVENT_ID] for f in files]
-    rows = sum(len(c) for c in ids)
+    tables = [pq.read_table(f, columns=[EVENT_ID, TS]) for f in files]
+    rows = sum(t.num_rows for t in tables)
     if expected_rows is not None and rows != expected_rows:
         raise VersionMismatchError(f"store at {path} holds {rows} rows, expected {expected_rows} (one per event)")
     if rows:
-        unique = len(np.unique(np.concatenate([c.to_numpy() for c in ids])))
+        unique = len(np.unique(np.concatenate([t[EVENT_ID].to_numpy() for t in tables])))
         if unique != rows:
             raise VersionMismatchError(f"store at {path} holds {rows - unique} duplicate event ids")
-    ts = [pq.read_table(f, columns=[TS])[TS] for f in files]
     manifest.rows = rows
-    manifest.min_ts = min((pc.min(c).as_py() for c in ts if len(c)), default=0)
-    manifest.max_ts = max((pc.max(c).as_py() for c in ts if len(c)), default=0)
+    manifest.min_ts = min((pc.min(t[TS]).as_py() for t in tables if t.num_rows), default=0)
+    manifest.max_ts = max((pc.max(t[TS]).as_py() for t in tables if t.num_rows), default=0)
     manifest.files = {str(f.relative_to(path)): file_hash(f) for f in files}
     manifest.created_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (Path(path) / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))

@@ -84,8 +84,8 @@ def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
     )
 
 
-def verified_state(directory: Path, version: str) -> dict:
-    """`model.pt` of `directory` as a state dict, refused unless its hash is `version`."""
+def verified_bytes(directory: Path, version: str) -> bytes:
+    """`model.pt` of `directory`, refused unless its hash is `version`."""
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise MissingInputError(f"no weights at {path}")
@@ -95,7 +95,12 @@ def verified_state(directory: Path, version: str) -> dict:
             f"{path} does not match its manifest (version {version}, file hashes to {model_hash(data)}); "
             "the checkpoint was modified or is incomplete"
         )
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return data
+
+
+def verified_state(directory: Path, version: str) -> dict:
+    """`model.pt` of `directory` as a state dict (`torch.load(weights_only=True)`), hash checked."""
+    return torch.load(io.BytesIO(verified_bytes(directory, version)), weights_only=True)
 
 
 def load_vm(directory: Path) -> tuple[torch.nn.Module, VMManifest]:
