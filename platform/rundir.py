@@ -42,6 +42,11 @@ class RunDir:
         return self.root / "data" / "events"
 
     @property
+    def appended(self) -> Path:
+        """Batches of new events added after the split (`loopfm logs append`), one folder each."""
+        return self.root / "data" / "appended"
+
+    @property
     def splits(self) -> Path:
         """train/ valid/ test/ parquet folders, the vocabulary and `manifest.json`."""
         return self.root / "data" / "splits"
@@ -51,6 +56,10 @@ class RunDir:
 
     def store(self, version: str) -> Path:
         return self.root / "store" / version
+
+    def store_deltas(self, version: str) -> Path:
+        """Deltas of store `version` (`loopfm embed --incremental`), one folder each, in order."""
+        return self.root / "store_deltas" / version
 
     def features(self, fingerprint: str) -> Path:
         return self.root / "features" / fingerprint
@@ -81,6 +90,20 @@ def read_manifest(path: Path) -> Optional[dict]:
     if not f.is_file():
         return None
     return json.loads(f.read_text())
+
+
+def from_manifest(cls, raw: dict[str, Any], path: Path):
+    """The manifest dataclass `cls` from its JSON; one lacking a required field is refused by name."""
+    import dataclasses
+
+    from loopfm.errors import VersionMismatchError
+
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise VersionMismatchError(f"{Path(path) / MANIFEST} lacks {missing}: not a complete {cls.__name__}")
+    return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:

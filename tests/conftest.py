@@ -42,8 +42,7 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def ray_session():
+def ensure_local_ray():
     """The shared local Ray (4 logical CPUs on 2 cores; DESIGN section 8), started on first use."""
     import ray
 
@@ -53,7 +52,12 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         _state["local"] = True
     _data_context_for_tests()
-    yield ray
+    return ray
+
+
+@pytest.fixture
+def ray_session():
+    yield ensure_local_ray()
 
 
 @pytest.fixture
@@ -96,19 +100,12 @@ def smoke_splits(tmp_path_factory, smoke_config):
 
     Read-only for tests: copy it (shutil.copytree) before writing into it.
     """
-    import ray
-
     from loopfm.datasets.ingest import validate_stage
     from loopfm.datasets.splits import split_stage
     from loopfm.datasets.synthetic import generate_stage
     from loopfm.rundir import RunDir
 
-    if not ray.is_initialized() or not _state["local"]:
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        _state["local"] = True
-    _data_context_for_tests()
+    ensure_local_ray()
     run = RunDir(tmp_path_factory.mktemp("smoke_run"))
     generate_stage(smoke_config, run)
     validate_stage(smoke_config, run)

@@ -36,3 +36,11 @@ def test_node_types_and_setup():
     for commands in (setup, gpu_setup):
         assert "pip install" in commands and "-e ~/loopfm" in commands and "constraints.txt" in commands
     assert "whl/cpu" in setup and "whl/cu" in gpu_setup
+
+
+def test_ray_starts_with_the_project_venv_on_path():
+    """`ray job submit -- loopfm run ...` runs its entrypoint in Ray's environment: `loopfm` must resolve."""
+    cfg = _load()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start and all(c.startswith("export PATH=$HOME/loopfm-venv/bin:$PATH;") for c in start), key

@@ -56,7 +56,6 @@ def open_configured_source(data: DataConfig, run: RunDir) -> tuple[Source, objec
 
 def validate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
     """`loopfm data validate`."""
-    import ray
 
     from loopfm.runtime import init_ray, log
 
@@ -67,13 +66,35 @@ def validate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
         log.info("data validate: %s is current, skipped", run.events)
         return read_manifest(run.events)
     init_ray(cfg.ray)
+    manifest = validate_source(cfg, source, run.events, report_path(run), {"fingerprint": fingerprint,
+                                                                            "source": data.source})
+    log.info(
+        "data validate: %d of %d rows kept (%d dropped), %d surfaces -> %s",
+        manifest["rows"], manifest["rows_read"], manifest["rows_read"] - manifest["rows"], manifest["num_surfaces"],
+        run.events,
+    )
+    return manifest
+
+
+def validate_source(cfg: LoopFMConfig, source: Source, out: Path, report: Path, extra: dict) -> dict:
+    """Check every row of `source` and write the kept ones to `out` (atomically) in the event schema.
+
+    `report` receives the per-rule counts and examples; strict mode raises after writing it. The
+    manifest of `out` holds `extra` plus the counts, columns, surfaces and files. Used by
+    `loopfm data validate` (the log) and `loopfm logs append` (a batch of new events).
+    """
+    import ray
+
+    from loopfm.runtime import log
+
+    data = cfg.data
     usable = source.usable()
     categorical = list(source.layout.categorical)
-    log.info("data validate: %d %s files (%d usable) from %s", len(source.files), source.fmt, len(usable), source.root)
+    log.info("validate: %d %s files (%d usable) from %s", len(source.files), source.fmt, len(usable), source.root)
     for column in categorical:
         if usable and not any(column in f.columns for f in usable):
-            log.warning("data validate: categorical column %r is in no file; it will be 0 everywhere", column)
-    with atomic_output(run.events) as tmp:
+            log.warning("validate: categorical column %r is in no file; it will be 0 everywhere", column)
+    with atomic_output(out) as tmp:
         staged = tmp / ".checked"  # hidden: readers of the final directory skip it
         sink = CheckedSink(staged)
         if usable:
@@ -83,33 +104,28 @@ def validate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
             )
             source.dataset().map_batches(check, batch_format="pyarrow", batch_size=None).write_datasink(sink)
         checked = ray.data.read_parquet(str(staged)) if sink.tallies else None
-        report, drop = audit(sink.tallies, checked, source, data.validation.strict, data.validation.max_examples)
-        _write_report(report.to_json(), report_path(run))
-        for line in report.summary():
-            log.info("data validate:%s", line)
-        fail_if_invalid(report, report_path(run))
+        result, drop = audit(sink.tallies, checked, source, data.validation.strict, data.validation.max_examples)
+        _write_report(result.to_json(), report)
+        for line in result.summary():
+            log.info("validate:%s", line)
+        fail_if_invalid(result, report)
         columns = event_schema(categorical).names
         keep = functools.partial(keep_batch, drop_ref=ray.put(drop), columns=columns)
         checked.map_batches(keep, batch_format="pyarrow", batch_size=None).write_parquet(str(tmp))
         shutil.rmtree(staged)
         manifest = {
-            "fingerprint": fingerprint,
-            "source": data.source,
+            **extra,
             "path": source.root,
-            "rows": report.rows_kept,
-            "rows_read": report.rows_read,
-            "invalid": {rule: report.counts[rule] for rule in BIT},
+            "rows": result.rows_kept,
+            "rows_read": result.rows_read,
+            "invalid": {rule: result.counts[rule] for rule in BIT},
             "categorical": categorical,
             "columns": columns,
-            "num_surfaces": num_surfaces(report),
+            "num_surfaces": num_surfaces(result),
             "ts_unit": source.layout.ts_unit,
-            "files": _file_entries(source, report.file_rows),
+            "files": _file_entries(source, result.file_rows),
         }
         write_manifest(tmp, manifest)
-    log.info(
-        "data validate: %d of %d rows kept (%d dropped), %d surfaces -> %s",
-        report.rows_kept, report.rows_read, report.rows_read - report.rows_kept, manifest["num_surfaces"], run.events,
-    )
     return manifest
 
 

@@ -164,6 +164,9 @@ def inspect_files(paths: list[Path], fmt: str, layout: Layout, root: str) -> lis
             f.error = f"cannot read {fmt}: {_short(err)}"
         else:
             f.missing = [c for c in layout.required_source_columns() if c not in f.columns]
+            twice = [c for c in layout.source_columns() if f.columns.count(c) > 1]
+            if twice:  # which copy holds the values? Refuse rather than guess (or fail inside a read task)
+                f.error = "ambiguous header: " + ", ".join(f"{c} appears {f.columns.count(c)} times" for c in twice)
         files.append(f)
     return files
 

@@ -38,7 +38,7 @@ class Rule:
 
 
 RULES = (
-    Rule("unreadable_file", "files", "a file that cannot be opened, or stops parsing part-way"),
+    Rule("unreadable_file", "files", "a file that cannot be opened, stops parsing part-way, or names a mapped column twice"),
     Rule("missing_column", "files", "a file without a required column (its rows are not read)"),
     Rule("null_required", "rows", "a null user_id, item_id, ts or label (or event_id, where the log has one)"),
     Rule("wrong_type", "rows", "a value that is not an integer: text in ts/label/surface, or a fractional number"),
@@ -313,9 +313,10 @@ def _sorted_scan(checked, columns: list[str], key) -> Iterator[dict]:
 
 
 def find_duplicates(checked, files: list[str], max_examples: int) -> tuple[np.ndarray, list[dict]]:
-    """`_src` of every copy of an event id after its first (in file order), and examples."""
+    """`_src` of every copy of an event id after its first (in file order), and the first examples in file order."""
     drop: list[np.ndarray] = []
-    examples: list[dict] = []
+    firsts_of: list[np.ndarray] = []
+    ids_of: list[np.ndarray] = []
     last_id, first_src = None, None
     for batch in _sorted_scan(checked, [EVENT_ID, SRC], key=[EVENT_ID, SRC]):
         ids, srcs = batch[EVENT_ID], batch[SRC]
@@ -324,15 +325,21 @@ def find_duplicates(checked, files: list[str], max_examples: int) -> tuple[np.nd
         if repeat.any():
             run_start = np.maximum.accumulate(np.where(~repeat, np.arange(len(ids)), -1))
             firsts = np.where(run_start >= 0, srcs[np.maximum(run_start, 0)], first_src)
-            for r in np.flatnonzero(repeat)[: max(0, max_examples - len(examples))]:
-                first = where(int(firsts[r]), files)
-                examples.append({"rule": "duplicate_event_id", **where(int(srcs[r]), files),
-                                 "problem": f"event_id {ids[r]} already at {first['file']} row {first['row']}"})
             drop.append(srcs[repeat])
+            firsts_of.append(firsts[repeat])
+            ids_of.append(ids[repeat])
         if (~repeat).any():
             first_src = srcs[np.flatnonzero(~repeat)[-1]]
         last_id = ids[-1]
-    return (np.concatenate(drop) if drop else np.empty(0, np.int64)), examples
+    if not drop:
+        return np.empty(0, np.int64), []
+    srcs, firsts, ids = (np.concatenate(parts) for parts in (drop, firsts_of, ids_of))
+    examples = []
+    for r in np.argsort(srcs, kind="stable")[:max_examples]:  # the scan ran in id order; examples go in file order
+        first = where(int(firsts[r]), files)
+        examples.append({"rule": "duplicate_event_id", **where(int(srcs[r]), files),
+                         "problem": f"event_id {ids[r]} already at {first['file']} row {first['row']}"})
+    return srcs, examples
 
 
 def find_out_of_order(checked, files: list[str], max_examples: int) -> tuple[np.ndarray, list[dict]]:

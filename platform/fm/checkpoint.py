@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loopfm.errors import MissingInputError
-from loopfm.rundir import MANIFEST, read_manifest
+from loopfm.rundir import MANIFEST, from_manifest, read_manifest
 from loopfm.training.checkpoint import MODEL_FILE, model_hash, verified_state
 
 
@@ -34,7 +34,7 @@ class FMManifest:
         raw = read_manifest(path)
         if raw is None:
             raise MissingInputError(f"no FM at {path}: run `loopfm fm train` first")
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+        return from_manifest(cls, raw, path)
 
 
 def save_fm(directory: Path, weights: bytes, manifest: FMManifest) -> FMManifest:

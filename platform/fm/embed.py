@@ -26,18 +26,21 @@ from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.actors.extractor import ChunkExtractor
 from loopfm.store import codec
-from loopfm.store.parquet import seal
-from loopfm.store.schema import StoreManifest
+from loopfm.store.parquet import file_hash, seal
+from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.training.checkpoint import MODEL_FILE, verified_bytes
 
 
 def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> StoreManifest:
-    """`loopfm embed` (with `cutoffs`: the store of the FM trained only on events before them)."""
-    from ray.data import ActorPoolStrategy
+    """`loopfm embed` (with `cutoffs`: the store of the FM trained only on events before them;
+    with `--incremental`: only the log's events newer than the store, as a delta)."""
+    if getattr(args, "incremental", False):
+        from loopfm.fm.incremental import incremental_embed
 
-    from loopfm.actors.extractor import ChunkExtractor
-    from loopfm.runtime import init_ray, log, use_gpu
+        return incremental_embed(cfg, run, getattr(args, "since", "last"))
+    from loopfm.runtime import init_ray, log
 
     info = SplitInfo.load(run)
     fm_dir = run.fm(fm_fingerprint(cfg, info, cutoffs))
@@ -50,14 +53,9 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
         log.info("embed: store %s is current, skipped", out)
         return StoreManifest.read(out)
     init_ray(cfg.ray)
-    gpu = use_gpu(cfg.ray)
     started = time.time()
-    weights = verified_bytes(fm_dir, fm.fm_version)
-    fm_args = {"fm_weights": weights, "fm_manifest": {"fm": fm.fm, "vocab_sizes": fm.vocab_sizes,
-                                                      "num_surfaces": fm.num_surfaces}, "layers": cfg.embed.layers}
+    fm_args = extractor_args(fm_dir, fm, cfg)
     chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
-    pool = {"compute": ActorPoolStrategy(size=cfg.embed.num_actors), "num_cpus": cfg.embed.actor_num_cpus,
-            "num_gpus": 1 if gpu else 0, "batch_size": cfg.embed.batch_size, "batch_format": "numpy"}
 
     sample = _raw_sample(chunks, cfg, ChunkExtractor(**fm_args, mode="raw"))
     compressor, stats = _train_compressor(sample, cfg, log)
@@ -66,20 +64,39 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
 
     total_events = sum(info.rows.values())
     with atomic_output(out) as tmp:
-        rows = chunks.map_batches(ChunkExtractor, fn_constructor_kwargs={
-            **fm_args, "compressor": compressor, "dtype": cfg.embed.compress.dtype}, **pool)
-        rows.write_parquet(str(tmp))
-        torch.save(compressor, tmp / "compressor.pt")  # incremental embedding reuses it
+        extract_rows(chunks, cfg, fm_args, compressor).write_parquet(str(tmp))
+        torch.save(compressor, tmp / COMPRESSOR_FILE)  # incremental embedding reuses it
         manifest = seal(tmp, StoreManifest(
             store_version=version, fm_version=fm.fm_version, checkpoint_hash=fm.fm_version,
             layers=list(cfg.embed.layers), raw_width=int(sample.shape[1]), width=cfg.embed.compress.width,
             prefix_widths=list(cfg.embed.compress.prefix_widths), dtype=cfg.embed.compress.dtype,
             rows=0, min_ts=0, max_ts=0, recon_error=stats["recon_error"], quant_error=stats["quant_error"],
+            compressor_hash=file_hash(tmp / COMPRESSOR_FILE),
         ), expected_rows=total_events)
     seconds = time.time() - started
     log.info("embed: %d events in %.1fs (%.0f events/s) -> store %s", manifest.rows, seconds,
              manifest.rows / max(seconds, 1e-9), out)
     return manifest
+
+
+def extractor_args(fm_dir, fm: FMManifest, cfg: LoopFMConfig) -> dict:
+    """ChunkExtractor's constructor arguments for this FM: its verified weights as bytes."""
+    return {"fm_weights": verified_bytes(fm_dir, fm.fm_version),
+            "fm_manifest": {"fm": fm.fm, "vocab_sizes": fm.vocab_sizes, "num_surfaces": fm.num_surfaces},
+            "layers": cfg.embed.layers}
+
+
+def extract_rows(chunks, cfg: LoopFMConfig, fm_args: dict, compressor: dict):
+    """Store rows of every output position of `chunks`, through the extractor actor pool (lazy)."""
+    from ray.data import ActorPoolStrategy
+
+    from loopfm.runtime import use_gpu
+
+    gpu = use_gpu(cfg.ray)
+    return chunks.map_batches(
+        ChunkExtractor, fn_constructor_kwargs={**fm_args, "compressor": compressor, "dtype": cfg.embed.compress.dtype},
+        compute=ActorPoolStrategy(size=cfg.embed.num_actors), num_cpus=cfg.embed.actor_num_cpus,
+        num_gpus=1 if gpu else 0, batch_size=cfg.embed.batch_size, batch_format="numpy")
 
 
 def _raw_sample(chunks, cfg: LoopFMConfig, extractor) -> np.ndarray:

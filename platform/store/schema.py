@@ -15,6 +15,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.rundir import from_manifest
 
 EVENT_ID = "event_id"
 USER_ID = "user_id"
@@ -22,6 +23,7 @@ TS = "ts"
 SURFACE = "surface"
 FM_LOGIT = "fm_logit"
 Z = "z"
+COMPRESSOR_FILE = "compressor.pt"  # the autoencoder that made z; incremental embedding reuses it
 
 ROW_SCHEMA = pa.schema(
     [
@@ -54,6 +56,9 @@ class StoreManifest:
     recon_error: dict[str, float] = field(default_factory=dict)  # prefix width -> MSE of e'
     quant_error: dict[str, float] = field(default_factory=dict)  # dtype -> max |z - decode(encode(z))|
     parent: Optional[str] = None  # set on deltas: the version this one extends
+    base: Optional[str] = None  # set on deltas: the full store the chain starts from
+    since: Optional[int] = None  # set on deltas: holds the log's events with ts > since
+    compressor_hash: str = ""  # sha256 of compressor.pt (full stores)
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, checked on open
     created_at: str = ""
 
@@ -63,7 +68,7 @@ class StoreManifest:
         if not f.is_file():
             raise MissingInputError(f"no store at {path} (missing {f.name})")
         raw = json.loads(f.read_text())
-        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+        return from_manifest(cls, raw, path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

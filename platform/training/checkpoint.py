@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.rundir import from_manifest
 
 MODEL_FILE = "model.pt"
 
@@ -46,7 +47,7 @@ class VMManifest:
         if not f.is_file():
             raise MissingInputError(f"no VM checkpoint at {path} (missing manifest.json)")
         raw = json.loads(f.read_text())
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+        return from_manifest(cls, raw, path)
 
 
 def state_bytes(state: "torch.nn.Module | dict") -> bytes:
@@ -100,7 +101,19 @@ def verified_bytes(directory: Path, version: str) -> bytes:
 
 def verified_state(directory: Path, version: str) -> dict:
     """`model.pt` of `directory` as a state dict (`torch.load(weights_only=True)`), hash checked."""
-    return torch.load(io.BytesIO(verified_bytes(directory, version)), weights_only=True)
+    return load_weights(io.BytesIO(verified_bytes(directory, version)), Path(directory) / MODEL_FILE)
+
+
+def load_weights(source, name) -> dict:
+    """`torch.load(weights_only=True)`: a file that is not plain tensors (a pickle that would run
+    code, say) is refused with an error naming it, not a traceback from the unpickler."""
+    import pickle
+
+    try:
+        return torch.load(source, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise VersionMismatchError(f"{name} is not a weights-only torch file ({type(err).__name__}: it holds more "
+                                   "than tensors, e.g. objects that would run code when unpickled); refused") from None
 
 
 def load_vm(directory: Path) -> tuple[torch.nn.Module, VMManifest]:

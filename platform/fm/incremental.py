@@ -1,0 +1,169 @@
+"""`loopfm embed --incremental [--since TS|last]`: embed only the log's new events, as a store delta.
+
+The same fixed FM checkpoint and the same compressor as the full store (the paper: a consistent
+embedding space beats a fresher, drifting one). A user's causal state is continued, not
+recomputed: each user with new events gets chunks that start `fm.context + 1` events before the
+first new one (the FM's whole receptive field) and output only the new events, so every new
+event's z equals what a full re-embed of the union would give it (tests/test_incremental.py),
+at the cost of the increment plus one receptive field per active user.
+
+    store/<version>/ (full)  <-  store_deltas/<version>/0000-<hash>/  <-  0001-<hash>/ ...
+
+Each delta is sealed like a store (rows = the new events, unique ids, file hashes) with
+`base`, `parent` and `since` in its manifest, inside `atomic_output`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+
+from loopfm.config import LoopFMConfig, stable_hash
+from loopfm.datasets.append import appended_batches
+from loopfm.datasets.schema import CATEGORY, ITEM_ID, SPLITS, TS, USER_ID, idx
+from loopfm.datasets.splits import SplitInfo, split_paths
+from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.features.resolve import resolve_store
+from loopfm.fm.checkpoint import FMManifest
+from loopfm.fm.chunks import EVENT_COLUMNS, user_chunks
+from loopfm.fm.embed import extract_rows, extractor_args
+from loopfm.fm.train import fm_fingerprint
+from loopfm.rundir import RunDir, atomic_output
+from loopfm.store.deltas import chain_max_ts, open_chain
+from loopfm.store.parquet import file_hash, seal
+from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
+from loopfm.training.checkpoint import load_weights
+
+
+def log_events(run: RunDir, info: SplitInfo):
+    """Every event of the log (splits + appended batches) in `EVENT_COLUMNS`, as a Ray Dataset."""
+    import ray
+
+    ds = ray.data.read_parquet([str(split_paths(run, s)) for s in SPLITS], columns=EVENT_COLUMNS)
+    batches = appended_batches(run)
+    if batches:
+        vocabs = {c: info.vocab(run, c) for c in (ITEM_ID, CATEGORY)}
+        appended = ray.data.read_parquet([str(b) for b in batches], file_extensions=["parquet"])
+        ds = ds.union(appended.map_batches(_index, batch_format="numpy", fn_args=(vocabs,)).select_columns(EVENT_COLUMNS))
+    return ds
+
+
+def _index(batch: dict, vocabs: dict) -> dict:
+    for column, vocab in vocabs.items():
+        batch[idx(column)] = vocab.lookup(batch[column])
+    return batch
+
+
+def continued_chunks(batch: dict[str, np.ndarray], chunk_len: int, context: int, since: int,
+                     cutoffs: tuple[int, int]) -> dict[str, np.ndarray]:
+    """`map_groups` fn over one user's events: chunks that output only the events after `since`.
+
+    The input starts `context + 1` events before the first new one: the `context` predecessors a
+    new event's FM output depends on, and one more whose label is the first one's `prev_label`
+    token, so the output equals the full pass's.
+    """
+    order = np.lexsort((batch["event_id"], batch[TS]))
+    ts = batch[TS][order]
+    old = int((ts <= since).sum())  # the caller passes only users with at least one new event
+    keep = order[max(0, old - context - 1):]
+    chunks = user_chunks({k: v[keep] for k, v in batch.items()}, chunk_len, context, *cutoffs)
+    chunks["out"] &= chunks["ts"] > since
+    return chunks
+
+
+def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last") -> StoreManifest:
+    """Write the delta holding every log event with ts > since (default: newer than the chain holds)."""
+    from loopfm.runtime import init_ray, log
+
+    base_path, base = resolve_store(cfg, run)
+    chain = open_chain(run, base_path)
+    stored_until = chain_max_ts(chain)
+    since_ts = stored_until if since in (None, "last") else int(since)
+    if since_ts < stored_until:
+        raise VersionMismatchError(
+            f"--since {since_ts} is before the newest stored event (ts {stored_until}): events in between are "
+            "already in the store; compact and re-embed to change them")
+    info, fm_args, compressor = _same_space(cfg, run, base_path, base)
+    init_ray(cfg.ray)
+    started = time.time()
+    new_users, expected = _new_events(run, since_ts)
+    if not expected:
+        raise MissingInputError(f"the log holds no events after ts {since_ts}: run `loopfm logs append` first")
+    fn = functools.partial(continued_chunks, chunk_len=cfg.fm.chunk_len, context=cfg.fm.context,
+                           since=since_ts, cutoffs=(info.valid_start_ts, info.test_start_ts))
+    trim = functools.partial(tail_of_users, users=new_users, since=since_ts, tail=cfg.fm.context + 1)
+    chunks = log_events(run, info).map_batches(trim, batch_format="numpy").groupby(USER_ID).map_groups(fn, batch_format="numpy")
+
+    deltas = chain[1:]
+    parent = deltas[-1][1].store_version if deltas else base.store_version
+    version = stable_hash(base.store_version, parent, since_ts, expected)
+    out = run.store_deltas(base.store_version) / f"{len(deltas):04d}-{version}"
+    with atomic_output(out) as tmp:
+        extract_rows(chunks, cfg, fm_args, compressor).write_parquet(str(tmp))
+        manifest = seal(tmp, StoreManifest(
+            store_version=version, fm_version=base.fm_version, checkpoint_hash=base.checkpoint_hash,
+            layers=base.layers, raw_width=base.raw_width, width=base.width, prefix_widths=base.prefix_widths,
+            dtype=base.dtype, rows=0, min_ts=0, max_ts=0, parent=parent, base=base.store_version, since=since_ts,
+        ), expected_rows=expected)
+    seconds = time.time() - started
+    log.info("embed --incremental: %d events of %d users after ts %d in %.1fs -> delta %s", manifest.rows,
+             len(new_users), since_ts, seconds, out)
+    return manifest
+
+
+def union_rows(cfg: LoopFMConfig, run: RunDir, context: int | None = None):
+    """Store rows of every log event (splits + appended) from one full pass of the store's FM and
+    compressor, as a lazy Ray Dataset: what the store and its deltas must equal, and what a full
+    re-embed costs. A `context` below the FM's receptive field exists only to show that it matters."""
+    from loopfm.fm.chunks import chunk_group
+
+    base_path, base = resolve_store(cfg, run)
+    info, fm_args, compressor = _same_space(cfg, run, base_path, base)
+    fn = functools.partial(chunk_group, chunk_len=cfg.fm.chunk_len, context=cfg.fm.context if context is None else context,
+                           valid_start=info.valid_start_ts, test_start=info.test_start_ts)
+    chunks = log_events(run, info).groupby(USER_ID).map_groups(fn, batch_format="numpy")
+    return extract_rows(chunks, cfg, fm_args, compressor)
+
+
+def _same_space(cfg: LoopFMConfig, run: RunDir, base_path, base: StoreManifest):
+    """(split info, extractor args, compressor) of the FM and compressor that made store `base`, verified."""
+    info = SplitInfo.load(run)
+    fm_dir = run.fm(fm_fingerprint(cfg, info))
+    fm = FMManifest.read(fm_dir)
+    if fm.fm_version != base.fm_version:
+        raise VersionMismatchError(f"store {base.store_version} was embedded by FM {base.fm_version}, but this "
+                                   f"config's FM at {fm_dir} is {fm.fm_version}: an increment must use the same FM")
+    if file_hash(base_path / COMPRESSOR_FILE) != base.compressor_hash:
+        raise VersionMismatchError(f"{base_path / COMPRESSOR_FILE} does not match the hash in the store's manifest")
+    return info, extractor_args(fm_dir, fm, cfg), load_weights(base_path / COMPRESSOR_FILE, base_path / COMPRESSOR_FILE)
+
+
+def _new_events(run: RunDir, since: int) -> tuple[np.ndarray, int]:
+    """(users with events after `since`, how many such events). Only appended batches can hold
+    any: `since` is at or after the full store's newest event, and that store holds every split."""
+    import pyarrow.dataset as pads
+
+    files = [str(f) for batch in appended_batches(run) for f in sorted(batch.glob("*.parquet"))]
+    if not files:
+        return np.zeros(0, np.int64), 0
+    table = pads.dataset(files, format="parquet").to_table(columns=[USER_ID, TS], filter=pads.field(TS) > since)
+    return np.unique(table[USER_ID].to_numpy()), table.num_rows
+
+
+def tail_of_users(batch: dict, users: np.ndarray, since: int, tail: int) -> dict:
+    """map_batches fn: rows of `users` that are new (ts > since) or among each user's last `tail`
+    old rows in this block, by (ts, event_id). Each user's last `tail` old events overall are
+    among the union of every block's, so the trim is exact, and the shuffle carries at most
+    `tail` old rows per user per block instead of whole histories."""
+    keep = np.isin(batch[USER_ID], users)
+    old = keep & (batch[TS] <= since)
+    rows = np.flatnonzero(old)
+    order = rows[np.lexsort((-batch["event_id"][rows], -batch[TS][rows], batch[USER_ID][rows]))]  # newest first per user
+    user = batch[USER_ID][order]
+    first = np.r_[0, np.flatnonzero(user[1:] != user[:-1]) + 1]
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    keep &= ~old
+    keep[order[rank < tail]] = True
+    return {k: v[keep] for k, v in batch.items()}

@@ -1,0 +1,77 @@
+"""A store version and its deltas: the chain readers see, and compaction that folds it back.
+
+`store/<version>/` is the full store; `store_deltas/<version>/<seq>-<hash>/` are the increments
+(`loopfm embed --incremental`), each naming its `parent`. `open_chain` verifies every link
+(files hashed, parent = previous, same FM, layers, width and dtype) so a reader never mixes
+rows from two embedding spaces. `loopfm store compact` writes base + deltas as one full store
+under the same version (same FM, same compressor: the rows are the ones the deltas held) and
+then removes the folded deltas (a delta older than its base's newest event counts as folded,
+so a compaction killed between the two steps double-counts nothing).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from loopfm.errors import VersionMismatchError
+from loopfm.rundir import RunDir, atomic_output, read_manifest
+from loopfm.store.parquet import data_files, open_store, seal
+from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
+
+
+def delta_paths(run: RunDir, version: str) -> list[Path]:
+    root = run.store_deltas(version)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and read_manifest(p) is not None)
+
+
+def open_chain(run: RunDir, base_path: Path) -> list[tuple[Path, StoreManifest]]:
+    """[(path, manifest)] of the full store and each of its deltas in order, every link checked."""
+    base = open_store(base_path)
+    chain = [(Path(base_path), base)]
+    pinned = {"fm_version": base.fm_version, "layers": base.layers, "width": base.width, "dtype": base.dtype}
+    for path in delta_paths(run, base.store_version):
+        delta = StoreManifest.read(path)
+        if delta.since is not None and delta.since < base.max_ts:
+            continue  # folded into the base by a compaction that stopped before removing it
+        delta = open_store(path, pinned)
+        if delta.parent != chain[-1][1].store_version or delta.base != base.store_version:
+            raise VersionMismatchError(
+                f"store delta {path} extends {delta.parent} (base {delta.base}), but the chain before it ends at "
+                f"{chain[-1][1].store_version} (base {base.store_version})")
+        chain.append((path, delta))
+    return chain
+
+
+def chain_files(chain: list[tuple[Path, StoreManifest]]) -> list[Path]:
+    return [f for path, _ in chain for f in data_files(path)]
+
+
+def chain_max_ts(chain: list[tuple[Path, StoreManifest]]) -> int:
+    return max(m.max_ts for _, m in chain if m.rows)
+
+
+def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
+    """`loopfm store compact`: fold this config's store and its deltas into one full store."""
+    from loopfm.features.resolve import resolve_store
+    from loopfm.runtime import log
+
+    base_path, base = resolve_store(cfg, run)
+    chain = open_chain(run, base_path)
+    if len(chain) == 1:
+        log.info("store compact: %s has no deltas", base_path)
+        return base
+    with atomic_output(base_path) as tmp:
+        for i, (path, _) in enumerate(chain):
+            for f in data_files(path):
+                shutil.copy2(f, tmp / f"{i:04d}-{f.name}")
+        shutil.copy2(base_path / COMPRESSOR_FILE, tmp / COMPRESSOR_FILE)
+        manifest = StoreManifest(**{**base.to_dict(), "files": {}, "created_at": ""})
+        manifest = seal(tmp, manifest, expected_rows=sum(m.rows for _, m in chain))
+    for path, _ in chain[1:]:
+        shutil.rmtree(path)
+    log.info("store compact: %d deltas folded into %s (%d rows, ts up to %d)", len(chain) - 1, base_path,
+             manifest.rows, manifest.max_ts)
+    return manifest

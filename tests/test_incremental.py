@@ -1,0 +1,185 @@
+"""The loop's increment: append new events, embed only them, and get what a full re-embed gives.
+
+One run whose log holds the smoke data minus its last day; that day is appended with
+`logs append`, embedded with `embed --incremental`, and compared with a full pass of the FM
+(same checkpoint, same compressor) over the union of both.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import ensure_local_ray
+
+from loopfm.store import codec
+
+
+@pytest.fixture(scope="module")
+def grown_run(tmp_path_factory, smoke_config):
+    """(cfg, run, day-6 file): the smoke log without its last day, FM + full store, then the day appended."""
+    from loopfm.datasets.append import logs_append_stage
+    from loopfm.datasets.ingest import validate_stage
+    from loopfm.datasets.splits import split_stage
+    from loopfm.datasets.synthetic import generate_stage
+    from loopfm.fm.embed import embed_stage
+    from loopfm.fm.train import fm_train_stage
+    from loopfm.rundir import RunDir
+
+    ensure_local_ray()
+    cfg = smoke_config.updated({"fm.num_workers": 0})
+    root = tmp_path_factory.mktemp("grown")
+    run = RunDir(root / "run")
+    generate_stage(cfg, run)
+    files = sorted(run.source.glob("*.parquet"))
+    log = pa.concat_tables([pq.read_table(f) for f in files])
+    cut = int(log["ts"].to_numpy().max()) - 86_400  # the last day
+    for f in files:
+        f.unlink()
+    old = log.filter(pa.compute.less_equal(log["ts"], cut))
+    pq.write_table(old, run.source / "part-00000.parquet")
+    day = root / "day6.parquet"
+    pq.write_table(log.filter(pa.compute.greater(log["ts"], cut)), day)
+    validate_stage(cfg, run)
+    split_stage(cfg, run)
+    fm_train_stage(cfg, run)
+    base = embed_stage(cfg, run)
+    assert base.rows == old.num_rows and base.max_ts <= cut
+    logs_append_stage(cfg, run, Namespace(files=[str(day)], format="auto"))
+    return cfg, run, day, cut
+
+
+def _rows(paths) -> dict[str, np.ndarray]:
+    import pyarrow.dataset as pads
+
+    from loopfm.store.parquet import data_files
+
+    files = [str(f) for p in paths for f in data_files(p)]
+    table = pads.dataset(files, format="parquet").to_table().sort_by("event_id")
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def _full_reembed(cfg, run, context: int):
+    """Every log event (log + appended) through one full pass of the base store's FM and compressor."""
+    from loopfm.fm.incremental import union_rows
+
+    table = pa.concat_tables([pa.Table.from_pandas(b) for b in union_rows(cfg, run, context).iter_batches(
+        batch_format="pandas")]).sort_by("event_id")
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+@pytest.mark.timeout(300)
+def test_incremental_delta_equals_a_full_reembed_of_the_union(grown_run):
+    from loopfm.features.resolve import resolve_store
+    from loopfm.fm.embed import embed_stage
+    from loopfm.store.deltas import open_chain
+
+    cfg, run, day, cut = grown_run
+    delta = embed_stage(cfg, run, Namespace(incremental=True, since="last"))
+    chain = open_chain(run, resolve_store(cfg, run)[0])
+    assert [m.store_version for _, m in chain[1:]] == [delta.store_version]
+    new_ids = np.sort(pq.read_table(day, columns=["event_id"])["event_id"].to_numpy())
+    got = _rows([chain[1][0]])
+    assert delta.rows == len(new_ids) and delta.since is not None and delta.since <= cut
+    np.testing.assert_array_equal(got["event_id"], new_ids)  # every new event once: no gaps, no duplicates
+
+    full = _full_reembed(cfg, run, cfg.fm.context)
+    mine = np.isin(full["event_id"], new_ids)
+    np.testing.assert_array_equal(full["event_id"][mine], got["event_id"])
+    np.testing.assert_allclose(got["fm_logit"], full["fm_logit"][mine], atol=1e-5, rtol=0)
+    dim, dtype = cfg.embed.compress.width, cfg.embed.compress.dtype
+    z_inc, z_full = (codec.decode(codec.from_binary_column(list(z), codec.bytes_per_row(dim, dtype)), dtype, dim)
+                     for z in (got["z"], full["z"][mine]))
+    step = 1 / 8 if dtype == "int4" else 1e-3  # a value on a rounding edge may flip one step
+    assert np.abs(z_inc - z_full).max() <= step + 1e-6
+    assert (z_inc == z_full).mean() > 0.999
+
+    # The old events' rows in the base store are the full pass's too.
+    base = _rows([chain[0][0]])
+    old = np.isin(full["event_id"], base["event_id"])
+    np.testing.assert_allclose(base["fm_logit"], full["fm_logit"][old], atol=1e-5, rtol=0)
+
+    # The comparison can fail: a prefix shorter than the receptive field changes new events' outputs.
+    short = _full_reembed(cfg, run, context=1)
+    assert np.abs(short["fm_logit"][np.isin(short["event_id"], new_ids)] - got["fm_logit"]).max() > 1e-3
+
+
+@pytest.mark.timeout(120)
+def test_append_refuses_events_that_are_not_newer(grown_run):
+    from loopfm.datasets.append import appended_batches, logs_append_stage
+    from loopfm.errors import DataValidationError
+
+    cfg, run, day, _ = grown_run
+    before = appended_batches(run)
+    with pytest.raises(DataValidationError, match=r"at or before the log's newest event.*nothing was appended"):
+        logs_append_stage(cfg, run, Namespace(files=[str(day)], format="auto"))
+    assert appended_batches(run) == before
+
+
+@pytest.mark.timeout(300)
+def test_second_increment_needs_new_events_and_compaction_folds_the_chain(grown_run):
+    from loopfm.errors import MissingInputError
+    from loopfm.features.resolve import resolve_store
+    from loopfm.fm.embed import embed_stage
+    from loopfm.store.deltas import compact_stage, open_chain
+
+    cfg, run, day, _ = grown_run
+    chain = open_chain(run, resolve_store(cfg, run)[0])
+    if len(chain) == 1:  # this test alone: make the delta first
+        embed_stage(cfg, run, Namespace(incremental=True, since="last"))
+        chain = open_chain(run, resolve_store(cfg, run)[0])
+    with pytest.raises(MissingInputError, match="no events after ts"):
+        embed_stage(cfg, run, Namespace(incremental=True, since="last"))
+    rows = {int(i) for p, _ in chain for i in _rows([p])["event_id"]}
+    compacted = compact_stage(cfg, run)
+    after = open_chain(run, resolve_store(cfg, run)[0])
+    assert len(after) == 1 and compacted.rows == len(rows) == after[0][1].rows
+    assert set(_rows([after[0][0]])["event_id"].tolist()) == rows
+
+
+def test_block_trim_keeps_each_users_last_old_events_and_every_new_one():
+    """Trimming each block to its users' last `tail` old rows loses none of the global last `tail`."""
+    from loopfm.fm.incremental import tail_of_users
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    batch = {"event_id": rng.permutation(n).astype(np.int64), "user_id": rng.integers(0, 40, n),
+             "ts": rng.integers(0, 500, n)}  # many ts ties: the order is (ts, event_id)
+    users, since, tail = np.arange(0, 40, 2), 400, 7
+    blocks = np.array_split(np.arange(n), 3)
+    kept = np.concatenate([tail_of_users({k: v[b] for k, v in batch.items()}, users, since, tail)["event_id"]
+                           for b in blocks])
+    want = []
+    for u in users:
+        mine = np.flatnonzero(batch["user_id"] == u)
+        mine = mine[np.lexsort((batch["event_id"][mine], batch["ts"][mine]))]
+        old = mine[batch["ts"][mine] <= since]
+        want += list(batch["event_id"][old[-tail:]]) + list(batch["event_id"][mine[batch["ts"][mine] > since]])
+    final = []
+    for u in users:  # what continued_chunks keeps of the trimmed rows: the last `tail` old ones + the new ones
+        rows = np.flatnonzero(np.isin(batch["event_id"], kept) & (batch["user_id"] == u))
+        rows = rows[np.lexsort((batch["event_id"][rows], batch["ts"][rows]))]
+        old = rows[batch["ts"][rows] <= since]
+        final += list(batch["event_id"][old[-tail:]]) + list(batch["event_id"][rows[batch["ts"][rows] > since]])
+    assert sorted(final) == sorted(want)
+    assert len(kept) < n / 2  # the trim does drop rows
+
+
+@pytest.mark.timeout(120)
+def test_a_changed_compressor_is_refused(grown_run):
+    from loopfm.errors import VersionMismatchError
+    from loopfm.features.resolve import resolve_store
+    from loopfm.fm.embed import embed_stage
+
+    cfg, run, _, _ = grown_run
+    path = resolve_store(cfg, run)[0] / "compressor.pt"
+    saved = path.read_bytes()
+    try:
+        path.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+        with pytest.raises(VersionMismatchError, match="compressor.pt does not match the hash"):
+            embed_stage(cfg, run, Namespace(incremental=True, since="last"))
+    finally:
+        path.write_bytes(saved)

@@ -1,0 +1,280 @@
+"""Loading safety (issue 7, item 6): nothing the platform loads can run code, and nothing changed loads.
+
+- Every `torch.load` in the repo passes `weights_only=True` (read from the source's syntax tree, so a
+  new call without it fails here), and nothing unpickles by another road (`pickle.load`, `np.load`
+  with `allow_pickle=True`, `yaml.load`).
+- FM and VM checkpoints (`platform/fm/checkpoint.py`, `platform/training/checkpoint.py`): one changed
+  byte of `model.pt`, or a manifest whose version is not the file's hash, is refused with an error
+  naming the file. A pickle payload that would run code is refused even when the attacker also fixed
+  the manifest's hash: the loaders unpickle with `weights_only=True`. The payload is live: the same
+  bytes loaded without `weights_only` do run it (the control at the end of each case).
+- The compressor (`actors/extractor.build_compressor`) and Ray Train's epoch state
+  (`training/loop.final_state`) are refused the same way.
+- Stores (`platform/store/parquet.open_store`): one byte changed in place, a manifest hash edited, or a
+  file the manifest does not list, is refused naming the file.
+
+Already shown elsewhere (not repeated here): a truncated + appended VM `model.pt` refused on a
+really trained VM (tests/test_vm_train.py::test_loopfm_vm_trains_on_a_worker_and_its_checkpoint_reproduces_its_test_auc),
+a store file grown by a byte or missing, and a store whose pinned fields differ
+(tests/test_store.py::test_a_changed_or_missing_file_is_refused,
+tests/test_store.py::test_reader_refuses_a_store_that_differs_and_names_the_field), the FM version is
+the hash of its weights (tests/test_fm_embed.py::test_current_store_is_skipped_and_the_fm_version_is_its_weights_hash).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from loopfm.config import CompressConfig, FMConfig, TrainConfig, VMConfig
+from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.fm.checkpoint import FMManifest, load_fm, save_fm
+from loopfm.training.checkpoint import MODEL_FILE, VMManifest, load_vm, model_hash, save_vm, state_bytes
+
+SOURCE_DIRS = ("platform", "actors", "models", "tune", "serve_apps", "benchmarks", "tests")
+VOCAB = {"user_id": 7, "item_id": 9, "category": 4}
+
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"): a harmless stand-in for any code an attacker picks."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def payload(sentinel: Path) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"weight": torch.zeros(2), "evil": RunsCode(sentinel)}, buf)
+    return buf.getvalue()
+
+
+def assert_payload_is_live(data: bytes, sentinel: Path) -> None:
+    """The control: the same bytes, unpickled without weights_only, do run the code."""
+    assert not sentinel.exists()
+    torch.load(io.BytesIO(data), weights_only=False)["evil"].close()
+    assert sentinel.exists()
+
+
+# -- no unsafe loading anywhere ---------------------------------------------------------------
+
+
+def calls(name: str, attr: str):
+    """(file, line, call) of every `name.attr(...)` in the repo's own sources, this file aside."""
+    for folder in SOURCE_DIRS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.resolve() == Path(__file__).resolve():
+                continue  # this file unpickles its own payload on purpose (the control)
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == name):
+                    yield f"{path.relative_to(REPO)}:{node.lineno}", node
+
+
+def keyword(call: ast.Call, name: str):
+    return next((k.value.value for k in call.keywords if k.arg == name and isinstance(k.value, ast.Constant)), None)
+
+
+def test_every_torch_load_is_weights_only_and_nothing_else_unpickles():
+    loads = list(calls("torch", "load"))
+    assert len(loads) >= 5  # FM/VM weights, compressor, Train state (resume and final), ...
+    assert [where for where, call in loads if keyword(call, "weights_only") is not True] == []
+    assert [where for where, _ in calls("pickle", "load")] + [where for where, _ in calls("pickle", "loads")] == []
+    assert [where for where, call in calls("np", "load") if keyword(call, "allow_pickle") is True] == []
+    assert [where for where, _ in calls("yaml", "load")] + [where for where, _ in calls("yaml", "unsafe_load")] == []
+
+
+# -- FM and VM checkpoints --------------------------------------------------------------------
+
+
+def tiny_fm_cfg() -> FMConfig:
+    return FMConfig(d_model=8, n_layers=1, n_heads=2, d_ff=16, window=4, chunk_len=8)
+
+
+@pytest.fixture
+def fm_dir(tmp_path) -> Path:
+    from loopfm.models.fm import CausalFM
+
+    torch.manual_seed(0)
+    cfg = tiny_fm_cfg()
+    model = CausalFM(cfg, VOCAB, num_surfaces=2)
+    (tmp_path / "fm").mkdir()
+    save_fm(tmp_path / "fm", state_bytes(model), FMManifest(fingerprint="f", fm_version="", fm=cfg.model_dump(mode="json"),
+                                                     vocab_sizes=VOCAB, num_surfaces=2, splits_fingerprint="s"))
+    return tmp_path / "fm"
+
+
+@pytest.fixture
+def vm_dir(tmp_path) -> Path:
+    from loopfm.models.vm import build_vm
+
+    torch.manual_seed(0)
+    cfg = VMConfig(hidden=[8])
+    model = build_vm(cfg, VOCAB, [3], seq_width=4)
+    manifest = VMManifest(fingerprint="f", model_version="", arm="kd_loopfm", seed=0, features_fingerprint="ff",
+                          store_version="s", vm=cfg.model_dump(mode="json"), train=TrainConfig().model_dump(mode="json"),
+                          vocab_sizes=VOCAB, context_columns=["c"], context_sizes=[3], seq_len=4, seq_width=4,
+                          raw_seq_len=3)
+    (tmp_path / "vm").mkdir()
+    save_vm(tmp_path / "vm", state_bytes(model), manifest)
+    return tmp_path / "vm"
+
+
+LOADERS = {"fm": (load_fm, "fm_version"), "vm": (load_vm, "model_version")}
+
+
+@pytest.fixture(params=list(LOADERS))
+def checkpoint(request, fm_dir, vm_dir):
+    """(directory, loader, manifest field holding the hash) for an FM and a VM checkpoint."""
+    directory = fm_dir if request.param == "fm" else vm_dir
+    return (directory, *LOADERS[request.param])
+
+
+def set_manifest(directory: Path, field: str, value: str) -> None:
+    path = directory / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw[field] = value
+    path.write_text(json.dumps(raw))
+
+
+def test_an_untouched_checkpoint_loads_the_saved_weights(checkpoint):
+    directory, load, field = checkpoint
+    model, manifest = load(directory)
+    assert getattr(manifest, field) == model_hash((directory / MODEL_FILE).read_bytes())
+    saved = torch.load(directory / MODEL_FILE, weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("where", [0, 0.5, -1])
+def test_one_changed_byte_is_refused_naming_the_file(checkpoint, where):
+    directory, load, _ = checkpoint
+    path = directory / MODEL_FILE
+    data = bytearray(path.read_bytes())
+    i = int(where * (len(data) - 1)) if where >= 0 else len(data) - 1
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(VersionMismatchError, match="does not match its manifest") as err:
+        load(directory)
+    assert str(path) in str(err.value)
+
+
+def test_a_manifest_hash_that_does_not_match_is_refused_naming_the_file(checkpoint):
+    directory, load, field = checkpoint
+    set_manifest(directory, field, "0" * 16)
+    with pytest.raises(VersionMismatchError, match="version 0000000000000000") as err:
+        load(directory)
+    assert str(directory / MODEL_FILE) in str(err.value)
+
+
+def test_missing_weights_are_refused_naming_the_file(checkpoint):
+    directory, load, _ = checkpoint
+    (directory / MODEL_FILE).unlink()
+    with pytest.raises(MissingInputError, match=str(directory / MODEL_FILE)):
+        load(directory)
+
+
+def test_a_pickle_payload_is_refused_even_with_a_matching_hash(checkpoint, tmp_path_factory):
+    directory, load, field = checkpoint
+    sentinel = tmp_path_factory.mktemp("attack") / "code-ran"
+    data = payload(sentinel)
+    (directory / MODEL_FILE).write_bytes(data)
+    set_manifest(directory, field, model_hash(data))  # the attacker fixed the hash too
+    with pytest.raises(VersionMismatchError, match=rf"{MODEL_FILE} is not a weights-only torch file"):
+        load(directory)
+    assert_payload_is_live(data, sentinel)
+
+
+# -- the compressor and Ray Train's epoch state -----------------------------------------------
+
+
+def test_compressor_weights_with_a_payload_are_refused(tmp_path):
+    from loopfm.actors.extractor import build_compressor
+
+    sentinel = tmp_path / "code-ran"
+    spec = {"raw_width": 8, "compress": CompressConfig().model_dump(mode="json"), "weights": payload(sentinel)}
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        build_compressor(spec)
+    assert_payload_is_live(spec["weights"], sentinel)
+
+
+def test_train_state_with_a_payload_is_refused(tmp_path):
+    from loopfm.training.loop import STATE_FILE, final_state
+
+    sentinel = tmp_path / "code-ran"
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / STATE_FILE).write_bytes(payload(sentinel))
+
+    @contextmanager
+    def as_directory():
+        yield str(tmp_path / "ckpt")
+
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        final_state(SimpleNamespace(checkpoint=SimpleNamespace(as_directory=as_directory)))
+    assert_payload_is_live((tmp_path / "ckpt" / STATE_FILE).read_bytes(), sentinel)
+
+
+# -- stores -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    from loopfm.rundir import atomic_output
+    from loopfm.store.parquet import seal
+    from test_store import manifest, write_rows
+
+    path = tmp_path / "store" / "s1"
+    with atomic_output(path) as tmp:
+        write_rows(tmp, np.arange(10), "part-0.parquet")
+        write_rows(tmp, np.arange(10, 25), "part-1.parquet")
+        seal(tmp, manifest(), expected_rows=25)
+    return path
+
+
+def test_store_file_with_one_byte_changed_in_place_is_refused(store):
+    from loopfm.store.parquet import open_store
+
+    path = store / "part-1.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, same name: only the hash can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(VersionMismatchError, match="part-1.parquet does not match the hash in its manifest"):
+        open_store(store)
+
+
+def test_store_manifest_hash_edited_or_an_unlisted_file_is_refused(store):
+    from loopfm.store.parquet import open_store
+    from test_store import write_rows
+
+    raw = json.loads((store / "manifest.json").read_text())
+    raw["files"]["part-0.parquet"] = "0" * 64
+    (store / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(VersionMismatchError, match="part-0.parquet does not match the hash in its manifest"):
+        open_store(store)
+    write_rows(store, np.arange(25, 30), "part-2.parquet")  # rows slipped in after sealing
+    with pytest.raises(VersionMismatchError, match=r"unexpected \['part-2.parquet'\]"):
+        open_store(store)
+
+
+@pytest.mark.parametrize("kind", ["fm", "vm"])
+def test_a_manifest_missing_a_field_is_refused_by_name(kind, tmp_path):
+    import json
+
+    from loopfm.rundir import MANIFEST
+
+    cls = FMManifest if kind == "fm" else VMManifest
+    field = "fm_version" if kind == "fm" else "model_version"
+    (tmp_path / MANIFEST).write_text(json.dumps({"created_at": "now"}))
+    with pytest.raises(VersionMismatchError, match=rf"manifest.json lacks \[.*'{field}'.*\]: not a complete {cls.__name__}"):
+        cls.read(tmp_path)
