@@ -47,7 +47,21 @@ COMMANDS: tuple[Command, ...] = (
     Command(("data", "validate"), "read the configured log, validate it, write normalized events", "loopfm.datasets.ingest:validate_stage"),
     Command(("data", "split"), "split events by time into train/valid/test and build the vocabulary", "loopfm.datasets.splits:split_stage"),
     Command(("fm", "train"), "train the foundation model with Ray Train", "loopfm.fm.train:fm_train_stage"),
-    Command(("embed",), "extract FM embeddings with Ray Data actors into the versioned store", "loopfm.fm.embed:embed_stage"),
+    Command(("logs", "append"), "validate new event files and append them to the run's log as one batch",
+            "loopfm.datasets.append:logs_append_stage", (
+        _opt("--files", nargs="+", required=True, help="parquet or CSV files of new events (newer than the log)"),
+        _opt("--format", choices=("auto", "parquet", "csv"), default="auto", help="file format (default: by extension)"),
+    )),
+    Command(("embed",), "extract FM embeddings with Ray Data actors into the versioned store", "loopfm.fm.embed:embed_stage", (
+        _opt("--incremental", action="store_true", help="embed only events newer than the store, as a delta"),
+        _opt("--since", default="last", help="with --incremental: a ts, or `last` (newest stored event; default)"),
+    )),
+    Command(("store", "compact"), "fold the store's deltas into one full store", "loopfm.store.deltas:compact_stage"),
+    Command(("drift",), "how far stored embeddings moved: between time slices, or between two stores",
+            "loopfm.evaluation.drift:drift_stage", (
+        _opt("--slices", type=int, default=4, help="time slices of the store chain compared in turn (default 4)"),
+        _opt("--stores", help="two store versions A,B compared on the events both hold (e.g. two FMs)"),
+    )),
     Command(("features",), "point-in-time join of stored embeddings into VM examples", "loopfm.features:features_stage"),
     Command(("train",), "train one VM (one arm, one seed) with Ray Train", "loopfm.training.vm:train_stage", (
         _opt("--arm", choices=ARMS, help="base, kd, loopfm or kd_loopfm (default: from train.use_kd/use_loopfm)"),
@@ -66,9 +80,18 @@ COMMANDS: tuple[Command, ...] = (
         _opt("--slices", type=int, default=3, help="time slices of the train period, one FM each (default 3)"),
         _opt("--arm", choices=ARMS, default="loopfm", help="arm trained on each store (default: loopfm)"),
     )),
-    Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B)", None),
-    Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve", None),
-    Command(("serve", "build"), "write a Serve config YAML for `serve deploy`", None),
+    Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B); re-run to resume", "loopfm.tune.stage:tune_stage"),
+    Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve", "loopfm.serve_apps.stage:serve_run_stage", (_opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"),)),
+    Command(("serve", "build"), "write a Serve config YAML for `serve deploy`", "loopfm.serve_apps.stage:serve_build_stage", (_opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"), _opt("-o", "--output", help="YAML path (default: <run>/serve/serve.yaml)"))),
+    Command(("serve", "reload"), "redeploy the running app with the newest VM and its store, no dropped requests", "loopfm.serve_apps.stage:serve_reload_stage", (_opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"),)),
+    Command(("serve", "refresh"), "make the running app's feature lookup load new store deltas and appended logs now",
+            "loopfm.serve_apps.stage:serve_refresh_stage"),
+    Command(("cycle",), "the loop in one job: logs append, embed --incremental, then refresh a running app",
+            "loopfm.pipeline:cycle_stage", (
+        _opt("--files", nargs="+", required=True, help="parquet or CSV files of new events (newer than the log)"),
+        _opt("--format", choices=("auto", "parquet", "csv"), default="auto", help="file format (default: by extension)"),
+        _opt("--no-refresh", action="store_true", help="do not ask a running Serve app to refresh"),
+    )),
     Command(("run",), "run every stage end to end and write the report", "loopfm.pipeline:run_pipeline"),
 )
 

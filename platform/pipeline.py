@@ -47,3 +47,25 @@ def run_pipeline(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace | None
         log.info("run: reached the end of what exists; not built yet: %s", ", ".join(missing))
     else:
         log.info("run: finished; report in %s", run.report)
+
+
+def cycle_stage(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace) -> None:
+    """`loopfm cycle --files F...`: the loop's daily step (docs/LOOP.md) as one job.
+
+    Appends the files to the log, embeds their events into a store delta with the same FM, then,
+    when a Serve app of this run is reachable, makes its feature lookup load the delta now.
+    """
+    from loopfm.datasets.append import logs_append_stage
+    from loopfm.errors import MissingInputError
+    from loopfm.fm.incremental import incremental_embed
+
+    logs_append_stage(cfg, run, args)
+    incremental_embed(cfg, run, "last")
+    if getattr(args, "no_refresh", False):
+        return
+    from loopfm.serve_apps.stage import serve_refresh_stage
+
+    try:
+        serve_refresh_stage(cfg, run)
+    except MissingInputError as err:
+        log.info("cycle: no running Serve app refreshed (%s); it picks the delta up within serve.refresh_interval_s", err)

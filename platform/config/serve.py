@@ -16,15 +16,25 @@ class AutoscalingConfig(Section):
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
+    """`loopfm serve run|build|reload` (serve_apps/, docs/SERVING.md)."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless set otherwise")
     port: int = Field(8000, ge=1, le=65535)
-    replicas: PositiveInt = 1
-    max_batch_size: PositiveInt = 32
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_items: PositiveInt = 1000
-    autoscaling: Optional[AutoscalingConfig] = None
+    replicas: PositiveInt = Field(1, description="replicas of each deployment (ingress, lookup, VM)")
+    max_batch_size: PositiveInt = Field(32, description="@serve.batch: most requests per VM forward")
+    batch_wait_timeout_s: float = Field(0.001, ge=0, description="@serve.batch: longest wait to fill a batch (queued requests batch anyway)")
+    max_items: PositiveInt = Field(1000, description="most candidate items per request (more: 422)")
+    autoscaling: Optional[AutoscalingConfig] = Field(None, description="replaces `replicas` when set")
     arm: Literal["base", "kd", "loopfm", "kd_loopfm"] = "kd_loopfm"
     seed: int = 0
+    num_cpus: PositiveFloat = Field(1.0, description="CPUs of one VM replica")
+    frontend_cpus: PositiveFloat = Field(0.5, description="CPUs of one ingress or feature-lookup replica")
+    max_ongoing_requests: PositiveInt = Field(256, description="per replica (Serve's default, 5, starves batching)")
+    access_log: bool = Field(False, description="Serve's per-request access log lines (costly on small machines)")
+    refresh_interval_s: float = Field(30.0, ge=0, description="how often the feature lookup looks for new store "
+                                      "deltas and appended logs and reloads in the background (0: never)")
+    staleness_sla_s: Optional[float] = Field(None, gt=0, description="/healthz says `degraded` when the newest "
+                                             "stored event is older than this (None: no SLA)")
 
 
 class RayConfig(Section):

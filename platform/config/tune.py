@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from .base import Section
+from .vm import Arm
 
 
 class ParamSpec(Section):
@@ -49,9 +50,20 @@ class WandbConfig(Section):
 
 
 class TuneConfig(Section):
+    """`loopfm tune`: Optuna (TPE) proposes, ASHA stops poor trials early, W&B records every trial.
+
+    Each trial trains the VM of `arm` (with `train.seed`) through the same code as `loopfm train`;
+    `metric` is its validation AUC or NE at the epoch early stopping keeps. A trial trains on
+    `train.num_workers` Train workers (at least 1: Train's local mode cannot run inside a Tune
+    trial), each reserving 1 CPU; `trial_cpus` is what the trial process itself reserves (it only
+    waits on Train and runs the embed/features stages, whose Ray Data tasks reserve their own).
+    Budget: max_concurrent_trials x (trial_cpus + num_workers) must leave CPUs for Ray Data.
+    """
+
+    arm: Arm = "kd_loopfm"
     num_samples: PositiveInt = 16
     max_concurrent_trials: PositiveInt = 1
-    trial_cpus: PositiveFloat = 1.0
+    trial_cpus: PositiveFloat = 0.5
     metric: Literal["auc", "ne"] = "auc"
     second_objective: Optional[Literal["serving_bytes"]] = None
     space: dict[str, ParamSpec] = Field(default_factory=_default_space)

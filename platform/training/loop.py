@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -133,8 +133,13 @@ def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def run_trainer(loop: Callable, loop_config: dict, datasets: dict, *, name: str, storage: str,
-                num_workers: int, use_gpu: bool, max_failures: int = 2, cpus_per_worker: float = 1.0):
-    """Fit a TorchTrainer; num_workers 0 runs the loop in this process (Train's local mode)."""
+                num_workers: int, use_gpu: bool, max_failures: int = 2, cpus_per_worker: float = 1.0,
+                callbacks: Optional[list] = None):
+    """Fit a TorchTrainer; num_workers 0 runs the loop in this process (Train's local mode).
+
+    `callbacks` (Train callbacks, e.g. Tune's `TuneReportCallback`) go to `RunConfig`; Train's local
+    mode calls none of them.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -150,6 +155,7 @@ def run_trainer(loop: Callable, loop_config: dict, datasets: dict, *, name: str,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
         ),
     )
     return trainer.fit()

@@ -11,6 +11,7 @@ Output (`vm/<arm>/seed<k>-<fingerprint>/`): `model.pt` + `manifest.json` (`VMMan
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -44,13 +45,25 @@ def seq_width(cfg: LoopFMConfig, features: FeaturesManifest):
     return cfg.vm.loopfm_width or features.width
 
 
-def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest) -> VMManifest:
-    """Train (or find current) the VM of `cfg.train`'s arm and seed on `features`."""
+def vm_fingerprint(cfg: LoopFMConfig, features: FeaturesManifest) -> str:
+    """What a VM depends on: its features, its architecture and its training settings."""
+    return stable_hash(features.fingerprint, cfg.vm, cfg.train)
+
+
+def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbacks=None,
+             stop_file=None) -> VMManifest:
+    """Train (or find current) the VM of `cfg.train`'s arm and seed on `features`.
+
+    `callbacks`: Ray Train callbacks for the run (`loopfm tune` passes the one that reports to Tune).
+    `stop_file`: when this file appears, the loop ends before its next epoch and the VM is not
+    saved (it did not train its configured epochs); the manifest comes back with `stopped` in its
+    metrics. `loopfm tune` stops trials so (ASHA), letting Train shut its workers down itself.
+    """
     from loopfm.runtime import init_ray, log, use_gpu
     from loopfm.training.loop import final_state, run_trainer
 
     arm, seed = arm_of(cfg.train), cfg.train.seed
-    fingerprint = stable_hash(features.fingerprint, cfg.vm, cfg.train)
+    fingerprint = vm_fingerprint(cfg, features)
     out = run.vm(arm, seed, fingerprint)
     if is_complete(out, fingerprint):
         log.info("train: %s is current, skipped", out)
@@ -73,13 +86,20 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest) -> VMMa
     )
     started = time.time()
     result = run_trainer(
-        vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict()}, datasets,
+        vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict(),
+                  **({"stop_file": str(stop_file)} if stop_file else {})}, datasets,
         name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
-        num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray),
+        num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray), callbacks=callbacks,
     )
     state = final_state(result)
     manifest.metrics = {**state["stopper"]["best_metrics"], "best_epoch": state["stopper"]["best_epoch"] + 1,
                         "history": state["history"], "seconds": round(time.time() - started, 1)}
+    ran_out = len(state["history"]) >= cfg.train.epochs or state["stopper"]["bad_epochs"] >= cfg.train.patience
+    if stop_file and os.path.exists(stop_file) and not ran_out:
+        manifest.metrics["stopped"] = True
+        log.info("train: %s seed %d stopped after %d epochs (%s); not saved", arm, seed,
+                 len(state["history"]), stop_file)
+        return manifest
     with atomic_output(out) as tmp:
         save_vm(tmp, state_bytes(state["best"]), manifest)
     test = manifest.metrics["test"]
@@ -98,6 +118,7 @@ def _columns_without_seq(run: RunDir, features: FeaturesManifest) -> list[str]:
 def vm_loop(config: dict) -> None:
     """The per-worker training loop (Ray Train)."""
     import ray.train
+    import ray.train.collective
     import ray.train.torch
 
     from loopfm.features.collate import VMBatchCollate
@@ -118,9 +139,12 @@ def vm_loop(config: dict) -> None:
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "valid", "test")}
     rank = ray.train.get_context().get_world_rank()
     tag = f"{manifest.arm} seed {manifest.seed}"
+    stop_file = config.get("stop_file")
     for epoch in range(state.epoch, train_cfg.epochs):
         if state.stopper.should_stop:
             break
+        if stop_file and ray.train.collective.broadcast_from_rank_zero(os.path.exists(stop_file)):
+            break  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
         model.train()
         losses = []
         for batch in shards["train"].iter_torch_batches(batch_size=train_cfg.batch_size, collate_fn=collate,

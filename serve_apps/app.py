@@ -1,0 +1,119 @@
+"""The app builder used by `serve run`, `serve deploy` and `loopfm serve ...`.
+
+    ingress (FastAPI)  ->  FeatureLookup (store + raw history)  ->  VMModel (@serve.batch)
+
+`build_app(args)` is an application builder (Serve calls it with the `args` of a config file):
+
+    serve run loopfm.serve_apps.app:build_app run_dir=runs/smoke vm_dir=runs/smoke/vm/kd_loopfm/seed0-...
+    serve deploy serve.yaml        # written by `loopfm serve build`
+
+`app_args(cfg, run)` fills the args from a LoopFM config and a run directory (the newest VM of
+`serve.arm` / `serve.seed`), `deploy_config` wraps them in the multi-application config that
+`serve deploy` takes (it validates against Ray's own `ServeDeploySchema`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from ray.serve import Application
+
+from loopfm.config import LoopFMConfig
+from loopfm.rundir import RunDir
+
+APP_NAME = "loopfm"
+ROUTE_PREFIX = "/"
+IMPORT_PATH = "loopfm.serve_apps.app:build_app"
+# A redeploy (`loopfm serve reload`, `serve deploy`) replaces replicas stop-then-start at 1 replica:
+# requests an old replica holds wait for the new backends, which take 10-25 s to start on a busy
+# 2-core machine. Serve's default grace period (20 s) would then cut them off with a 500.
+GRACE_S = 120.0
+
+
+class AppArgs(BaseModel):
+    """Everything a deployment of the app needs, JSON-able (it travels in the Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(description="the run directory (splits, features manifests, store)")
+    vm_dir: str = Field(description="the VM checkpoint to serve, vm/<arm>/seed<k>-<fingerprint>/")
+    store_dir: Optional[str] = Field(None, description="store directory (default: <run>/store/<the VM's store version>)")
+    replicas: PositiveInt = 1
+    autoscaling: Optional[dict[str, Any]] = None
+    max_batch_size: PositiveInt = 32
+    batch_wait_timeout_s: float = Field(0.001, ge=0)
+    max_items: PositiveInt = 1000
+    num_cpus: PositiveFloat = 1.0
+    frontend_cpus: PositiveFloat = 0.5
+    max_ongoing_requests: PositiveInt = 256
+    refresh_interval_s: float = Field(30.0, ge=0)
+    staleness_sla_s: Optional[float] = None
+
+
+def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
+    from loopfm.serve_apps.bundle import latest_vm
+
+    s = cfg.serve
+    vm_dir = Path(vm_dir) if vm_dir else latest_vm(run, s.arm, s.seed)
+    return AppArgs(
+        run_dir=str(run.root), vm_dir=str(Path(vm_dir).resolve()), replicas=s.replicas,
+        autoscaling=s.autoscaling.model_dump() if s.autoscaling else None, max_batch_size=s.max_batch_size,
+        batch_wait_timeout_s=s.batch_wait_timeout_s, max_items=s.max_items, num_cpus=s.num_cpus,
+        frontend_cpus=s.frontend_cpus, max_ongoing_requests=s.max_ongoing_requests,
+        refresh_interval_s=s.refresh_interval_s, staleness_sla_s=s.staleness_sla_s,
+    ).model_dump()
+
+
+def _scaling(a: AppArgs) -> dict:
+    if a.autoscaling:
+        return {"autoscaling_config": dict(a.autoscaling)}
+    return {"num_replicas": a.replicas}
+
+
+def build_app(args: dict) -> Application:
+    """The Serve application for `args` (an `AppArgs` dict)."""
+    from loopfm.datasets.splits import SplitInfo
+    from loopfm.serve_apps.ingress import ScoringIngress
+    from loopfm.serve_apps.lookup import FeatureLookup
+    from loopfm.serve_apps.model import VMModel
+
+    a = AppArgs.model_validate(args)
+    context_columns = SplitInfo.load(RunDir(a.run_dir)).categorical
+    lookup = FeatureLookup.options(
+        **_scaling(a), max_ongoing_requests=a.max_ongoing_requests, graceful_shutdown_timeout_s=GRACE_S,
+        ray_actor_options={"num_cpus": a.frontend_cpus},
+    ).bind(a.run_dir, a.vm_dir, a.store_dir, a.refresh_interval_s)
+    model = VMModel.options(
+        **_scaling(a), max_ongoing_requests=max(a.max_ongoing_requests, 2 * a.max_batch_size),
+        graceful_shutdown_timeout_s=GRACE_S,
+        ray_actor_options={"num_cpus": a.num_cpus},
+    ).bind(a.run_dir, a.vm_dir, a.max_batch_size, a.batch_wait_timeout_s)
+    return ScoringIngress.options(
+        **_scaling(a), max_ongoing_requests=a.max_ongoing_requests, graceful_shutdown_timeout_s=GRACE_S,
+        ray_actor_options={"num_cpus": a.frontend_cpus},
+    ).bind(lookup, model, a.max_items, list(context_columns), a.staleness_sla_s)
+
+
+def logging_config(cfg: LoopFMConfig) -> dict:
+    return {"enable_access_log": cfg.serve.access_log}
+
+
+def deploy_config(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
+    """The `serve deploy` config of this run's VM (validated with Ray's `ServeDeploySchema`)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": ROUTE_PREFIX,
+            "import_path": IMPORT_PATH,
+            "args": app_args(cfg, run, vm_dir),
+            "logging_config": logging_config(cfg),
+        }],
+    }
+    ServeDeploySchema.model_validate(config)
+    return config

@@ -1,0 +1,111 @@
+"""The VM deployment: requests' features -> one batched forward of the serving head.
+
+`VMScorer` loads the checkpoint (`load_vm`: the model hash is re-checked) and scores a list of
+requests in one forward: each request's user row is repeated once per candidate, the rows go
+through `decode_batch`, the very function the training loop's collate step runs, so serving sees
+the tensors training saw. `VMModel` is the Serve deployment: `@serve.batch` on its async `score`
+gathers concurrent requests (up to `serve.max_batch_size`, waiting at most
+`serve.batch_wait_timeout_s`) into one call (DESIGN section 8: batching on the model deployment,
+never on FastAPI routes).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from ray import serve
+
+from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, USER_ID, idx
+from loopfm.features.reader import HIST_ITEMS, KD_LOGIT, SEQ_LEN_VALID, SEQ_Z, decode_batch
+from loopfm.serve_apps.bundle import Bundle
+from loopfm.training.checkpoint import load_vm
+
+STALE = "stale"  # a request whose features came from another store version than this VM's
+
+
+class VMScorer:
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.model, self.manifest = load_vm(bundle.vm_dir)
+        self.features = bundle.features
+        self.with_seq = self.manifest.seq_width is not None
+        self.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    def assemble(self, requests: list[dict]) -> dict[str, np.ndarray]:
+        """Feature rows of every candidate of every request, as the features stage writes them."""
+        counts = np.array([len(r[idx(ITEM_ID)]) for r in requests])
+        users = [r["user"] for r in requests]
+        rows = {
+            idx(ITEM_ID): np.concatenate([r[idx(ITEM_ID)] for r in requests]).astype(np.int64),
+            idx(CATEGORY): np.concatenate([r[idx(CATEGORY)] for r in requests]).astype(np.int64),
+            idx(USER_ID): np.repeat(np.array([u[idx(USER_ID)] for u in users], dtype=np.int64), counts),
+            HIST_ITEMS: np.repeat(np.stack([u[HIST_ITEMS] for u in users]).astype(np.int64), counts, axis=0),
+            SEQ_LEN_VALID: np.repeat(np.array([u[SEQ_LEN_VALID] for u in users], dtype=np.int32), counts),
+        }
+        for c in self.manifest.context_columns:
+            rows[c] = np.repeat(np.array([u[c] for u in users], dtype=np.int64), counts)
+        rows[SEQ_Z] = np.repeat(np.array([u[SEQ_Z] for u in users], dtype=object), counts)
+        n = int(counts.sum())
+        rows[KD_LOGIT] = np.zeros(n, dtype=np.float32)  # the KD target is a training label: unused by the forward
+        rows[LABEL] = np.zeros(n, dtype=np.float32)
+        return rows
+
+    @torch.inference_mode()
+    def logits(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        batch = decode_batch(rows, self.features, self.manifest.seq_width, self.with_seq)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+        return self.model(tensors)["logit"].float().numpy()
+
+    def score(self, requests: list[dict]) -> list[dict]:
+        """One forward for all `requests`; each gets its logits (or STALE, to be retried)."""
+        fresh = [r.get("store_version") == self.manifest.store_version or not self.with_seq for r in requests]
+        ok = [r for r, f in zip(requests, fresh) if f]
+        out, start = [], 0
+        logits = self.logits(self.assemble(ok)) if ok else np.zeros(0, dtype=np.float32)
+        for r, f in zip(requests, fresh):
+            if not f:
+                out.append({STALE: True, "model_version": self.manifest.model_version})
+                continue
+            n = len(r[idx(ITEM_ID)])
+            part = logits[start : start + n]
+            out.append({"logits": part, "scores": 1.0 / (1.0 + np.exp(-part.astype(np.float64))), "model_version": self.manifest.model_version,
+                        "store_version": self.manifest.store_version, "arm": self.manifest.arm,
+                        "cold_start": r["cold_start"], "oov_items": r["oov_items"], "ts": r["ts"]})
+            start += n
+        return out
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"model_version": m.model_version, "arm": m.arm, "seed": m.seed, "vm": m.vm,
+                "features_fingerprint": m.features_fingerprint, "store_version": m.store_version,
+                "vertical": self.features.vertical, "seq_len": m.seq_len, "seq_width": m.seq_width,
+                "raw_seq_len": m.raw_seq_len, "lag": self.features.lag, "retention": self.features.retention,
+                "context_columns": list(m.context_columns), "test_metrics": m.metrics.get("test", {}),
+                "vm_dir": str(self.bundle.vm_dir), "loaded_at": self.loaded_at}
+
+
+@serve.deployment(name="VMModel")
+class VMModel:
+    """The VM behind dynamic batching; batch size and wait time come from `serve.*` config."""
+
+    def __init__(self, run_dir: str, vm_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.001,
+                 torch_threads: Optional[int] = 1):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.scorer = VMScorer(Bundle.open(run_dir, vm_dir))
+        self.batch = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+        self.score_batch.set_max_batch_size(max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def score_batch(self, requests: list[dict]) -> list[dict]:
+        return self.scorer.score(requests)
+
+    async def score(self, features: dict) -> dict:
+        return await self.score_batch(features)
+
+    async def describe(self) -> dict:
+        return {**self.scorer.describe(), **self.batch}

@@ -1,0 +1,369 @@
+"""The Ray Serve app over real HTTP (issue 6): exact scores, the error contract, cold start, reload.
+
+One module-scoped run: the session's smoke FM and store (`smoke_embedded`), its features and one
+kd_loopfm VM trained here; one Serve app on a free loopback port for the whole module. The reload
+test runs last (it swaps the served VM).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+ARM, SEED = "kd_loopfm", 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory, smoke_config, smoke_embedded):
+    """A copy of the smoke run with features and one trained VM (the one the app serves)."""
+    from loopfm.features import features_stage
+    from loopfm.rundir import RunDir
+    from loopfm.training.vm import arm_config, train_vm
+
+    src, _, _ = smoke_embedded
+    run = RunDir(tmp_path_factory.mktemp("serve") / "run")
+    shutil.copytree(src.root, run.root)
+    features = features_stage(smoke_config, run)
+    vm = train_vm(arm_config(smoke_config, ARM, SEED), run, features)
+    return run, features, vm
+
+
+@pytest.fixture(scope="module")
+def server(served_run, smoke_config):
+    import httpx
+    from ray import serve
+
+    from loopfm.serve_apps.stage import deploy
+
+    run, _, _ = served_run
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = deploy(smoke_config, run)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield client, args
+    client.close()
+    serve.shutdown()
+
+
+def offline(run, vm_dir, n: int = 60):
+    """The first n test examples of the VM's features and the offline VM's logits for them."""
+    import pyarrow.dataset as pads
+
+    from loopfm.features.collate import VMBatchCollate
+    from loopfm.serve_apps.bundle import Bundle
+    from loopfm.training.checkpoint import load_vm
+    from loopfm.training.vm import predict
+
+    bundle = Bundle.open(run.root, vm_dir)
+    table = pads.dataset(str(run.features(bundle.vm.features_fingerprint) / "test"), format="parquet").to_table()
+    table = table.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("event_id", "ascending")]).slice(0, n)
+    rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    model, manifest = load_vm(vm_dir)
+    collate = VMBatchCollate(bundle.features, manifest.seq_width, with_seq=manifest.seq_width is not None)
+    return rows, predict(model, [collate(rows)])["logit"], manifest
+
+
+def request_of(rows, i, context_columns=("user_segment",)) -> dict:
+    context = {"ts": int(rows["ts"][i]), **{c: int(rows[c][i]) for c in context_columns if c in rows}}
+    return {"user_id": int(rows["user_id"][i]), "items": [int(rows["item_id"][i])], "context": context}
+
+
+def post_all(client, bodies, threads: int = 8) -> list:
+    """POST every body from `threads` concurrent clients (so @serve.batch batches across requests)."""
+    out = [None] * len(bodies)
+
+    def work(k):
+        for i in range(k, len(bodies), threads):
+            out[i] = client.post("/v1/score", json=bodies[i])
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return out
+
+
+def test_scores_equal_offline_vm_over_http(server, served_run):
+    client, args = server
+    run, _, vm = served_run
+    rows, logits, manifest = offline(run, Path(args["vm_dir"]))
+    responses = post_all(client, [request_of(rows, i) for i in range(len(logits))])
+    assert [r.status_code for r in responses] == [200] * len(logits), responses[0].text
+    bodies = [r.json() for r in responses]
+    served = np.array([b["logits"][0] for b in bodies])
+    scores = np.array([b["scores"][0] for b in bodies])
+    assert np.abs(served - logits).max() < 1e-5
+    assert np.abs(scores - 1 / (1 + np.exp(-logits.astype(np.float64)))).max() < 1e-5
+    assert manifest.model_version == vm.model_version
+    assert {b["model_version"] for b in bodies} == {vm.model_version}
+    assert {b["store_version"] for b in bodies} == {vm.store_version}
+    # one request with several candidates scores each as its own request would
+    i = 0
+    same = [j for j in range(len(logits)) if rows["user_id"][j] == rows["user_id"][i] and rows["ts"][j] >= rows["ts"][i]]
+    body = request_of(rows, i)
+    body["items"] = [int(rows["item_id"][i]), 123456789, *[int(rows["item_id"][j]) for j in same[1:3]]]
+    multi = client.post("/v1/score", json=body).json()
+    single = [client.post("/v1/score", json={**body, "items": [it]}).json()["logits"][0] for it in body["items"]]
+    assert np.abs(np.array(multi["logits"]) - np.array(single)).max() < 1e-5
+    assert abs(multi["logits"][0] - logits[i]) < 1e-5
+    assert multi["oov_items"] == 1
+
+
+BAD = [  # (raw body, content type, status, field named)
+    ('{"user_id": 5, "items": [1,', "application/json", 400, "body"),
+    ("not json at all", "application/json", 400, "body"),
+    ("", "application/json", 422, "body"),
+    ("[1, 2]", "application/json", 422, "body"),
+    ('{"items": [1]}', "application/json", 422, "user_id"),
+    ('{"user_id": 5}', "application/json", 422, "items"),
+    ('{"user_id": "5", "items": [1]}', "application/json", 422, "user_id"),
+    ('{"user_id": 5.5, "items": [1]}', "application/json", 422, "user_id"),
+    ('{"user_id": true, "items": [1]}', "application/json", 422, "user_id"),
+    ('{"user_id": 5, "items": []}', "application/json", 422, "items"),
+    ('{"user_id": 5, "items": [1, "x"]}', "application/json", 422, "items.1"),
+    ('{"user_id": 5, "items": 3}', "application/json", 422, "items"),
+    ('{"user_id": 99999999999999999999999, "items": [1]}', "application/json", 422, "user_id"),
+    ('{"user_id": 5, "items": [1], "context": {"ts": "noon"}}', "application/json", 422, "context.ts"),
+    ('{"user_id": 5, "items": [1], "context": {"ts": 9000000000000000000}}', "application/json", 422, "context.ts"),
+    ('{"user_id": 5, "items": [1], "context": {"weather": 1}}', "application/json", 422, "context.weather"),
+    ('{"user_id": 5, "items": [1], "context": [1]}', "application/json", 422, "context"),
+    ('{"user_id": 5, "items": [1], "itemz": [2]}', "application/json", 422, "itemz"),
+    ('{"user_id": 5, "items": [1]}', "text/plain", 422, "body"),
+]
+
+
+def test_bad_requests_get_4xx_naming_the_field_and_service_survives(server, smoke_config):
+    from ray import serve
+
+    client, _ = server
+    for body, kind, status, field in BAD:
+        r = client.post("/v1/score", content=body, headers={"content-type": kind})
+        assert r.status_code == status, (body, r.status_code, r.text)
+        error = r.json()
+        assert field in [e["field"] for e in error["errors"]], (body, error)
+        assert error["detail"].startswith(field) or f"; {field}:" in error["detail"], error
+    limit = smoke_config.serve.max_items
+    r = client.post("/v1/score", json={"user_id": 5, "items": list(range(limit + 1))})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "items", r.text
+    assert f"at most {limit}" in r.json()["detail"]
+    # still serving, nothing restarted
+    assert client.post("/v1/score", json={"user_id": 5, "items": list(range(limit))}).status_code == 200
+    assert client.get("/healthz").json()["status"] == "ok"
+    status = serve.status().applications["loopfm"]
+    assert status.status == "RUNNING"
+    assert all(d.status == "HEALTHY" for d in status.deployments.values())
+
+
+def test_cold_start_unknown_items_and_metadata_routes(server, served_run):
+    client, _ = server
+    run, _, vm = served_run
+    r = client.post("/v1/score", json={"user_id": 10**15, "items": [1, 2, 10**12]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cold_start"] is True and body["oov_items"] >= 1 and len(body["scores"]) == 3
+    assert all(0 < s < 1 for s in body["scores"])
+    # a known user before any of their events is a cold start too (nothing strictly earlier)
+    user = int(offline(run, run.vm(ARM, SEED, vm.fingerprint), n=1)[0]["user_id"][0])
+    early = client.post("/v1/score", json={"user_id": user, "items": [1], "context": {"ts": -1}}).json()
+    late = client.post("/v1/score", json={"user_id": user, "items": [1]}).json()
+    assert early["cold_start"] is True and late["cold_start"] is False
+    health = client.get("/healthz").json()
+    assert health == {"status": "ok", "model_version": vm.model_version, "store_version": vm.store_version}
+    models = client.get("/v1/models").json()["models"]
+    assert models[0]["model_version"] == vm.model_version and models[0]["arm"] == ARM
+    assert models[0]["store_rows"] > 0
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/score", "/healthz", "/v1/models"} <= set(spec["paths"])
+
+
+def test_store_of_another_version_is_refused(served_run, tmp_path):
+    from loopfm.errors import VersionMismatchError
+    from loopfm.serve_apps.bundle import Bundle
+    from loopfm.serve_apps.lookup import FeatureTable
+    from loopfm.store.schema import StoreManifest
+
+    run, _, vm = served_run
+    other = tmp_path / "store"
+    shutil.copytree(run.store(vm.store_version), other)
+    manifest = StoreManifest.read(other)
+    manifest.store_version = "0123456789ab"
+    (other / "manifest.json").write_text(__import__("json").dumps(manifest.to_dict()))
+    vm_dir = run.vm(ARM, SEED, vm.fingerprint)
+    with pytest.raises(VersionMismatchError, match=f"0123456789ab.*{vm.store_version}"):
+        FeatureTable(Bundle.open(run.root, vm_dir, other))
+
+
+def test_serve_build_writes_a_config_serve_deploy_accepts(served_run, smoke_config, tmp_path):
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from loopfm.cli import main
+    from loopfm.serve_apps.app import AppArgs, build_app
+
+    run, _, _ = served_run
+    out = tmp_path / "serve.yaml"
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    assert main(["serve", "build", "--config", str(smoke), "--out", str(run.root), "-o", str(out),
+                 "--set", "serve.port=8123"]) == 0
+    config = yaml.safe_load(out.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "loopfm.serve_apps.app:build_app" and schema.http_options.port == 8123
+    assert schema.http_options.host == "127.0.0.1"
+    args = AppArgs.model_validate(app.args)
+    assert Path(args.vm_dir).parent.name == ARM
+    assert isinstance(build_app(app.args), Application)
+
+
+def test_lookup_and_vm_in_process_match_every_test_example(served_run):
+    """No HTTP: the lookup's point-in-time features + the VM deployment's scoring path equal the
+    offline VM on every test example (the join rule, not just a sample)."""
+    from loopfm.serve_apps.bundle import Bundle
+    from loopfm.serve_apps.lookup import FeatureTable
+    from loopfm.serve_apps.model import STALE, VMScorer
+
+    run, _, vm = served_run
+    vm_dir = run.vm(ARM, SEED, vm.fingerprint)
+    bundle = Bundle.open(run.root, vm_dir)
+    table, scorer = FeatureTable(bundle), VMScorer(bundle)
+    rows, logits, _ = offline(run, vm_dir, n=10**9)
+    requests = [table.features(int(rows["user_id"][i]), [int(rows["item_id"][i])],
+                               {"ts": int(rows["ts"][i]), "user_segment": int(rows["user_segment"][i])})
+                for i in range(len(logits))]
+    out = scorer.score(requests)
+    assert np.abs(np.concatenate([o["logits"] for o in out]) - logits).max() < 1e-5
+    # the same features as the features stage wrote (sequence bytes, counts, raw history)
+    for i in range(0, len(logits), 7):
+        user = requests[i]["user"]
+        assert user["seq_z"] == rows["seq_z"][i] and user["seq_len_valid"] == rows["seq_len_valid"][i]
+        assert np.array_equal(user["hist_items"], np.asarray(rows["hist_items"][i]))
+    # omitted context takes the user's latest logged value; a request from another store version is stale
+    assert table.features(int(rows["user_id"][0]), [1], {"ts": 1})["user"]["user_segment_idx"] == rows["user_segment_idx"][0]
+    stale = scorer.score([{**requests[0], "store_version": "other"}, requests[1]])
+    assert stale[0] == {STALE: True, "model_version": vm.model_version} and abs(stale[1]["logits"][0] - logits[1]) < 1e-5
+
+
+def perturbed_vm(run, vm_dir: Path, name: str, store_version=None, features=None) -> Path:
+    """A new checkpoint of the same arm and seed (every bias moved): what a retrain writes. With
+    `store_version`/`features` it claims to be trained on that store version and feature set."""
+    import torch
+
+    from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes, verified_state
+
+    manifest = VMManifest.read(vm_dir)
+    state = verified_state(vm_dir, manifest.model_version)
+    for key in [k for k in state if k.endswith("bias")]:
+        state[key] = state[key] + 0.1
+    if store_version:
+        manifest.store_version, manifest.features_fingerprint = store_version, features
+    new = vm_dir.parent / f"seed{SEED}-{name}"
+    new.mkdir()
+    save_vm(new, state_bytes({k: torch.as_tensor(v) for k, v in state.items()}), manifest)
+    return new
+
+
+def new_store_version(run, vm, version: str, features: str) -> None:
+    """A store version `version` (the same rows under a new version) and a feature set naming it."""
+    import json
+
+    from loopfm.features.reader import FeaturesManifest
+
+    shutil.copytree(run.store(vm.store_version), run.store(version))
+    manifest = json.loads((run.store(version) / "manifest.json").read_text())
+    (run.store(version) / "manifest.json").write_text(json.dumps({**manifest, "store_version": version}))
+    shutil.copytree(run.features(vm.features_fingerprint), run.features(features))
+    fm = FeaturesManifest.read(run.features(features))
+    fm.fingerprint, fm.store_version = features, version
+    (run.features(features) / "manifest.json").write_text(json.dumps(fm.to_dict()))
+
+
+def score_during(client, bodies, action, done) -> list:
+    """(status, model_version, store_version) of every request 4 clients fire while `action` runs,
+    until `done(results)` holds (at most 60 s after it)."""
+    import httpx
+
+    results, stop = [], threading.Event()
+
+    def fire(k):
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/v1/score", json=bodies[k % len(bodies)])
+                    if r.status_code != 200:
+                        results.append((r.status_code, r.text[:300], None))
+                        continue
+                    body = r.json()
+                    results.append((r.status_code, body.get("model_version"), body.get("store_version")))
+                except Exception as exc:  # a dropped connection counts as a failure
+                    results.append((-1, repr(exc), None))
+
+    threads = [threading.Thread(target=fire, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        action()
+        deadline = time.time() + 60
+        while time.time() < deadline and not done(results[-8:]):
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return results
+
+
+def test_reload_picks_up_a_new_checkpoint_and_store_without_failed_requests(server, served_run, smoke_config):
+    from loopfm.serve_apps.stage import reload
+
+    client, args = server
+    run, _, vm = served_run
+    swaps = []
+
+    # 1. a new checkpoint of the served arm and seed, same store
+    new_dir = perturbed_vm(run, Path(args["vm_dir"]), "reloaded0001")
+    rows, new_logits, new_vm = offline(run, new_dir, n=5)
+    bodies = [request_of(rows, i) for i in range(5)]
+    results = score_during(client, bodies, lambda: swaps.append(reload(smoke_config, run)),
+                           lambda last: any(v == new_vm.model_version for _, v, _ in last))
+    (before, after), = swaps
+    assert before["model_version"] == vm.model_version and after["model_version"] == new_vm.model_version
+    assert len(results) > 20, "the clients barely ran during the reload"
+    assert not [r for r in results if r[0] != 200], [r for r in results if r[0] != 200][:5]
+    versions = [v for _, v, _ in results]
+    assert vm.model_version in versions and new_vm.model_version in versions
+    assert versions[-1] == new_vm.model_version
+    served = np.array([client.post("/v1/score", json=b).json()["logits"][0] for b in bodies])
+    assert np.abs(served - new_logits).max() < 1e-5
+
+    # 2. a new store version with a VM trained on it: the lookup and the VM switch together
+    new_store_version(run, vm, "5707e0000002", "feature00002")
+    store_dir = perturbed_vm(run, new_dir, "newstore0002", "5707e0000002", "feature00002")
+    _, store_logits, store_vm = offline(run, store_dir, n=5)
+    results = score_during(client, bodies, lambda: swaps.append(reload(smoke_config, run)),
+                           lambda last: any(s == "5707e0000002" for _, _, s in last))
+    assert swaps[-1][1]["store_version"] == "5707e0000002"
+    assert not [r for r in results if r[0] != 200], [r for r in results if r[0] != 200][:5]
+    pairs = {(v, s) for _, v, s in results}
+    assert pairs <= {(new_vm.model_version, vm.store_version), (store_vm.model_version, "5707e0000002")}, pairs
+    assert (store_vm.model_version, "5707e0000002") in pairs
+    served = np.array([client.post("/v1/score", json=b).json()["logits"][0] for b in bodies])
+    assert np.abs(served - store_logits).max() < 1e-5
