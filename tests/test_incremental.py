@@ -7,6 +7,7 @@ One run whose log holds the smoke data minus its last day; that day is appended 
 
 from __future__ import annotations
 
+import shutil
 from argparse import Namespace
 
 import numpy as np
@@ -21,12 +22,12 @@ from loopfm.store import codec
 @pytest.fixture(scope="module")
 def grown_run(tmp_path_factory, smoke_config):
     """(cfg, run, day-6 file): the smoke log without its last day, FM + full store, then the day appended."""
-    from loopfm.datasets.append import logs_append_stage
     from loopfm.datasets.ingest import validate_stage
     from loopfm.datasets.splits import split_stage
     from loopfm.datasets.synthetic import generate_stage
     from loopfm.fm.embed import embed_stage
     from loopfm.fm.train import fm_train_stage
+    from loopfm.pipeline import cycle_stage
     from loopfm.rundir import RunDir
 
     ensure_local_ray()
@@ -48,7 +49,7 @@ def grown_run(tmp_path_factory, smoke_config):
     fm_train_stage(cfg, run)
     base = embed_stage(cfg, run)
     assert base.rows == old.num_rows and base.max_ts <= cut
-    logs_append_stage(cfg, run, Namespace(files=[str(day)], format="auto"))
+    cycle_stage(cfg, run, Namespace(files=[str(day)], format="auto", no_refresh=False))  # append + embed --incremental
     return cfg, run, day, cut
 
 
@@ -74,13 +75,12 @@ def _full_reembed(cfg, run, context: int):
 @pytest.mark.timeout(300)
 def test_incremental_delta_equals_a_full_reembed_of_the_union(grown_run):
     from loopfm.features.resolve import resolve_store
-    from loopfm.fm.embed import embed_stage
     from loopfm.store.deltas import open_chain
 
     cfg, run, day, cut = grown_run
-    delta = embed_stage(cfg, run, Namespace(incremental=True, since="last"))
-    chain = open_chain(run, resolve_store(cfg, run)[0])
-    assert [m.store_version for _, m in chain[1:]] == [delta.store_version]
+    chain = open_chain(run, resolve_store(cfg, run)[0])  # `cycle` appended the day and embedded it as a delta
+    assert len(chain) == 2
+    delta = chain[1][1]
     new_ids = np.sort(pq.read_table(day, columns=["event_id"])["event_id"].to_numpy())
     got = _rows([chain[1][0]])
     assert delta.rows == len(new_ids) and delta.since is not None and delta.since <= cut
@@ -128,16 +128,19 @@ def test_second_increment_needs_new_events_and_compaction_folds_the_chain(grown_
 
     cfg, run, day, _ = grown_run
     chain = open_chain(run, resolve_store(cfg, run)[0])
-    if len(chain) == 1:  # this test alone: make the delta first
-        embed_stage(cfg, run, Namespace(incremental=True, since="last"))
-        chain = open_chain(run, resolve_store(cfg, run)[0])
     with pytest.raises(MissingInputError, match="no events after ts"):
         embed_stage(cfg, run, Namespace(incremental=True, since="last"))
     rows = {int(i) for p, _ in chain for i in _rows([p])["event_id"]}
+    kept = chain[1][0].parent.parent / "kept-delta"
+    shutil.copytree(chain[1][0], kept)
     compacted = compact_stage(cfg, run)
     after = open_chain(run, resolve_store(cfg, run)[0])
     assert len(after) == 1 and compacted.rows == len(rows) == after[0][1].rows
     assert set(_rows([after[0][0]])["event_id"].tolist()) == rows
+    # A compaction killed after folding but before removing the delta: the delta is not read twice.
+    shutil.copytree(kept, chain[1][0])
+    assert len(open_chain(run, resolve_store(cfg, run)[0])) == 1
+    shutil.rmtree(chain[1][0])
 
 
 def test_block_trim_keeps_each_users_last_old_events_and_every_new_one():

@@ -169,6 +169,41 @@ def test_bad_requests_get_4xx_naming_the_field_and_service_survives(server, smok
     assert all(d.status == "HEALTHY" for d in status.deployments.values())
 
 
+def _generated_bodies():
+    """Hypothesis: any JSON value, and objects shaped like a request whose fields hold any JSON."""
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                       st.floats(allow_nan=False), st.text(max_size=8))
+    anything = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                            max_leaves=8)
+    shaped = st.fixed_dictionaries({}, optional={"user_id": anything, "items": anything, "context": anything,
+                                                 "extra": anything})
+    return st.one_of(anything, shaped)
+
+
+def test_generated_bodies_never_get_a_5xx(server):
+    """Property (issue 7.5): whatever JSON is posted, the answer is a 200 or a 4xx, never a 5xx."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+
+    client, _ = server
+    seen = []
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(_generated_bodies())
+    def post(body):
+        r = client.post("/v1/score", content=json.dumps(body), headers={"content-type": "application/json"})
+        seen.append(r.status_code)
+        assert r.status_code < 500, (body, r.status_code, r.text)
+
+    post()
+    assert len(seen) >= 60 and any(s == 422 for s in seen)
+    assert client.get("/healthz").status_code == 200
+
+
 def test_cold_start_unknown_items_and_metadata_routes(server, served_run):
     client, _ = server
     run, _, vm = served_run
@@ -183,10 +218,12 @@ def test_cold_start_unknown_items_and_metadata_routes(server, served_run):
     late = client.post("/v1/score", json={"user_id": user, "items": [1]}).json()
     assert early["cold_start"] is True and late["cold_start"] is False
     health = client.get("/healthz").json()
-    assert health == {"status": "ok", "model_version": vm.model_version, "store_version": vm.store_version}
+    assert health["status"] == "ok" and health["detail"] is None  # no staleness SLA configured
+    assert (health["model_version"], health["store_version"]) == (vm.model_version, vm.store_version)
     models = client.get("/v1/models").json()["models"]
     assert models[0]["model_version"] == vm.model_version and models[0]["arm"] == ARM
-    assert models[0]["store_rows"] > 0
+    assert models[0]["store_rows"] > 0 and models[0]["store_deltas"] == 0 and models[0]["refresh_error"] is None
+    assert abs(models[0]["staleness_s"] - (time.time() - models[0]["newest_event_ts"])) < 600
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/v1/score", "/healthz", "/v1/models"} <= set(spec["paths"])

@@ -26,15 +26,14 @@ def _train_workers() -> list[dict]:
 @pytest.mark.timeout(400)
 def test_killed_worker_resumes_from_its_last_checkpoint(smoke_embedded, smoke_config, tmp_path):
     cfg = arm_config(smoke_config, "loopfm", seed=0).updated(
-        {"train.num_workers": 1, "train.epochs": 6, "train.patience": 6})
-    runs = {}
-    for name in ("clean", "killed"):
-        runs[name] = RunDir(tmp_path / name)
-        shutil.copytree(smoke_embedded[0].root, runs[name].root)
-    clean = train_vm(cfg, runs["clean"], features_stage(cfg, runs["clean"]))
+        {"train.num_workers": 1, "train.epochs": 4, "train.patience": 4})
+    runs = {name: RunDir(tmp_path / name) for name in ("clean", "killed")}
+    shutil.copytree(smoke_embedded[0].root, runs["clean"].root)
+    features = features_stage(cfg, runs["clean"])
+    shutil.copytree(runs["clean"].root, runs["killed"].root)  # the same features, built once
+    clean = train_vm(cfg, runs["clean"], features)
 
     run = runs["killed"]
-    features = features_stage(cfg, run)
     killed: dict = {}
     earlier = {w["Pid"] for w in _train_workers()}  # the clean fit's worker may still be listed
 

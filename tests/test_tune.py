@@ -126,8 +126,7 @@ def test_an_interrupted_tune_resumes_without_rerunning_finished_trials(features_
 
     run = _copy(features_run, tmp_path / "run")
     cfg = load_config(SMOKE, ["ray.progress_bars=false", "tune.num_samples=2", "tune.max_concurrent_trials=1",
-                              "tune.space={train.kd_lambda: {type: float, low: 0.0, high: 1.0}, "
-                              "embed.layers: {type: categorical, choices: [[1], [2]]}}"])
+                              "tune.space={train.kd_lambda: {type: float, low: 0.0, high: 1.0}}"])
     pgs_before = set(placement_group_table())
 
     def interrupt_after_first_trial():
@@ -164,7 +163,4 @@ def test_an_interrupted_tune_resumes_without_rerunning_finished_trials(features_
         assert rows[trial_id]["objective"] == first[trial_id]["objective"]
         assert rows[trial_id]["epochs"] == first[trial_id]["epochs"]
         assert len(list((run.tune / "wandb" / "wandb").glob(f"offline-run-*-{trial_id}"))) == 1
-    # a searched layer set built its own store from the same FM
-    assert {p.name for p in (run.root / "store").iterdir() if not p.name.startswith(".")} >= {
-        p.name for p in (features_run.root / "store").iterdir() if not p.name.startswith(".")}
     assert ray.is_initialized()
