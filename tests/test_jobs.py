@@ -90,7 +90,9 @@ def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540):
 @pytest.mark.timeout(600)
 def test_job_submit_runs_the_smoke_pipeline(ray_head, tmp_path):
     out = tmp_path / "run"
-    status, logs = _submit_and_wait(ray_head, f"loopfm run --config configs/smoke.yaml --out {out}")
+    # one seed per arm: the job mechanism is under test here, the experiment has its own tests
+    status, logs = _submit_and_wait(ray_head, f"loopfm run --config configs/smoke.yaml --out {out} "
+                                              "--set experiment.seeds=1")
     assert status == "SUCCEEDED", logs[-3000:]
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["arms"]) == {"base", "kd", "loopfm", "kd_loopfm"}

@@ -228,18 +228,9 @@ def test_train_state_with_a_payload_is_refused(tmp_path):
 # -- stores -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def store(tmp_path) -> Path:
-    from loopfm.rundir import atomic_output
-    from loopfm.store.parquet import seal
-    from test_store import manifest, write_rows
+import test_store  # noqa: E402
 
-    path = tmp_path / "store" / "s1"
-    with atomic_output(path) as tmp:
-        write_rows(tmp, np.arange(10), "part-0.parquet")
-        write_rows(tmp, np.arange(10, 25), "part-1.parquet")
-        seal(tmp, manifest(), expected_rows=25)
-    return path
+store = test_store.store  # the sealed 25-row store fixture
 
 
 def test_store_file_with_one_byte_changed_in_place_is_refused(store):

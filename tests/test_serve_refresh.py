@@ -5,7 +5,6 @@ feature lookup reloads in the background, and that user's scores change with no 
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from argparse import Namespace
@@ -16,34 +15,27 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import test_serve
+from test_serve import free_port
+
+served_run = test_serve.served_run  # a module fixture: this module gets its own copy of the run
 
 pytestmark = pytest.mark.timeout(600)
 SLA_S = 3600.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, smoke_config, smoke_embedded):
-    """A copy of the smoke run with one kd_loopfm VM, served with a 1 s refresh interval and an SLA."""
+def live(served_run, smoke_config):
+    """test_serve's run (its own copy: this module writes into it), served with a 1 s refresh
+    interval and a staleness SLA."""
     import httpx
     from ray import serve
 
-    from loopfm.features import features_stage
-    from loopfm.rundir import RunDir
     from loopfm.serve_apps.stage import deploy
-    from loopfm.training.vm import arm_config, train_vm
 
-    src, _, _ = smoke_embedded
-    run = RunDir(tmp_path_factory.mktemp("refresh") / "run")
-    shutil.copytree(src.root, run.root)
+    run, _, _ = served_run
     cfg = smoke_config.updated({"serve.refresh_interval_s": 1.0, "serve.staleness_sla_s": SLA_S})
-    train_vm(arm_config(cfg, "kd_loopfm", 0), run, features_stage(cfg, run))
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(cfg, run)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -124,7 +116,7 @@ def test_a_broken_delta_keeps_the_old_table_serving_and_says_why(live):
     from loopfm.store.deltas import delta_paths
 
     cfg, run, _ = live
-    vm_dir = latest_vm(run, "kd_loopfm", 0)
+    vm_dir = latest_vm(run, test_serve.ARM, test_serve.SEED)
     lookup = FeatureLookup.func_or_class(str(run.root), str(vm_dir), None, 0)  # the deployment's class, in process
     before = asyncio.run(lookup.describe())
     good = delta_paths(run, before["store_version"])[-1]

@@ -26,7 +26,7 @@ def _train_workers() -> list[dict]:
 @pytest.mark.timeout(400)
 def test_killed_worker_resumes_from_its_last_checkpoint(smoke_embedded, smoke_config, tmp_path):
     cfg = arm_config(smoke_config, "loopfm", seed=0).updated(
-        {"train.num_workers": 1, "train.epochs": 4, "train.patience": 4})
+        {"train.num_workers": 1, "train.epochs": 3, "train.patience": 3})
     runs = {name: RunDir(tmp_path / name) for name in ("clean", "killed")}
     shutil.copytree(smoke_embedded[0].root, runs["clean"].root)
     features = features_stage(cfg, runs["clean"])
