@@ -146,7 +146,7 @@ class FeatureTable:
             raise VersionMismatchError(
                 f"store at {path} is version {manifest.store_version}, but VM {bundle.vm.model_version} was "
                 f"trained on store version {bundle.vm.store_version}: serve the VM with its own store")
-        chain = open_chain(bundle.run, path)  # the store and its deltas (`embed --incremental`), every link checked
+        chain = open_chain(bundle.run, path, manifest)  # the store and its deltas (`embed --incremental`), every link checked
         self.store_manifest = manifest
         self.store_chain = [m.store_version for _, m in chain]
         self.newest_event_ts = chain_max_ts(chain)

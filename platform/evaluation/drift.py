@@ -93,7 +93,7 @@ def drift_stage(cfg, run, args=None) -> list[dict]:
     from loopfm.store.parquet import data_files, open_store
 
     rows = []
-    chain = open_chain(run, resolve_store(cfg, run)[0])
+    chain = open_chain(run, *resolve_store(cfg, run))
     cols, z = read_z(chain_files(chain), chain[0][1])
     slices = getattr(args, "slices", None) or 4
     lo, hi = int(cols[TS].min()), int(cols[TS].max())

@@ -78,7 +78,7 @@ def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last")
     from loopfm.runtime import init_ray, log
 
     base_path, base = resolve_store(cfg, run)
-    chain = open_chain(run, base_path)
+    chain = open_chain(run, base_path, base)
     stored_until = chain_max_ts(chain)
     since_ts = stored_until if since in (None, "last") else int(since)
     if since_ts < stored_until:

@@ -27,9 +27,10 @@ def delta_paths(run: RunDir, version: str) -> list[Path]:
     return sorted(p for p in root.iterdir() if not p.name.startswith(".") and read_manifest(p) is not None)
 
 
-def open_chain(run: RunDir, base_path: Path) -> list[tuple[Path, StoreManifest]]:
-    """[(path, manifest)] of the full store and each of its deltas in order, every link checked."""
-    base = open_store(base_path)
+def open_chain(run: RunDir, base_path: Path, base: StoreManifest | None = None) -> list[tuple[Path, StoreManifest]]:
+    """[(path, manifest)] of the full store and each of its deltas in order, every link checked.
+    `base`: the store's manifest when the caller has already verified it with `open_store`."""
+    base = base or open_store(base_path)
     chain = [(Path(base_path), base)]
     pinned = {"fm_version": base.fm_version, "layers": base.layers, "width": base.width, "dtype": base.dtype}
     for path in delta_paths(run, base.store_version):
@@ -59,7 +60,7 @@ def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
     from loopfm.runtime import log
 
     base_path, base = resolve_store(cfg, run)
-    chain = open_chain(run, base_path)
+    chain = open_chain(run, base_path, base)
     if len(chain) == 1:
         log.info("store compact: %s has no deltas", base_path)
         return base
