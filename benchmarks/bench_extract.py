@@ -29,8 +29,11 @@ dense bf16 peak.
 
     RAY_AUTH_MODE=disabled python benchmarks/bench_extract.py            # ~3-4 min on 2 loaded cores
     python benchmarks/bench_extract.py --users 4000 --d-model 128 --layers 4 --no-sweep
+    loopfm bench extract -- --sweep-actors 1 2 4                          # the same, through the CLI
 
-Results: benchmarks/results/extract_<device>.json and a row in docs/BENCHMARKS.md.
+Results: benchmarks/results/extract_<device>.json, a row in docs/BENCHMARKS.md and, with the sweep,
+docs/bench_extract_sweep.png (events/s against actors, one line per batch size, and against batch
+size, one line per actor count).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, append_row, probe_threads, device_name, gpu, machine, peak_flops, start_ray, versions, write_result  # noqa: E402
+from common import Timer, append_row, figure, probe_threads, device_name, gpu, machine, peak_flops, save_png, start_ray, versions, write_result  # noqa: E402
 
 from loopfm.actors.extractor import ChunkExtractor, build_compressor  # noqa: E402
 from loopfm.config import CompressConfig, EmbedConfig, FMConfig  # noqa: E402
@@ -261,6 +264,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2, help="FM blocks (n_layers)")
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--d-ff", type=int, default=None, help="FM feed-forward width (default 4 x d-model)")
     parser.add_argument("--chunk-len", type=int, default=256)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64, help="chunks per call (embed.batch_size default)")
@@ -276,7 +280,7 @@ def main() -> None:
 
     import ray
 
-    fm_cfg = FMConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=4 * args.d_model,
+    fm_cfg = FMConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff or 4 * args.d_model,
                       window=args.window, chunk_len=args.chunk_len)
     compress = CompressConfig()
     layers = EmbedConfig().layers  # which activations are stored (embed.layers default)
@@ -355,7 +359,36 @@ def main() -> None:
     result["notes"] = notes(result)
     write_result("extract", result)
     row(result)
+    if sweep:
+        plot_sweep(result)
     ray.shutdown()
+
+
+def plot_sweep(r: dict) -> None:
+    """docs/bench_extract_sweep.png: events/s against actors (per batch size) and against batch size (per actor count)."""
+    sweep, c = r["sweep"], r["config"]
+    fig, (by_actors, by_batch) = figure(2)
+    for batch in sorted({p["batch_size"] for p in sweep}):
+        pts = sorted((p["actors"], p["events_per_s"]) for p in sweep if p["batch_size"] == batch)
+        by_actors.plot(*zip(*pts), marker="o", label=f"batch {batch} chunks")
+    for actors in sorted({p["actors"] for p in sweep}):
+        pts = sorted((p["batch_size"], p["events_per_s"]) for p in sweep if p["actors"] == actors)
+        by_batch.plot(*zip(*pts), marker="o", label=f"{actors} actor(s)")
+    bare = r["bare"]["events_per_s"]
+    for ax in (by_actors, by_batch):
+        ax.axhline(bare, color="grey", ls="--", lw=1, label=f"bare loop, {r['bare']['threads']} thread(s)")
+        ax.set_ylabel("events/s (end to end)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    by_actors.set_xlabel("actors (ActorPoolStrategy size)")
+    by_actors.set_xticks(sorted({p["actors"] for p in sweep}))
+    by_batch.set_xlabel("batch size (chunks per call)")
+    by_batch.set_xscale("log", base=2)
+    fm = c["fm"]
+    fig.suptitle(f"FM extraction, {c['events']:,} events, FM d={fm['d_model']} x{fm['n_layers']} layers, "
+                 f"{r['device']} (load {r['load_avg_1m_start']}->{r['load_avg_1m_end']})", fontsize=9)
+    save_png(fig, "bench_extract_sweep.png")
 
 
 def notes(r: dict) -> str:

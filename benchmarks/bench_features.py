@@ -17,13 +17,11 @@ Results: benchmarks/results/features_<device>.json and a row in docs/BENCHMARKS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,64 +29,13 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_log  # noqa: E402
+from common import MemorySampler, append_row, config_hash, memory_now, write_log, write_result  # noqa: E402
 from loopfm.config import LoopFMConfig  # noqa: E402
 from loopfm.features import features_stage  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-
-
-class MemorySampler(threading.Thread):
-    """Peaks (MiB) of private memory (RssAnon summed over this process and its descendants, i.e.
-    the local Ray) and of shared memory in /dev/shm (Ray's object store)."""
-
-    def __init__(self, every: float = 0.2):
-        super().__init__(daemon=True)
-        self.every, self.private, self.shm, self._done = every, 0.0, 0.0, threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(self.every):
-            private, shm = memory_now()
-            self.private, self.shm = max(self.private, private), max(self.shm, shm)
-
-    def stop(self) -> tuple[float, float]:
-        self._done.set()
-        self.join()
-        return round(self.private, 1), round(self.shm, 1)
-
-
-def memory_now() -> tuple[float, float]:
-    """(private MiB of the process tree, used MiB of /dev/shm)."""
-    shm = os.statvfs("/dev/shm")
-    return sum(_rss_anon_mib(pid) for pid in _descendants(os.getpid())), (shm.f_blocks - shm.f_bfree) * shm.f_frsize / 2**20
-
-
-def _descendants(root: int) -> list[int]:
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
-        found += frontier
-    return found
-
-
-def _rss_anon_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def bench_size(cfg: LoopFMConfig, users: int, events_per_user: int) -> dict:
@@ -102,7 +49,8 @@ def bench_size(cfg: LoopFMConfig, users: int, events_per_user: int) -> dict:
         started = time.perf_counter()
         manifest = features_stage(cfg, run)
         seconds = time.perf_counter() - started
-        private_peak, shm_peak = sampler.stop()
+        peaks = sampler.stop()
+        private_peak, shm_peak = peaks["private_mib_peak"], peaks["shm_mib_peak"]
         examples = sum(manifest.rows.values())
         return {
             "users": users, "events": events, "examples": examples, "seconds": round(seconds, 2),
@@ -140,29 +88,21 @@ def main() -> None:
         "sizes": sizes,
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = REPO / "benchmarks" / "results" / f"features_{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    append_row(result)
+    write_result("features", result)
+    row(result)
 
 
-def append_row(result: dict) -> None:
-    table = REPO / "docs" / "BENCHMARKS.md"
-    if not table.exists():
-        table.write_text("# Benchmarks\n\nOne row per run; JSON with full details in `benchmarks/results/`.\n\n"
-                         "| date | benchmark | device | result | details |\n|---|---|---|---|---|\n")
+def row(result: dict) -> None:
     big = result["sizes"][-1]
     cfg = result["config"]
-    row = (f"| {result['date']} | features (point-in-time join) | {result['device']}, Ray {result['versions']['ray']} | "
-           f"{big['examples_per_s']:,} examples/s ({big['input_rows_per_s']:,} input rows/s) | "
-           f"{big['events']:,} events, {big['examples']:,} examples, L={cfg['features']['seq_len']}, "
-           f"width {cfg['width']} {cfg['dtype']}; private memory growth "
-           + ", ".join(f"+{s['private_mib_peak'] - s['private_mib_before']:.0f} MiB at {s['events']:,} events" for s in result["sizes"])
-           + f" (the first includes starting Ray's workers; dense sequences would be {big['dense_sequences_mib']:,.0f} MiB);"
-           f" load avg {result['load_avg_1m']} |\n")
-    with table.open("a") as f:
-        f.write(row)
+    append_row(
+        result["date"], "features (point-in-time join)", f"{result['device']}, Ray {result['versions']['ray']}",
+        f"{big['examples_per_s']:,} examples/s ({big['input_rows_per_s']:,} input rows/s)",
+        f"{big['events']:,} events, {big['examples']:,} examples, L={cfg['features']['seq_len']}, "
+        f"width {cfg['width']} {cfg['dtype']}; private memory growth "
+        + ", ".join(f"+{s['private_mib_peak'] - s['private_mib_before']:.0f} MiB at {s['events']:,} events" for s in result["sizes"])
+        + f" (the first includes starting Ray's workers; dense sequences would be {big['dense_sequences_mib']:,.0f} MiB);"
+        f" load avg {result['load_avg_1m']}", config_hash(result["config"]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Shared pieces of bench_extract.py and bench_train.py: device naming, versions, results, timing.
+"""Shared pieces of the harnesses in this folder: device naming, versions, results, timing, memory.
 
-Not a benchmark itself. Both scripts put this folder on `sys.path` (they run as plain scripts),
-start the local Ray through `loopfm.runtime.init_ray` (so the Data settings of the real stages
-apply) and write `benchmarks/results/<name>_<device>.json` plus one row of docs/BENCHMARKS.md.
+Not a benchmark itself. The scripts put this folder on `sys.path` (they run as plain scripts, or
+through `loopfm bench <name>`), start the local Ray through `loopfm.runtime.init_ray` (so the Data
+settings of the real stages apply) and write `benchmarks/results/<name>_<device>.json` plus one
+row of docs/BENCHMARKS.md. Every row names the device, the Ray and torch versions and the config
+hash (`stable_hash` of the result's "config" section, also stored in the JSON as "config_hash").
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +34,7 @@ from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TABLE = REPO / "docs" / "BENCHMARKS.md"
+DOCS = REPO / "docs"
 
 # Dense bf16 tensor-core peak (no sparsity), FLOP/s, by GPU name substring.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -104,6 +108,84 @@ def start_ray(num_cpus: Optional[int]) -> dict:
     return {"ray_cpus": ray.cluster_resources().get("CPU"), "ray_gpus": ray.cluster_resources().get("GPU", 0)}
 
 
+# -- memory of this process and its descendants (the local Ray: raylet, workers, actors) ------
+class MemorySampler(threading.Thread):
+    """Peaks (MiB), polled every `every` s from /proc, over this process and its descendants (a
+    local Ray started by this driver: GCS, raylet, every worker and actor): private memory
+    (RssAnon summed), RSS summed (shared pages counted once per process), the largest single
+    process's RSS (and its command), and /dev/shm in use (Ray's object store)."""
+
+    def __init__(self, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.every, self._done = every, threading.Event()
+        self.private = self.rss = self.largest = self.shm = 0.0
+        self.largest_cmd, self.processes = "", 0
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            self.sample()
+
+    def sample(self) -> None:
+        procs = process_memory()
+        private = sum(p["anon"] for p in procs)
+        self.private, self.rss = max(self.private, private), max(self.rss, sum(p["rss"] for p in procs))
+        self.processes = max(self.processes, len(procs))
+        top = max(procs, key=lambda p: p["rss"], default=None)
+        if top and top["rss"] > self.largest:
+            self.largest, self.largest_cmd = top["rss"], top["cmd"]
+        self.shm = max(self.shm, shm_used_mib())
+
+    def stop(self) -> dict:
+        self._done.set()
+        self.join()
+        self.sample()
+        return {"private_mib_peak": round(self.private, 1), "rss_sum_mib_peak": round(self.rss, 1),
+                "largest_process_rss_mib": round(self.largest, 1), "largest_process": self.largest_cmd,
+                "processes_max": self.processes, "shm_mib_peak": round(self.shm, 1)}
+
+
+def memory_now() -> tuple[float, float]:
+    """(private MiB of the process tree, used MiB of /dev/shm)."""
+    return sum(p["anon"] for p in process_memory()), shm_used_mib()
+
+
+def shm_used_mib() -> float:
+    shm = os.statvfs("/dev/shm")
+    return (shm.f_blocks - shm.f_bfree) * shm.f_frsize / 2**20
+
+
+def process_memory(root: Optional[int] = None) -> list[dict]:
+    """{pid, rss, anon (MiB), cmd} of `root` (default: this process) and all its descendants."""
+    out = []
+    for pid in descendants(root or os.getpid()):
+        fields = {}
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    fields[key] = int(value.split()[0]) / 1024
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80]
+        except OSError:
+            continue
+        out.append({"pid": pid, "rss": fields.get("VmRSS", 0.0), "anon": fields.get("RssAnon", 0.0), "cmd": cmd.strip()})
+    return out
+
+
+def descendants(root: int) -> list[int]:
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [root], {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier}
+        found += sorted(frontier)
+    return found
+
+
 class Timer:
     """`with Timer() as t: ...; t.seconds`"""
 
@@ -115,7 +197,21 @@ class Timer:
         self.seconds = time.perf_counter() - self.started
 
 
+_LAST_CONFIG_HASH: dict[str, str] = {}
+
+
+def config_hash(config) -> str:
+    """The project's stable hash of a benchmark's config section (what a row and its JSON share)."""
+    from loopfm.config import stable_hash
+
+    return stable_hash(config)
+
+
 def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>_<device>.json; adds "config_hash", which the next `append_row` uses."""
+    if "config" in result:
+        result["config_hash"] = config_hash(result["config"])
+        _LAST_CONFIG_HASH["hash"] = result["config_hash"]
     out = RESULTS / f"{name}_{result['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -123,14 +219,40 @@ def write_result(name: str, result: dict) -> Path:
     return out
 
 
-def append_row(date: str, benchmark: str, device: str, result: str, details: str) -> None:
-    """One row of docs/BENCHMARKS.md (append only)."""
+def append_row(date: str, benchmark: str, device: str, result: str, details: str,
+               config_hash: Optional[str] = None) -> None:
+    """One row of docs/BENCHMARKS.md (append only). The device cell gets the torch version and the
+    config hash (`config_hash`, else the one of the last `write_result`) when it lacks them."""
+    import torch
+
+    if "torch" not in device:
+        device += f", torch {torch.__version__}"
+    hashed = config_hash or _LAST_CONFIG_HASH.get("hash")
+    if hashed and "config" not in device:
+        device += f", config {hashed}"
     if not TABLE.exists():
         TABLE.write_text("# Benchmarks\n\nOne row per run; JSON with full details in `benchmarks/results/`.\n\n"
                          "| date | benchmark | device | result | details |\n|---|---|---|---|---|\n")
     cells = [c.replace("|", "/").replace("\n", " ") for c in (date, benchmark, device, result, details)]
     with TABLE.open("a") as f:
         f.write("| " + " | ".join(cells) + " |\n")
+
+
+def figure(cols: int, width: float = 5.0, height: float = 3.8):
+    """(Figure, axes) for a row of `cols` panels, drawn with Agg (no pyplot, no display)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * cols, height), layout="constrained")
+    axes = [fig.add_subplot(1, cols, i + 1) for i in range(cols)]
+    return fig, axes
+
+
+def save_png(fig, name: str) -> Path:
+    """docs/<name> (PNG)."""
+    out = DOCS / name
+    fig.savefig(out, format="png", dpi=110)
+    print(f"plot: {out}")
+    return out
 
 
 def probe_threads(num_cpus: float) -> dict:
@@ -156,6 +278,13 @@ FM_VERSION = "bench"
 
 def write_log(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, seed: int = 0) -> int:
     """Splits (with *_idx columns and a SplitInfo with vocab sizes) and a matching store; returns events."""
+    events = write_splits(cfg, run, users, events_per_user, seed)
+    write_store(cfg, run, events, seed)
+    return events.num_rows
+
+
+def write_splits(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, seed: int = 0) -> pa.Table:
+    """Splits only (what `loopfm embed` reads); returns the events table (all splits)."""
     rng = np.random.default_rng(seed)
     n = users * events_per_user
     user = np.repeat(np.arange(users), events_per_user)
@@ -177,7 +306,13 @@ def write_log(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, 
                      vocab_sizes={"user_id": users + 2, "item_id": NUM_ITEMS + 2, "category": NUM_CATEGORIES + 2},
                      categorical=[], num_surfaces=NUM_SURFACES, vertical=0)
     write_manifest(run.splits, asdict(info))
+    return events
 
+
+def write_store(cfg: LoopFMConfig, run: RunDir, events: pa.Table, seed: int = 0) -> None:
+    """A sealed store of `events` with random z (uniform in [-1, 1]) and logits, FM version "bench"."""
+    rng = np.random.default_rng([seed, 1])
+    n = events.num_rows
     c = cfg.embed.compress
     version = store_version(FM_VERSION, cfg.embed)
     path = run.store(version)
@@ -190,4 +325,28 @@ def write_log(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: int, 
     pq.write_table(store, path / "part-0.parquet", row_group_size=200_000)
     seal(path, StoreManifest(version, FM_VERSION, "none", list(cfg.embed.layers), 64, c.width, list(c.prefix_widths),
                              c.dtype, 0, 0, 0), expected_rows=n)  # row count, ts range, file hashes
-    return n
+
+
+def write_fm(cfg: LoopFMConfig, run: RunDir, seed: int = 0) -> int:
+    """A random-init CausalFM of `cfg.fm` saved where `embed` looks for this config's FM."""
+    import io
+
+    import torch
+
+    from loopfm.fm.checkpoint import FMManifest, save_fm
+    from loopfm.fm.train import fm_fingerprint
+    from loopfm.models.fm import CausalFM
+    from loopfm.rundir import atomic_output
+
+    info = SplitInfo.load(run)
+    vocab = {k: info.vocab_sizes[k] for k in ("item_id", "category")}
+    torch.manual_seed(seed)
+    fm = CausalFM(cfg.fm, vocab, info.num_surfaces)
+    buf = io.BytesIO()
+    torch.save(fm.state_dict(), buf)
+    fingerprint = fm_fingerprint(cfg, info)
+    with atomic_output(run.fm(fingerprint)) as tmp:
+        save_fm(tmp, buf.getvalue(), FMManifest(fingerprint=fingerprint, fm_version="", fm=cfg.fm.model_dump(mode="json"),
+                                                 vocab_sizes=vocab, num_surfaces=info.num_surfaces,
+                                                 splits_fingerprint=info.fingerprint))
+    return sum(p.numel() for p in fm.parameters())
