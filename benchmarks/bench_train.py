@@ -6,16 +6,15 @@ stage over splits and a store written straight into a scratch run directory (ran
 and z, as benchmarks/bench_features.py does; 3 surfaces, vertical 0). Measured per arm:
 
 * **bare**: the feature splits read with pyarrow into memory (numpy columns, once, not timed),
-  then per epoch a permutation, batches through `VMBatchCollate` (`decode_batch`), forward /
+  then per epoch a permutation, batches through `VMBatchCollate.tensors` (`decode_batch`), forward /
   backward / step of the same `build_vm` model with `vm_loss`, and the same evaluation of valid
   and test as `vm_loop` (no checkpoint). Torch threads = what the Ray Train worker gets.
 * **ray**: `loopfm.training.vm.train_vm` on the same features, the whole call timed (Ray Train
   start-up, Ray Data reads and streaming, evaluation, checkpoints; nothing subtracted);
-  examples/s = train rows x epochs / seconds. `vm_loop` is swapped for a copy that only adds
-  wall-clock stamps (worker start, set-up, per epoch: waiting on the batch iterator vs compute,
-  evaluation, `report`; a few perf_counter calls per batch, one file line per epoch), which say
-  where the Ray time goes. The copy mirrors vm_loop as of writing; if vm_loop changes, re-check
-  `timed_vm_loop`. `--plain` adds a run of the unmodified vm_loop as a check.
+  examples/s = train rows x epochs / seconds. `train_vm(timing_log=...)` has each worker's
+  `LoopTimer` stamp its loop (worker start, set-up, per epoch: waiting on the batch iterator vs
+  compute, evaluation, `report`; a few perf_counter calls per batch, one file line per epoch),
+  which say where the Ray time goes. `--plain` adds a run without the stamps as a check.
 
 Ratios (ray / bare): whole fit (both including evaluation each epoch); train epochs (the train
 loops only); steady (train loops of epochs after the first, i.e. without Ray Data's per-dataset
@@ -96,7 +95,7 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
             size = len(next(iter(split.values())))
             for start in range(0, size, t.batch_size):
                 rows = slice(start, start + t.batch_size) if order is None else order[start : start + t.batch_size]
-                yield collate({k: v[rows] for k, v in split.items()})
+                yield collate.tensors({k: v[rows] for k, v in split.items()})
 
         epochs, train_s, eval_s = [], 0.0, 0.0
         with Timer() as total:
@@ -126,93 +125,17 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
         torch.set_num_threads(before)
 
 
-# -- Ray path --------------------------------------------------------------------------------
-def make_timed_loop(log_path: str):
-    """A copy of loopfm.training.vm.vm_loop with wall-clock stamps (one JSON line per event)."""
-
-    def timed_vm_loop(config: dict) -> None:
-        started = time.time()
-        import ray.train
-        import ray.train.torch
-
-        from loopfm.config import TrainConfig
-        from loopfm.features.collate import VMBatchCollate
-        from loopfm.features.reader import FeaturesManifest
-        from loopfm.models.losses import vm_loss
-        from loopfm.training.checkpoint import VMManifest, build_from_manifest
-        from loopfm.training.loop import cpu_state, report_epoch, resume, seed_everything
-        from loopfm.training.vm import evaluate_vm
-
-        def log(entry: dict) -> None:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), **entry}) + "\n")
-
-        manifest = VMManifest(**config["manifest"])
-        features = FeaturesManifest(**config["features"])
-        train_cfg = TrainConfig.model_validate(manifest.train)
-        seed_everything(train_cfg.seed)
-        model = build_from_manifest(manifest)
-        optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        state = resume(model, optimizer, train_cfg.patience)
-        model = ray.train.torch.prepare_model(model)
-        device = ray.train.torch.get_device()
-        collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None)
-        shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "valid", "test")}
-        log({"kind": "setup", "start": started, "end": time.time(), "threads": torch.get_num_threads(),
-             "omp": os.environ.get("OMP_NUM_THREADS"), "device": str(device)})
-        for epoch in range(state.epoch, train_cfg.epochs):
-            if state.stopper.should_stop:
-                break
-            model.train()
-            losses, wait, compute, rows, first = [], 0.0, 0.0, 0, None
-            epoch_start = time.time()
-            batches = iter(shards["train"].iter_torch_batches(
-                batch_size=train_cfg.batch_size, collate_fn=collate,
-                local_shuffle_buffer_size=4 * train_cfg.batch_size, local_shuffle_seed=train_cfg.seed + epoch))
-            while True:
-                a = time.perf_counter()
-                batch = next(batches, None)
-                b = time.perf_counter()
-                wait += b - a
-                if first is None:
-                    first = b - a
-                if batch is None:
-                    break
-                loss, _ = vm_loss(model(batch), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                compute += time.perf_counter() - b
-                rows += len(batch["label"])
-            train_end = time.time()
-            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
-                       "valid": evaluate_vm(model, shards["valid"], collate, train_cfg.batch_size),
-                       "test": evaluate_vm(model, shards["test"], collate, train_cfg.batch_size)}
-            eval_end = time.time()
-            if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
-                state.best_state = cpu_state(model)
-            report_epoch(epoch, metrics, model, optimizer, state)
-            log({"kind": "epoch", "epoch": epoch, "start": epoch_start, "train_end": train_end, "eval_end": eval_end,
-                 "end": time.time(), "rows": rows, "wait_s": wait, "first_batch_s": first, "compute_s": compute})
-
-    return timed_vm_loop
-
-
+# -- Ray path ---------------------------------------------------------------------------------
 def ray_run(cfg: LoopFMConfig, run: RunDir, features, log_path: str | None = None) -> dict:
-    """`train_vm` once, timed whole; with log_path, vm_loop swapped for the stamped copy."""
-    import loopfm.training.vm as vm
+    """`train_vm` once, timed whole; with log_path, its workers' `LoopTimer` stamps broken down."""
+    from loopfm.training.vm import train_vm
 
-    original = vm.vm_loop
-    if log_path is not None:
-        vm.vm_loop = make_timed_loop(log_path)
     try:
         started = time.time()
         with Timer() as t:
-            manifest = vm.train_vm(cfg, run, features)
+            manifest = train_vm(cfg, run, features, timing_log=log_path)
         ended = started + t.seconds
     finally:
-        vm.vm_loop = original
         shutil.rmtree(run.root / "vm", ignore_errors=True)  # so the next run is not "current" ...
         shutil.rmtree(run.ray_storage, ignore_errors=True)  # ... nor resumed by Ray Train V2
     n = features.rows["train"]
@@ -260,6 +183,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default: the config's)")
     parser.add_argument("--arms", nargs="+", default=["loopfm", "base"])
+    parser.add_argument("--data-cache", choices=["auto", "memory", "stream"], default=None,
+                        help="train.data_cache (default: the config's)")
     parser.add_argument("--plain", action="store_true", help="also time train_vm with the unmodified vm_loop")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--device-name", default=None)
@@ -267,12 +192,14 @@ def main() -> None:
 
     import ray
 
-    from loopfm.training.vm import arm_config
+    from loopfm.training.vm import arm_config, cache_train_split
 
     overrides = {"ray.progress_bars": False, "ray.num_cpus": args.num_cpus, "train.epochs": args.epochs,
                  "train.num_workers": 1, "vm.pooling": "attention"}
     if args.batch_size:
         overrides["train.batch_size"] = args.batch_size
+    if args.data_cache:
+        overrides["train.data_cache"] = args.data_cache
     cfg = LoopFMConfig().updated(overrides)
     device = device_name(args.device_name)
     info = {**machine(), **start_ray(args.num_cpus)}
@@ -309,7 +236,8 @@ def main() -> None:
             "benchmark": "train", "device": device, **info, "load_avg_1m_end": round(os.getloadavg()[0], 2),
             "versions": versions(),
             "config": {"users": args.users, "events": events, "features_rows": features.rows,
-                       "features_seconds": round(feat.seconds, 2), "seq_len": features.seq_len,
+                       "features_seconds": round(feat.seconds, 2),
+                       "train_split_cached": cache_train_split(cfg.train.data_cache, run, features), "seq_len": features.seq_len,
                        "width": features.width, "dtype": features.dtype, "vm": cfg.vm.model_dump(mode="json"),
                        "train": cfg.train.model_dump(mode="json"), "ray_train_workers": 1, "cpus_per_worker": 1},
             "threads": {"driver_default": torch.get_num_threads(), "worker_probe": worker["threads"],
@@ -351,7 +279,8 @@ def row(r: dict) -> None:
         r["date"], "train (Ray Train vs bare loop)", f"{r['device']}, Ray {r['versions']['ray']}", result,
         f"{c['features_rows']['train']:,} train examples x {c['train']['epochs']} epochs, batch {c['train']['batch_size']}, "
         f"VM {c['vm']['model']} {c['vm']['hidden']} pooling {c['vm']['pooling']}, L={c['seq_len']} width {c['width']} "
-        f"{c['dtype']}; 1 Train worker (1 CPU, {r['threads']['worker_probe']} torch thread) vs bare at "
+        f"{c['dtype']}, train split {'cached in the object store' if c['train_split_cached'] else 'streamed from parquet'} "
+        f"(train.data_cache={c['train']['data_cache']}); 1 Train worker (1 CPU, {r['threads']['worker_probe']} torch thread) vs bare at "
         f"{r['threads']['bare']} thread, both evaluating valid+test each epoch; {r['notes']} "
         f"Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
     )

@@ -130,3 +130,27 @@ def smoke_embedded(tmp_path_factory, smoke_config, smoke_splits):
     fm = fm_train_stage(smoke_config, run)
     store = embed_stage(smoke_config, run)
     return run, fm, store
+
+
+SERVED_ARM, SERVED_SEED = "kd_loopfm", 0
+
+
+@pytest.fixture(scope="session")
+def smoke_trained(tmp_path_factory, smoke_config, smoke_embedded):
+    """The smoke run with its features and one trained VM (SERVED_ARM, SERVED_SEED): what the
+    serving tests serve. Trained once per session.
+
+    Read-only for tests: copy it (shutil.copytree) before writing into it.
+    """
+    import shutil
+
+    from loopfm.features import features_stage
+    from loopfm.rundir import RunDir
+    from loopfm.training.vm import arm_config, train_vm
+
+    src, _, _ = smoke_embedded
+    run = RunDir(tmp_path_factory.mktemp("smoke_trained") / "run")
+    shutil.copytree(src.root, run.root)
+    features = features_stage(smoke_config, run)
+    vm = train_vm(arm_config(smoke_config, SERVED_ARM, SERVED_SEED), run, features)
+    return run, features, vm

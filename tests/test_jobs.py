@@ -23,49 +23,83 @@ BIN = Path(sys.executable).parent
 EXCLUDES = ["runs", "wandb", "**/__pycache__", "*.egg-info", ".ruff_cache", ".pytest_cache"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (all held open together, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start_head(log: Path) -> tuple[subprocess.Popen, str]:
+    """One `ray start --head --block` on fresh ports; returns the process and its dashboard address
+    once the job API answers. Raises with the head's output when it exits first."""
+    from ray.job_submission import JobSubmissionClient
+
+    gcs, dashboard, *agents = _free_ports(7)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the cluster's nodes run this project's venv
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+         "--disable-usage-stats",
+         # Every Ray node binds the ports below; the defaults (52365, 10001, ...) are taken by any other
+         # Ray on this machine (the test session's own, a developer's), and a head without its job
+         # agent answers every submission with "No available agent".
+         *(f"--{flag}={port}" for flag, port in zip(
+             ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port", "ray-client-server-port"), agents))],
+        env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            return head, address
+        except Exception:
+            if head.poll() is not None or time.time() > deadline:
+                _stop(head)
+                raise RuntimeError(f"ray head (exit {head.poll()}) did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """SIGTERM the head's process group, SIGKILL it if it lingers; a group already gone is fine."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            head.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A `ray start --head --block` process on loopback; yields its job-submission address."""
-    from ray.job_submission import JobSubmissionClient
+    """A `ray start --head --block` process on loopback; yields its job-submission address.
 
-    dashboard = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the cluster's nodes run this project's venv
-    log = tmp_path_factory.mktemp("head") / "head.log"
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-         "--disable-usage-stats",
-         # Every Ray node binds the agent ports below; the defaults (52365, ...) are taken by any other
-         # Ray on this machine (the test session's own, a developer's), and a head without its job
-         # agent answers every submission with "No available agent".
-         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "runtime-env-agent-port", "metrics-export-port"))],
-        env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard}"
+    A head that dies while starting (a port another process took between our probe and its bind)
+    is started again on fresh ports, up to three times; the last failure carries the head's log.
+    """
+    logs = tmp_path_factory.mktemp("head")
+    for attempt in range(3):
+        try:
+            head, address = _start_head(logs / f"head{attempt}.log")
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ray head did not come up:\n{log.read_text()[-2000:]}")
-                time.sleep(1)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop(head)
 
 
 def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540):

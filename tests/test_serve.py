@@ -1,8 +1,8 @@
 """The Ray Serve app over real HTTP (issue 6): exact scores, the error contract, cold start, reload.
 
-One module-scoped run: the session's smoke FM and store (`smoke_embedded`), its features and one
-kd_loopfm VM trained here; one Serve app on a free loopback port for the whole module. The reload
-test runs last (it swaps the served VM).
+One module-scoped run: a copy of the session's smoke run with its features and one kd_loopfm VM
+(conftest's `smoke_trained`, trained once for every serving test module); one Serve app on a free
+loopback port for the whole module. The reload test runs last (it swaps the served VM).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(600)
 
-ARM, SEED = "kd_loopfm", 0
+from conftest import SERVED_ARM as ARM, SERVED_SEED as SEED  # noqa: E402
 
 
 def free_port() -> int:
@@ -28,17 +28,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served_run(tmp_path_factory, smoke_config, smoke_embedded):
-    """A copy of the smoke run with features and one trained VM (the one the app serves)."""
-    from loopfm.features import features_stage
+def served_run(tmp_path_factory, smoke_trained):
+    """A copy of the smoke run with features and one trained VM (the one the app serves); each
+    module using this fixture gets its own copy, free to write into."""
     from loopfm.rundir import RunDir
-    from loopfm.training.vm import arm_config, train_vm
 
-    src, _, _ = smoke_embedded
+    src, features, vm = smoke_trained
     run = RunDir(tmp_path_factory.mktemp("serve") / "run")
     shutil.copytree(src.root, run.root)
-    features = features_stage(smoke_config, run)
-    vm = train_vm(arm_config(smoke_config, ARM, SEED), run, features)
     return run, features, vm
 
 
@@ -74,7 +71,7 @@ def offline(run, vm_dir, n: int = 60):
     rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     model, manifest = load_vm(vm_dir)
     collate = VMBatchCollate(bundle.features, manifest.seq_width, with_seq=manifest.seq_width is not None)
-    return rows, predict(model, [collate(rows)])["logit"], manifest
+    return rows, predict(model, [collate.tensors(rows)])["logit"], manifest
 
 
 def request_of(rows, i, context_columns=("user_segment",)) -> dict:

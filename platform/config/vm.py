@@ -37,6 +37,11 @@ class TrainConfig(Section):
     patience: PositiveInt = 2
     num_workers: int = Field(1, ge=0)
     seed: int = 0
+    # "memory": the train split is read once into Ray's object store (which spills to disk when
+    # full) and each epoch streams from there; "stream": every epoch reads the parquet again
+    # (memory flat at any size); "auto": memory when the split's parquet is under a quarter of the
+    # object store. Valid and test are always read once.
+    data_cache: Literal["auto", "memory", "stream"] = "auto"
 
 
 class ExperimentConfig(Section):

@@ -1,8 +1,9 @@
 """Reading VM examples back: the features manifest, a Ray Dataset per split, and the batch decoder.
 
 `decode_batch` turns feature rows into the VM batch contract of docs/ARCHITECTURE.md ("VM
-batch"); the training loop calls it as the collate step of `iter_torch_batches`, so the packed
-`seq_z` bytes are decoded per batch and the (examples, L, width) floats never exist all at once.
+batch"); the training loop calls it (over `arrow_columns`) as the collate step of
+`iter_torch_batches`, so the packed `seq_z` bytes are decoded per batch and the (examples, L,
+width) floats never exist all at once. Serving calls it on the rows of a request.
 """
 
 from __future__ import annotations
@@ -70,9 +71,28 @@ def read_features(run: RunDir, features: Union[str, FeaturesManifest], split: st
     return ray.data.read_parquet(str(run.features(fingerprint) / split), columns=columns)
 
 
+def arrow_columns(table, manifest: FeaturesManifest) -> dict[str, np.ndarray]:
+    """An Arrow batch of feature rows -> numpy columns for `decode_batch`, without a Python object
+    per row: `seq_z` becomes (rows, L x bytes_per_row) uint8 over the Arrow buffer, `hist_items`
+    (rows, raw_seq_len) from the list's flat values, scalars zero-copy where Arrow allows."""
+    import pyarrow as pa
+
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        if name == SEQ_Z:
+            out[name] = codec.binary_to_rows(column, manifest.seq_len * manifest.bytes_per_row)
+        elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            out[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
 def decode_batch(batch: dict[str, np.ndarray], manifest: FeaturesManifest, width: Optional[int] = None,
                  with_seq: bool = True) -> dict:
-    """Feature rows (numpy columns, as Ray Data yields them) -> the VM batch.
+    """Feature rows (numpy columns: as Ray Data's numpy batches or `arrow_columns` give them) -> the VM batch.
 
     `width` keeps a prefix of each stored z (Matryoshka: any prefix is usable alone); None keeps
     all `manifest.width` coordinates. Padded slots of `seq` are zeros and False in `seq_mask`.

@@ -57,7 +57,12 @@ def to_binary_column(rows: np.ndarray) -> list[bytes]:
 
 
 def from_binary_column(values, row_bytes: int) -> np.ndarray:
-    """Sequence of bytes (one per row) -> (N, row_bytes) uint8."""
+    """Sequence of bytes (one per row) -> (N, row_bytes) uint8; an (N, row_bytes) uint8 array
+    (what `binary_to_rows` made of an Arrow column) passes through."""
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        if values.shape[1] != row_bytes:
+            raise ValueError(f"z rows are {values.shape[1]} bytes, not {row_bytes}")
+        return values
     if len(values) == 0:
         return np.empty((0, row_bytes), dtype=np.uint8)
     flat = np.frombuffer(b"".join(values), dtype=np.uint8)

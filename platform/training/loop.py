@@ -9,10 +9,12 @@ numbers every worker has gathered, so all workers stop on the same epoch.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -55,6 +57,57 @@ class LoopState:
     model_state: dict
     optim_state: dict
     history: list = field(default_factory=list)
+
+
+class LoopTimer:
+    """Wall-clock stamps of one worker's loop, one JSON line per event appended to `path`, which
+    benchmarks/bench_train.py turns into where the time went (start-up, waiting on data, compute,
+    evaluation, report). Without a path it records nothing and `batches` hands the iterable back.
+    """
+
+    def __init__(self, path: Optional[str]):
+        self.path, self.started = path, time.time()
+
+    def _write(self, entry: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), **entry}) + "\n")
+
+    def setup_done(self) -> None:
+        if self.path:
+            self._write({"kind": "setup", "start": self.started, "end": time.time(),
+                         "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")})
+
+    def batches(self, iterable):
+        """`iterable`, timing the wait for each batch and the work done between batches."""
+        if not self.path:
+            return iterable
+        return self._timed(iterable)
+
+    def _timed(self, iterable):
+        self.epoch_start, self.wait, self.compute, self.rows, self.first = time.time(), 0.0, 0.0, 0, None
+        batches = iter(iterable)
+        while True:
+            a = time.perf_counter()
+            batch = next(batches, None)
+            b = time.perf_counter()
+            self.wait += b - a
+            self.first = b - a if self.first is None else self.first
+            if batch is None:
+                self.train_end = time.time()
+                return
+            yield batch
+            self.compute += time.perf_counter() - b
+            self.rows += len(batch["label"])
+
+    def evaluated(self) -> None:
+        if self.path:
+            self.eval_end = time.time()
+
+    def epoch_done(self, epoch: int) -> None:
+        if self.path:
+            self._write({"kind": "epoch", "epoch": epoch, "start": self.epoch_start, "train_end": self.train_end,
+                         "eval_end": self.eval_end, "end": time.time(), "rows": self.rows, "wait_s": self.wait,
+                         "first_batch_s": self.first, "compute_s": self.compute})
 
 
 def say(line: str) -> None:

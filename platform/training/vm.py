@@ -51,13 +51,14 @@ def vm_fingerprint(cfg: LoopFMConfig, features: FeaturesManifest) -> str:
 
 
 def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbacks=None,
-             stop_file=None) -> VMManifest:
+             stop_file=None, timing_log=None) -> VMManifest:
     """Train (or find current) the VM of `cfg.train`'s arm and seed on `features`.
 
     `callbacks`: Ray Train callbacks for the run (`loopfm tune` passes the one that reports to Tune).
     `stop_file`: when this file appears, the loop ends before its next epoch and the VM is not
     saved (it did not train its configured epochs); the manifest comes back with `stopped` in its
     metrics. `loopfm tune` stops trials so (ASHA), letting Train shut its workers down itself.
+    `timing_log`: a file the workers append their wall-clock stamps to (`LoopTimer`; benchmarks).
     """
     from loopfm.runtime import init_ray, log, use_gpu
     from loopfm.training.loop import final_state, run_trainer
@@ -73,7 +74,8 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     width = seq_width(cfg, features)
     columns = None if width else _columns_without_seq(run, features)
     datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid", "test")}
-    for split in ("valid", "test"):  # evaluated every epoch: read once, not once per epoch
+    cached = ("train",) if cache_train_split(cfg.train.data_cache, run, features) else ()
+    for split in cached + ("valid", "test"):  # read once, not once per epoch
         datasets[split] = datasets[split].materialize()
     manifest = VMManifest(
         fingerprint=fingerprint, model_version="", arm=arm, seed=seed, features_fingerprint=features.fingerprint,
@@ -87,7 +89,8 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     started = time.time()
     result = run_trainer(
         vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict(),
-                  **({"stop_file": str(stop_file)} if stop_file else {})}, datasets,
+                  **({"stop_file": str(stop_file)} if stop_file else {}),
+                  **({"timing_log": str(timing_log)} if timing_log else {})}, datasets,
         name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
         num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray), callbacks=callbacks,
     )
@@ -108,6 +111,21 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     return manifest
 
 
+def cache_train_split(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
+    """Whether the train split goes into Ray's object store once (`train.data_cache`).
+
+    "auto" says yes when its parquet, at an assumed 3x in memory, fills under a quarter of the
+    object store: a split that small costs more to re-read every epoch than to hold.
+    """
+    if mode != "auto":
+        return mode == "memory"
+    import ray
+
+    files = (run.features(features.fingerprint) / "train").rglob("*.parquet")
+    on_disk = sum(f.stat().st_size for f in files)
+    return 3 * on_disk < ray.cluster_resources().get("object_store_memory", 0) / 4
+
+
 def _columns_without_seq(run: RunDir, features: FeaturesManifest) -> list[str]:
     import pyarrow.dataset as pads
 
@@ -124,8 +142,9 @@ def vm_loop(config: dict) -> None:
     from loopfm.features.collate import VMBatchCollate
     from loopfm.models.losses import vm_loss
     from loopfm.training.checkpoint import build_from_manifest
-    from loopfm.training.loop import cpu_state, report_epoch, resume, say, seed_everything
+    from loopfm.training.loop import LoopTimer, cpu_state, report_epoch, resume, say, seed_everything
 
+    timer = LoopTimer(config.get("timing_log"))
     manifest = VMManifest(**config["manifest"])
     features = FeaturesManifest(**config["features"])
     train_cfg = TrainConfig.model_validate(manifest.train)
@@ -140,6 +159,7 @@ def vm_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     tag = f"{manifest.arm} seed {manifest.seed}"
     stop_file = config.get("stop_file")
+    timer.setup_done()
     for epoch in range(state.epoch, train_cfg.epochs):
         if state.stopper.should_stop:
             break
@@ -147,9 +167,9 @@ def vm_loop(config: dict) -> None:
             break  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
         model.train()
         losses = []
-        for batch in shards["train"].iter_torch_batches(batch_size=train_cfg.batch_size, collate_fn=collate,
-                                                         local_shuffle_buffer_size=4 * train_cfg.batch_size,
-                                                         local_shuffle_seed=train_cfg.seed + epoch):
+        for batch in timer.batches(shards["train"].iter_torch_batches(
+                batch_size=train_cfg.batch_size, collate_fn=collate, local_shuffle_buffer_size=4 * train_cfg.batch_size,
+                local_shuffle_seed=train_cfg.seed + epoch)):
             loss, _ = vm_loss(model(batch), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,6 +178,7 @@ def vm_loop(config: dict) -> None:
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "valid": evaluate_vm(model, shards["valid"], collate, train_cfg.batch_size),
                    "test": evaluate_vm(model, shards["test"], collate, train_cfg.batch_size)}
+        timer.evaluated()
         if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
             state.best_state = cpu_state(model)
         if rank == 0:
@@ -165,6 +186,7 @@ def vm_loop(config: dict) -> None:
             say(f"train {tag} epoch {epoch + 1}/{train_cfg.epochs}: loss {metrics['train_loss']:.4f} | valid auc "
                   f"{v['auc']:.4f} gauc {v['gauc']:.4f} ne {v['ne']:.4f}")
         report_epoch(epoch, metrics, model, optimizer, state)
+        timer.epoch_done(epoch)
 
 
 @torch.no_grad()
