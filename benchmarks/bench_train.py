@@ -192,7 +192,7 @@ def main() -> None:
 
     import ray
 
-    from loopfm.training.vm import arm_config, cache_train_split
+    from loopfm.training.vm import arm_config, keep_shards
 
     overrides = {"ray.progress_bars": False, "ray.num_cpus": args.num_cpus, "train.epochs": args.epochs,
                  "train.num_workers": 1, "vm.pooling": "attention"}
@@ -237,7 +237,7 @@ def main() -> None:
             "versions": versions(),
             "config": {"users": args.users, "events": events, "features_rows": features.rows,
                        "features_seconds": round(feat.seconds, 2),
-                       "train_split_cached": cache_train_split(cfg.train.data_cache, run, features), "seq_len": features.seq_len,
+                       "shards_kept": keep_shards(cfg.train.data_cache, run, features), "seq_len": features.seq_len,
                        "width": features.width, "dtype": features.dtype, "vm": cfg.vm.model_dump(mode="json"),
                        "train": cfg.train.model_dump(mode="json"), "ray_train_workers": 1, "cpus_per_worker": 1},
             "threads": {"driver_default": torch.get_num_threads(), "worker_probe": worker["threads"],
@@ -279,7 +279,7 @@ def row(r: dict) -> None:
         r["date"], "train (Ray Train vs bare loop)", f"{r['device']}, Ray {r['versions']['ray']}", result,
         f"{c['features_rows']['train']:,} train examples x {c['train']['epochs']} epochs, batch {c['train']['batch_size']}, "
         f"VM {c['vm']['model']} {c['vm']['hidden']} pooling {c['vm']['pooling']}, L={c['seq_len']} width {c['width']} "
-        f"{c['dtype']}, train split {'cached in the object store' if c['train_split_cached'] else 'streamed from parquet'} "
+        f"{c['dtype']}, shards {'kept in worker memory after epoch 1' if c['shards_kept'] else 'streamed every epoch'} "
         f"(train.data_cache={c['train']['data_cache']}); 1 Train worker (1 CPU, {r['threads']['worker_probe']} torch thread) vs bare at "
         f"{r['threads']['bare']} thread, both evaluating valid+test each epoch; {r['notes']} "
         f"Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",

@@ -42,6 +42,30 @@ def local_num_cpus(cfg: RayConfig) -> int:
     return cfg.num_cpus or max(4, os.cpu_count() or 1)
 
 
+def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool = True) -> None:
+    """A new embedded Ray ("local": never another session's `ray start` cluster), its dashboard on
+    a free loopback port that the State API of every process of this Ray is pointed at.
+
+    Why the pointer: Ray Train V2 starts a PlacementGroupCleaner per fit that asks the State API
+    every second whether the Train controller lives. Left to itself, the State API finds "the"
+    cluster through /tmp/ray/ray_current_cluster, i.e. the newest `ray start` on the machine: when
+    that one is gone each call blocks ~10 s and every fit ends 12 s late; when it is another live
+    cluster, our controller looks dead there and the cleaner removes our placement group.
+    RAY_API_SERVER_ADDRESS, set before the raylet starts, is inherited by it and every worker.
+    Without the dashboard the calls fail fast (the cleaner then logs a warning every second).
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=log_to_driver)
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Connect to (or start) Ray once per process and apply the Data settings we rely on."""
     import ray
@@ -52,9 +76,7 @@ def init_ray(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # "local": always a new embedded Ray, never another session's `ray start` cluster
-            ray.init(address="local", num_cpus=local_num_cpus(cfg), include_dashboard=cfg.dashboard,
-                     log_to_driver=True)
+            start_local_ray(local_num_cpus(cfg), dashboard=cfg.dashboard)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     # Hash-shuffle groupby can hang on small clusters; the sort-based shuffle does not.

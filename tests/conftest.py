@@ -46,10 +46,13 @@ def ensure_local_ray():
     """The shared local Ray (4 logical CPUs on 2 cores; DESIGN section 8), started on first use."""
     import ray
 
+    from loopfm.runtime import start_local_ray
+
     if ray.is_initialized() and not _state["local"]:
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # with its dashboard: Ray Train's PlacementGroupCleaner polls the State API (see start_local_ray)
+        start_local_ray(4, dashboard=True, log_to_driver=False)
         _state["local"] = True
     _data_context_for_tests()
     return ray

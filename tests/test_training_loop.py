@@ -50,9 +50,43 @@ def test_loop_timer_splits_waiting_on_batches_from_work_between_them(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_the_train_split_is_cached_when_asked_or_small(smoke_config, smoke_trained, ray_session):
-    from loopfm.training.vm import cache_train_split
+def test_shards_are_kept_when_asked_or_small(smoke_trained):
+    from loopfm.training.vm import keep_shards
 
     run, features, _ = smoke_trained
-    assert cache_train_split("memory", run, features) and not cache_train_split("stream", run, features)
-    assert cache_train_split("auto", run, features)  # a few MB against an object store of GBs
+    assert keep_shards("memory", run, features) and not keep_shards("stream", run, features)
+    assert keep_shards("auto", run, features)  # a few MB against GBs of memory
+
+
+@pytest.mark.timeout(120)
+def test_kept_shard_batches_hold_the_same_rows_every_epoch_reshuffled(smoke_trained, ray_session):
+    import numpy as np
+
+    from loopfm.features.collate import VMBatchCollate
+    from loopfm.features.reader import read_features
+    from loopfm.training.batches import ShardBatches
+
+    run, features, _ = smoke_trained
+    collate = VMBatchCollate(features, width=4)
+
+    def rows(batches) -> list[tuple]:
+        return [(int(u), int(i), float(k)) for b in batches
+                for u, i, k in zip(b["user"], b["item"], b["kd_logit"])]
+
+    train = ShardBatches(read_features(run, features, "valid").iterator(), collate, 64, keep=True, shuffle_seed=7)
+    first = rows(train.epoch(0))
+    assert train.columns is not None and len(first) == features.rows["valid"]
+    second, third = rows(train.epoch(1)), rows(train.epoch(2))  # from memory now
+    assert sorted(second) == sorted(first) == sorted(third) and second != third  # same rows, new order
+    assert next(iter(train.epoch(1)))["seq"].shape[1:] == (features.seq_len, 4)
+
+    evaluation = ShardBatches(read_features(run, features, "valid").iterator(), collate, 64, keep=True)
+    assert rows(evaluation.epoch()) and rows(evaluation.epoch()) == rows(evaluation.epoch())  # order kept
+
+    streamed = ShardBatches(read_features(run, features, "valid").iterator(), collate, 64, keep=False)
+    assert sorted(rows(streamed.epoch(0))) == sorted(first) and streamed.columns is None
+
+    partial = ShardBatches(read_features(run, features, "valid").iterator(), collate, 64, keep=True)
+    next(iter(partial.epoch(0)))
+    assert partial.columns is None  # an epoch left early keeps nothing: the next one streams again
+    np.testing.assert_array_equal(sorted(rows(partial.epoch(1))), sorted(first))

@@ -37,10 +37,9 @@ class TrainConfig(Section):
     patience: PositiveInt = 2
     num_workers: int = Field(1, ge=0)
     seed: int = 0
-    # "memory": the train split is read once into Ray's object store (which spills to disk when
-    # full) and each epoch streams from there; "stream": every epoch reads the parquet again
-    # (memory flat at any size); "auto": memory when the split's parquet is under a quarter of the
-    # object store. Valid and test are always read once.
+    # "memory": each Train worker keeps the shards it streamed in the first epoch and shuffles them
+    # in its own memory after; "stream": every epoch streams through Ray Data again (memory flat
+    # at any size); "auto": memory when the feature splits are small next to this machine's memory.
     data_cache: Literal["auto", "memory", "stream"] = "auto"
 
 

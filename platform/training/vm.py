@@ -74,8 +74,8 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     width = seq_width(cfg, features)
     columns = None if width else _columns_without_seq(run, features)
     datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid", "test")}
-    cached = ("train",) if cache_train_split(cfg.train.data_cache, run, features) else ()
-    for split in cached + ("valid", "test"):  # read once, not once per epoch
+    keep = keep_shards(cfg.train.data_cache, run, features)
+    for split in ("train", "valid", "test") if keep else ("valid", "test"):  # read once, not once per epoch
         datasets[split] = datasets[split].materialize()
     manifest = VMManifest(
         fingerprint=fingerprint, model_version="", arm=arm, seed=seed, features_fingerprint=features.fingerprint,
@@ -90,7 +90,8 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     result = run_trainer(
         vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict(),
                   **({"stop_file": str(stop_file)} if stop_file else {}),
-                  **({"timing_log": str(timing_log)} if timing_log else {})}, datasets,
+                  **({"timing_log": str(timing_log)} if timing_log else {}),
+                  "keep_shards": keep}, datasets,
         name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
         num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray), callbacks=callbacks,
     )
@@ -111,19 +112,19 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     return manifest
 
 
-def cache_train_split(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
-    """Whether the train split goes into Ray's object store once (`train.data_cache`).
+def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
+    """Whether Train workers keep their shards in memory after the first epoch (`train.data_cache`).
 
-    "auto" says yes when its parquet, at an assumed 3x in memory, fills under a quarter of the
-    object store: a split that small costs more to re-read every epoch than to hold.
+    "auto" says yes when the feature splits' parquet, at an assumed 3x in memory, fills under a
+    quarter of this machine's available memory: for splits that small, streaming them again every
+    epoch costs more than holding them.
     """
     if mode != "auto":
         return mode == "memory"
-    import ray
+    import psutil
 
-    files = (run.features(features.fingerprint) / "train").rglob("*.parquet")
-    on_disk = sum(f.stat().st_size for f in files)
-    return 3 * on_disk < ray.cluster_resources().get("object_store_memory", 0) / 4
+    files = run.features(features.fingerprint).rglob("*.parquet")
+    return 3 * sum(f.stat().st_size for f in files) < psutil.virtual_memory().available / 4
 
 
 def _columns_without_seq(run: RunDir, features: FeaturesManifest) -> list[str]:
@@ -141,6 +142,7 @@ def vm_loop(config: dict) -> None:
 
     from loopfm.features.collate import VMBatchCollate
     from loopfm.models.losses import vm_loss
+    from loopfm.training.batches import ShardBatches
     from loopfm.training.checkpoint import build_from_manifest
     from loopfm.training.loop import LoopTimer, cpu_state, report_epoch, resume, say, seed_everything
 
@@ -155,7 +157,10 @@ def vm_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None)
-    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "valid", "test")}
+    keep, size = config.get("keep_shards", False), train_cfg.batch_size
+    splits = {name: ShardBatches(ray.train.get_dataset_shard(name), collate, size, keep,
+                                 shuffle_seed=train_cfg.seed if name == "train" else None)
+              for name in ("train", "valid", "test")}
     rank = ray.train.get_context().get_world_rank()
     tag = f"{manifest.arm} seed {manifest.seed}"
     stop_file = config.get("stop_file")
@@ -167,17 +172,15 @@ def vm_loop(config: dict) -> None:
             break  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
         model.train()
         losses = []
-        for batch in timer.batches(shards["train"].iter_torch_batches(
-                batch_size=train_cfg.batch_size, collate_fn=collate, local_shuffle_buffer_size=4 * train_cfg.batch_size,
-                local_shuffle_seed=train_cfg.seed + epoch)):
+        for batch in timer.batches(splits["train"].epoch(epoch)):
             loss, _ = vm_loss(model(batch), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "valid": evaluate_vm(model, shards["valid"], collate, train_cfg.batch_size),
-                   "test": evaluate_vm(model, shards["test"], collate, train_cfg.batch_size)}
+                   "valid": evaluate_vm(model, splits["valid"].epoch()),
+                   "test": evaluate_vm(model, splits["test"].epoch())}
         timer.evaluated()
         if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
             state.best_state = cpu_state(model)
@@ -201,11 +204,12 @@ def predict(model, batches) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
 
 
-def evaluate_vm(model, shard, collate, batch_size: int) -> dict:
+def evaluate_vm(model, batches) -> dict:
+    """AUC, GAUC, log loss and NE of `model` over `batches` (every worker's, gathered)."""
     from loopfm.evaluation.metrics import evaluate
     from loopfm.training.loop import gather
 
-    arrays = gather(predict(model, shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate)))
+    arrays = gather(predict(model, batches))
     return evaluate(arrays["label"], arrays["logit"], arrays["user"])
 
 

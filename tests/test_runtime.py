@@ -1,0 +1,38 @@
+"""The local Ray the commands start: its State API must answer for this Ray, from any process.
+
+Ray Train V2's PlacementGroupCleaner asks the State API, from a worker, whether the Train
+controller lives (see `loopfm.runtime.start_local_ray`). Pointed at another cluster, or at a
+dead `ray start` head named in /tmp/ray/ray_current_cluster, it would answer "dead" or hang.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.mark.timeout(120)
+def test_the_state_api_finds_this_rays_actors_from_the_driver_and_from_a_worker(ray_session):
+    import ray
+    from ray.util.state import get_actor
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self) -> int:
+            return 1
+
+    @ray.remote(num_cpus=0)
+    def state_seen_by_a_worker(actor_id: str):
+        from ray.util.state import get_actor
+
+        seen = get_actor(actor_id, timeout=10)
+        return seen.state if seen else None
+
+    probe = Probe.remote()
+    assert ray.get(probe.ping.remote()) == 1
+    actor_id = probe._actor_id.hex()
+    assert os.environ["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
+    assert get_actor(actor_id, timeout=10).state == "ALIVE"
+    assert ray.get(state_seen_by_a_worker.remote(actor_id), timeout=60) == "ALIVE"
+    ray.kill(probe)
