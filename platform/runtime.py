@@ -42,6 +42,9 @@ def local_num_cpus(cfg: RayConfig) -> int:
     return cfg.num_cpus or max(4, os.cpu_count() or 1)
 
 
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+
+
 def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool = True) -> None:
     """A new embedded Ray ("local": never another session's `ray start` cluster), its dashboard on
     a free loopback port that the State API of every process of this Ray is pointed at.
@@ -51,7 +54,9 @@ def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool =
     cluster through /tmp/ray/ray_current_cluster, i.e. the newest `ray start` on the machine: when
     that one is gone each call blocks ~10 s and every fit ends 12 s late; when it is another live
     cluster, our controller looks dead there and the cleaner removes our placement group.
-    RAY_API_SERVER_ADDRESS, set before the raylet starts, is inherited by it and every worker.
+    RAY_API_SERVER_ADDRESS, set while the raylet starts, is inherited by it and every worker; this
+    process gets its environment back after (the variable overrides the address of every State API
+    and job-submission client, and a caller here may well mean another cluster).
     Without the dashboard the calls fail fast (the cleaner then logs a warning every second).
     """
     import socket
@@ -61,9 +66,16 @@ def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool =
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=log_to_driver)
+    previous = os.environ.get(API_SERVER_ADDRESS)
+    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=log_to_driver)
+    finally:
+        if previous is None:
+            del os.environ[API_SERVER_ADDRESS]
+        else:
+            os.environ[API_SERVER_ADDRESS] = previous
 
 
 def init_ray(cfg: RayConfig) -> None:
