@@ -96,15 +96,11 @@ def start_ray(num_cpus: Optional[int]) -> dict:
     import ray
 
     from loopfm.config import LoopFMConfig
-    from loopfm.runtime import init_ray, local_num_cpus, setup_logging, start_local_ray
+    from loopfm.runtime import init_ray, setup_logging
 
     setup_logging()
     cfg = LoopFMConfig().updated({"ray.progress_bars": False, **({"ray.num_cpus": num_cpus} if num_cpus else {})})
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        # address="local": a fresh Ray of our own even when another local one runs on this machine
-        # (a plain ray.init() attaches to the newest `ray start` cluster and then refuses num_cpus).
-        start_local_ray(local_num_cpus(cfg.ray), dashboard=cfg.ray.dashboard)
-    init_ray(cfg.ray)  # connected already: applies the Data settings of the real stages
+    init_ray(cfg.ray)  # exactly as the stages start it, with their Data settings
     return {"ray_cpus": ray.cluster_resources().get("CPU"), "ray_gpus": ray.cluster_resources().get("GPU", 0)}
 
 

@@ -45,6 +45,15 @@ def local_num_cpus(cfg: RayConfig) -> int:
 API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 
 
+def free_port() -> int:
+    """A loopback TCP port free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool = True) -> None:
     """A new embedded Ray ("local": never another session's `ray start` cluster), its dashboard on
     a free loopback port that the State API of every process of this Ray is pointed at.
@@ -59,13 +68,9 @@ def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool =
     and job-submission client, and a caller here may well mean another cluster).
     Without the dashboard the calls fail fast (the cleaner then logs a warning every second).
     """
-    import socket
-
     import ray
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     previous = os.environ.get(API_SERVER_ADDRESS)
     os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
     try:

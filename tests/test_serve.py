@@ -8,7 +8,6 @@ loopback port for the whole module. The reload test runs last (it swaps the serv
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,12 +18,7 @@ import pytest
 pytestmark = pytest.mark.timeout(600)
 
 from conftest import SERVED_ARM as ARM, SERVED_SEED as SEED  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loopfm.runtime import free_port  # noqa: E402  (test_serve_faults and _refresh import it from here)
 
 
 @pytest.fixture(scope="module")
