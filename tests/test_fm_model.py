@@ -140,3 +140,15 @@ def test_tiny_fm_learns_item_parity():
     with torch.no_grad():
         after = loss_on(held).item()
     assert before > 0.6 and after < 0.35, (before, after)
+
+
+def test_inference_attention_takes_the_fused_cpu_kernel():
+    """The window mask is 4-D so SDPA on CPU runs its fused kernel: a 3-D mask silently falls back
+    to the math path (B x H x T x T scores in memory), which made extraction 2x slower end to end."""
+    fm = make_fm()
+    batch = {k: v for k, v in users(B=2, T=16).items() if k != "label"}
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fm.extract(batch, [1])
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, sorted(o for o in ops if "attention" in o)
+    assert "aten::_scaled_dot_product_attention_math" not in ops
