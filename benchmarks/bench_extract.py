@@ -458,8 +458,8 @@ def row(r: dict) -> None:
     extra = f"; bare at {r['bare_all_cores']['threads']} threads {r['bare_all_cores']['events_per_s']:,} ev/s" if "bare_all_cores" in r else ""
     append_row(
         r["date"], "extract (Ray Data actors vs bare loop)", f"{r['device']}, Ray {r['versions']['ray']}",
-        f"{h['events_per_s']:,} vs {b['events_per_s']:,} events/s, ratio {r['ratio_ray_over_bare']}x"
-        + (f" (steady {r['ratio_ray_over_bare_steady']}x)" if "ratio_ray_over_bare_steady" in r else ""),
+        f"{h['events_per_s']:,} vs {b['events_per_s']:,} events/s (median runs), median ratio of rounds {r['ratio_ray_over_bare']}x"
+        + f" (steady {r['ratio_ray_over_bare_steady']}x)",
         f"{c['events']:,} events in {c['chunks']:,} chunks of {fm['chunk_len']}; FM d={fm['d_model']} L={fm['n_layers']} "
         f"d_ff={fm['d_ff']}, int4 z width {c['compress']['width']}; {h['actors']} actor x {r['threads']['actor']} thread vs bare "
         f"{b['threads']} thread, batch {c['batch_size']}; {flops}{extra}; sweep actors/batch events/s: {sweep}; "
