@@ -5,13 +5,14 @@ over a batch of chunks and emits every output position's row, so extraction cost
 per chunk, never one per event. Weights arrive as bytes in the constructor arguments (through
 Ray's object store), so actors on any node need no shared filesystem to start.
 
-    ds.map_batches(ChunkExtractor, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=n),
-                   num_cpus=..., num_gpus=..., batch_size=...)
+    ds.map_batches(ChunkExtractor, fn_constructor_kwargs=..., **pool_args(actors, num_cpus, num_gpus, batch_size))
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
+import sys
 from typing import Optional
 
 import numpy as np
@@ -28,10 +29,13 @@ class ChunkExtractor:
     `mode="raw"`: the uncompressed e of train events (the compressor's training sample)."""
 
     def __init__(self, fm_weights: bytes, fm_manifest: dict, layers: list[int],
-                 compressor: Optional[dict] = None, dtype: str = "int4", mode: str = "store"):
+                 compressor: Optional[dict] = None, dtype: str = "int4", mode: str = "store",
+                 retain_memory: bool = False):
         from loopfm.config import FMConfig
         from loopfm.models.fm import CausalFM
 
+        if retain_memory:  # pool_args sets it: the actor's process is ours alone
+            retain_freed_memory()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.fm = CausalFM(FMConfig.model_validate(fm_manifest["fm"]), fm_manifest["vocab_sizes"],
                            fm_manifest["num_surfaces"])
@@ -65,6 +69,43 @@ class ChunkExtractor:
             ],
             schema=ROW_SCHEMA,
         )
+
+
+def pool_args(actors: int, num_cpus: float, num_gpus: float, batch_size: int) -> dict:
+    """`map_batches` arguments that run ChunkExtractor on a fixed pool of `actors`.
+
+    `enable_true_multi_threading=True` runs each call on the actor's main thread. Ray Data's
+    default runs the callable class on a helper thread so that batching can overlap the call, but
+    with one call in flight per actor nothing overlaps. The helper thread also allocates from its
+    own glibc arena, which unmaps freed heaps every call. Measured at the default config: about
+    300k page faults and 1 s of system time per 480k events, calls 25% slower than a bare loop.
+    """
+    from ray.data import ActorPoolStrategy
+
+    return {"compute": ActorPoolStrategy(size=actors, enable_true_multi_threading=True),
+            "num_cpus": num_cpus, "num_gpus": num_gpus, "batch_size": batch_size, "batch_format": "numpy",
+            "fn_constructor_kwargs": {"retain_memory": True}}
+
+
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in this process's heap instead of giving it back to the OS (glibc only).
+
+    Every call allocates the same large activations (MiBs each) and frees them. By default glibc
+    serves blocks of that size with fresh mmaps, or trims them off the heap, so the next call
+    page-faults all of them in again. With the mmap threshold at its 32 MiB maximum and a trim
+    threshold of 256 MiB, they are reused. Returns whether the allocator accepted the setting.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and others: nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def build_compressor(spec: dict):

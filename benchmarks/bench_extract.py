@@ -11,8 +11,8 @@ clock, one trivial Ray Data execution warms the driver, as `embed`'s earlier pas
 extracts. Measured, in `--repeats` rounds whose order alternates (ray, bare / bare, ray), medians
 reported, because this machine's speed drifts by +-10% over minutes:
 
-* **ray**: `ds.map_batches(ChunkExtractor, compute=ActorPoolStrategy(size=N), num_cpus=...,
-  batch_size=B, batch_format="numpy")` then `.materialize()`; the clock covers the whole call,
+* **ray**: `ds.map_batches(ChunkExtractor, **pool_args(N, num_cpus, num_gpus, B))` (exactly as
+  `embed` runs it) then `.materialize()`; the clock covers the whole call,
   actor start-up included (end-to-end). The extractor is subclassed only to log wall-clock
   stamps of its constructor and of each call (one JSON line each), which split the wall time into
   start-up, calls (steady state) and the rest (scheduling, object store, batching).
@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, append_row, figure, probe_threads, device_name, gpu, machine, peak_flops, save_png, start_ray, versions, write_result  # noqa: E402
 
-from loopfm.actors.extractor import ChunkExtractor, build_compressor  # noqa: E402
+from loopfm.actors.extractor import ChunkExtractor, build_compressor, pool_args  # noqa: E402
 from loopfm.config import CompressConfig, EmbedConfig, FMConfig, LoopFMConfig  # noqa: E402
 from loopfm.fm.chunks import CHUNK_COLUMNS, TOKENS, user_chunks  # noqa: E402
 from loopfm.store import codec  # noqa: E402
@@ -159,7 +159,7 @@ class TimedExtractor(ChunkExtractor):
         started = time.time()
         out = super().__call__(batch)
         self._log({"kind": "call", "start": started, "end": time.time(), "chunks": len(batch["user_id"]),
-                   "events": out.num_rows})
+                   "events": out.num_rows, "threads": torch.get_num_threads()})
         return out
 
     def _log(self, entry: dict) -> None:
@@ -168,14 +168,12 @@ class TimedExtractor(ChunkExtractor):
 
 
 def ray_pass(ds, models: dict, actors: int, batch_size: int, actor_cpus: float, log_path: str | None = None) -> dict:
-    from ray.data import ActorPoolStrategy
-
-    extractor, kwargs = (ChunkExtractor, dict(models)) if log_path is None else (TimedExtractor, {**models, "log_path": log_path})
+    extractor = ChunkExtractor if log_path is None else TimedExtractor
+    args = pool_args(actors, actor_cpus, (1 / actors) if gpu() else 0, batch_size)  # as `embed` runs it
+    args["fn_constructor_kwargs"].update(models, **({"log_path": log_path} if log_path else {}))
     started = time.time()
     with Timer() as t:
-        out = ds.map_batches(extractor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=actors),
-                             num_cpus=actor_cpus, num_gpus=(1 / actors) if gpu() else 0,
-                             batch_size=batch_size, batch_format="numpy").materialize()
+        out = ds.map_batches(extractor, **args).materialize()
     rows = out.count()
     result = {"actors": actors, "batch_size": batch_size, "seconds": round(t.seconds, 3), "events": rows,
               "events_per_s": round(rows / t.seconds)}
@@ -200,7 +198,7 @@ def breakdown(log_path: str, started: float, ended: float, actors: int) -> dict:
     events = sum(c["events"] for c in calls)
     wall = ended - started
     return {
-        "actor_threads": sorted({e["threads"] for e in inits}), "actor_omp_num_threads": sorted({str(e["omp"]) for e in inits}),
+        "actor_threads": sorted({e["threads"] for e in inits + calls}), "actor_omp_num_threads": sorted({str(e["omp"]) for e in inits}),
         "actor_init_s": round(max(e["end"] - e["start"] for e in inits), 3),
         "to_first_call_s": round(first - started, 3),
         "calls_s": round(last - first, 3), "after_last_call_s": round(ended - last, 3),

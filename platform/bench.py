@@ -8,10 +8,11 @@ subprocess of the same Python, from the repository root, passing everything afte
     loopfm bench all
 
 Each harness writes `benchmarks/results/<name>_<device>.json` and appends one row to
-docs/BENCHMARKS.md (device, Ray and torch versions, config hash); `extract`, `scaling` and
-`memory` also draw a PNG in docs/. With `--config`, the sizes of the config (users, events per
-user, FM shape, batch sizes, actors) become the harness's flags, placed before the ones after `--`
-(which therefore win): configs/bench.yaml is the GPU scale, CPU runs shrink it with flags.
+docs/BENCHMARKS.md (device, Ray and torch versions, config hash); `extract`, `extract_scale`,
+`scaling` and `memory` also draw a PNG in docs/. With `--config`, the sizes of the config (users,
+events per user, FM shape, batch sizes, actors) become the harness's flags, placed before the ones
+after `--` (which therefore win): configs/bench.yaml is the GPU scale, CPU runs shrink it with
+flags. `extract_scale` always runs the default settings; it takes only the events per user.
 
 The benchmarks/ folder is not installed with the package: it is looked up in $LOOPFM_REPO, then
 the current directory and its parents, then next to this source file (an editable install).
@@ -33,6 +34,7 @@ from loopfm.errors import LoopFMError
 
 SCRIPTS = {
     "extract": "bench_extract.py",
+    "extract_scale": "bench_extract_scale.py",
     "train": "bench_train.py",
     "serve": "bench_serve.py",
     "scaling": "bench_scaling.py",
@@ -69,6 +71,8 @@ def config_flags(name: str, cfg: LoopFMConfig) -> list[str]:
     """The flags a harness takes for the sizes of `cfg` (its synthetic log, FM, batch sizes)."""
     s, fm, embed, train = cfg.data.synthetic, cfg.fm, cfg.embed, cfg.train
     log = ["--users", str(s.num_users), "--events-per-user", str(s.events_per_user)]
+    if name == "extract_scale":
+        return ["--events-per-user", str(s.events_per_user)]  # it runs the default settings at several sizes
     if name == "extract":
         return [*log, "--d-model", str(fm.d_model), "--layers", str(fm.n_layers), "--heads", str(fm.n_heads),
                 "--d-ff", str(fm.d_ff), "--chunk-len", str(fm.chunk_len), "--window", str(fm.window),

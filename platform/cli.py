@@ -95,7 +95,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("run",), "run every stage end to end and write the report", "loopfm.pipeline:run_pipeline"),
     Command(("bench",), "run a performance harness of benchmarks/ (JSON in benchmarks/results/, a row in docs/BENCHMARKS.md)",
             "loopfm.bench:bench_stage", (
-        _opt("benchmark", choices=("extract", "train", "serve", "scaling", "memory", "features", "incremental", "all"),
+        _opt("benchmark", choices=("extract", "extract_scale", "train", "serve", "scaling", "memory", "features", "incremental", "all"),
              help="which harness (all = extract, train, serve, scaling, memory)"),
         _opt("args", nargs=argparse.REMAINDER, help="after `--`: the harness's own flags, e.g. -- --users 2000"),
     )),

@@ -26,7 +26,7 @@ from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.rundir import RunDir, atomic_output, is_complete
-from loopfm.actors.extractor import ChunkExtractor
+from loopfm.actors.extractor import ChunkExtractor, pool_args
 from loopfm.store import codec
 from loopfm.store.parquet import file_hash, seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
@@ -88,15 +88,11 @@ def extractor_args(fm_dir, fm: FMManifest, cfg: LoopFMConfig) -> dict:
 
 def extract_rows(chunks, cfg: LoopFMConfig, fm_args: dict, compressor: dict):
     """Store rows of every output position of `chunks`, through the extractor actor pool (lazy)."""
-    from ray.data import ActorPoolStrategy
-
     from loopfm.runtime import use_gpu
 
-    gpu = use_gpu(cfg.ray)
-    return chunks.map_batches(
-        ChunkExtractor, fn_constructor_kwargs={**fm_args, "compressor": compressor, "dtype": cfg.embed.compress.dtype},
-        compute=ActorPoolStrategy(size=cfg.embed.num_actors), num_cpus=cfg.embed.actor_num_cpus,
-        num_gpus=1 if gpu else 0, batch_size=cfg.embed.batch_size, batch_format="numpy")
+    args = pool_args(cfg.embed.num_actors, cfg.embed.actor_num_cpus, 1 if use_gpu(cfg.ray) else 0, cfg.embed.batch_size)
+    args["fn_constructor_kwargs"].update(fm_args, compressor=compressor, dtype=cfg.embed.compress.dtype)
+    return chunks.map_batches(ChunkExtractor, **args)
 
 
 def _raw_sample(chunks, cfg: LoopFMConfig, extractor) -> np.ndarray:
