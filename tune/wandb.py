@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
 from loopfm.config import WandbConfig
 from loopfm.errors import LoopFMError
@@ -22,8 +22,25 @@ QUIET = {"WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false", "WANDB_DISABL
          "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off"}
 
 
+class FlushingLoggingActor(_WandbLoggingActor):
+    """Ray's per-trial logging actor, which also waits for W&B's service to write the run's file.
+
+    `wandb.finish()` can return while wandb-core is still writing the last records, and the
+    callback kills the actor as soon as `run` returns. Under load this lost a trial's whole
+    history: the offline file held the config but no epochs. `wandb.teardown()` waits for the
+    service to finish.
+    """
+
+    def run(self):
+        super().run()
+        self._wandb.teardown()
+
+
 class LoopFMWandbCallback(WandbLoggerCallback):
-    """Ray's callback whose logging actors get our W&B environment in their `runtime_env`."""
+    """Ray's callback whose logging actors get our W&B environment in their `runtime_env` and
+    flush before they are killed."""
+
+    _logger_actor_cls = FlushingLoggingActor
 
     def __init__(self, env: dict[str, str], **kwargs):
         super().__init__(**kwargs)
