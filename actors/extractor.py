@@ -5,7 +5,9 @@ over a batch of chunks and emits every output position's row, so extraction cost
 per chunk, never one per event. Weights arrive as bytes in the constructor arguments (through
 Ray's object store), so actors on any node need no shared filesystem to start.
 
-    ds.map_batches(ChunkExtractor, fn_constructor_kwargs=..., **pool_args(actors, num_cpus, num_gpus, batch_size))
+    args = pool_args(actors, num_cpus, num_gpus, batch_size)
+    args["fn_constructor_kwargs"].update(fm_weights=..., fm_manifest=..., layers=..., compressor=...)
+    ds.map_batches(ChunkExtractor, **args)
 """
 
 from __future__ import annotations
