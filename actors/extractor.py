@@ -89,6 +89,7 @@ def pool_args(actors: int, num_cpus: float, num_gpus: float, batch_size: int) ->
             "fn_constructor_kwargs": {"retain_memory": True}}
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
 
 
@@ -106,7 +107,6 @@ def retain_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # musl and others: nothing to tune
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 

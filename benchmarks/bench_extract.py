@@ -182,6 +182,29 @@ def ray_pass(ds, models: dict, actors: int, batch_size: int, actor_cpus: float, 
     return result, out
 
 
+def alternating_rounds(ds, chunks: dict[str, np.ndarray], models: dict, repeats: int, actors: int, batch_size: int,
+                       actor_cpus: float, threads: int) -> tuple[list[dict], object]:
+    """`repeats` rounds of (Ray pass, bare loop at `threads`), the order alternating so that this
+    machine's drift over minutes lands on both sides. Returns the rounds, each with its end-to-end
+    and steady ratios, and the last Ray pass's output (earlier ones are freed as it goes)."""
+    rounds, out = [], None
+    with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
+        for i in range(repeats):
+            pair = {}
+            for side in (("ray", "bare") if i % 2 == 0 else ("bare", "ray")):
+                if side == "ray":
+                    pair["ray"], out = ray_pass(ds, models, actors, batch_size, actor_cpus, str(Path(tmp) / f"round-{i}.jsonl"))
+                else:
+                    pair["bare"] = bare_pass(chunks, models, batch_size, threads)
+            pair["ratio"] = round(pair["ray"]["events_per_s"] / pair["bare"]["events_per_s"], 3)
+            pair["ratio_steady"] = round(pair["ray"]["steady_events_per_s"] / pair["bare"]["steady_events_per_s"], 3)
+            print(f"round {i + 1}/{repeats}:", pair, flush=True)
+            rounds.append(pair)
+            if i < repeats - 1:
+                out = None
+    return rounds, out
+
+
 def median_round(rounds: list[dict], side: str) -> dict:
     """The round whose `side` has the median events/s (a whole measured run, not a blend)."""
     ordered = sorted(rounds, key=lambda r: r[side]["events_per_s"])
@@ -327,26 +350,12 @@ def main() -> None:
     info["driver_warmup_s"] = warm_driver()
     print(f"data: {args.users} users, {n_chunks} chunks, {events} events; actor threads {actor}", flush=True)
 
-    # Headline: rounds of (Ray pass, bare loop at one actor's threads), the order alternating, so
-    # that this shared machine's drift over minutes lands on both sides; medians are reported.
-    rounds, out = [], None
-    with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
-        for i in range(args.repeats):
-            pair = {}
-            for side in (("ray", "bare") if i % 2 == 0 else ("bare", "ray")):
-                if side == "ray":
-                    pair["ray"], out = ray_pass(ds, models, args.actors, args.batch_size, args.actor_cpus,
-                                                str(Path(tmp) / f"headline-{i}.jsonl"))
-                    pair["ray"].update(rates(pair["ray"]["seconds"]))
-                else:
-                    pair["bare"] = bare_pass(chunks, models, args.batch_size, actor["threads"] * args.actors)
-                    pair["bare"].update(rates(pair["bare"]["seconds"]))
-            pair["ratio"] = round(pair["ray"]["events_per_s"] / pair["bare"]["events_per_s"], 3)
-            pair["ratio_steady"] = round(pair["ray"]["steady_events_per_s"] / pair["bare"]["steady_events_per_s"], 3)
-            print(f"round {i + 1}/{args.repeats}:", pair, flush=True)
-            rounds.append(pair)
-            if i < args.repeats - 1:
-                del out
+    # Headline: alternating rounds of (Ray pass, bare loop at one actor's threads); medians reported.
+    rounds, out = alternating_rounds(ds, chunks, models, args.repeats, args.actors, args.batch_size, args.actor_cpus,
+                                     actor["threads"] * args.actors)
+    for pair in rounds:
+        for side in ("ray", "bare"):
+            pair[side].update(rates(pair[side]["seconds"]))
     headline = median_round(rounds, "ray")
     bare = median_round(rounds, "bare")
     ray_sum = ray_checksum(out, codec.bytes_per_row(compress.width, compress.dtype))

@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import bare_pass, make_chunks, make_models, ray_pass, to_dataset, warm_driver  # noqa: E402
+from bench_extract import alternating_rounds, make_chunks, make_models, to_dataset, warm_driver  # noqa: E402
 from common import append_row, device_name, figure, machine, probe_threads, save_png, start_ray, versions, write_result  # noqa: E402
 
 from loopfm.config import CompressConfig, EmbedConfig, LoopFMConfig  # noqa: E402
@@ -42,25 +41,15 @@ def measure(users: int, events_per_user: int, cfg: LoopFMConfig, models: dict, t
     """The median of `repeats` alternating (Ray, bare) rounds at one size."""
     chunks = make_chunks(users, events_per_user, cfg.fm)
     ds = to_dataset(chunks, blocks=16)
-    embed, rounds = cfg.embed, []
-    with tempfile.TemporaryDirectory(prefix="bench_extract_scale_") as tmp:
-        for i in range(repeats):
-            pair = {}
-            for side in (("ray", "bare") if i % 2 == 0 else ("bare", "ray")):
-                if side == "ray":
-                    pair["ray"], out = ray_pass(ds, models, embed.num_actors, embed.batch_size, embed.actor_num_cpus,
-                                                str(Path(tmp) / f"{users}-{i}.jsonl"))
-                    del out
-                else:
-                    pair["bare"] = bare_pass(chunks, models, embed.batch_size, threads)
-            rounds.append(pair)
-    ratios = [p["ray"]["events_per_s"] / p["bare"]["events_per_s"] for p in rounds]
+    embed = cfg.embed
+    rounds, _ = alternating_rounds(ds, chunks, models, repeats, embed.num_actors, embed.batch_size,
+                                   embed.actor_num_cpus, threads)
+    ratios = [p["ratio"] for p in rounds]
     median = rounds[int(np.argsort(ratios)[(len(ratios) - 1) // 2])]
     ray, bare = median["ray"], median["bare"]
     point = {"users": users, "events": ray["events"], "ray_s": ray["seconds"], "bare_s": bare["seconds"],
-             "ratio": round(ray["events_per_s"] / bare["events_per_s"], 3),
-             "ratio_steady": round(ray["steady_events_per_s"] / bare["steady_events_per_s"], 3),
-             "to_first_call_s": ray["to_first_call_s"], "ratios": [round(r, 3) for r in ratios]}
+             "ratio": median["ratio"], "ratio_steady": median["ratio_steady"],
+             "to_first_call_s": ray["to_first_call_s"], "ratios": ratios}
     print("size:", point, flush=True)
     return point
 

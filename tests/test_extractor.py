@@ -43,13 +43,13 @@ def test_pool_runs_every_call_on_the_actors_main_thread(ray_session):
 CHURN = textwrap.dedent("""
     import ctypes, resource, sys
     import torch
-    from loopfm.actors.extractor import retain_freed_memory
+    from loopfm.actors.extractor import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, retain_freed_memory
 
     # Start both runs from glibc's initial thresholds, pinned (128 KiB: 8 MiB blocks are mmapped and
     # unmapped on free). glibc raises them on its own depending on the heap's layout, which differs
     # between checkouts, so without pinning the control could keep its memory by luck.
     libc = ctypes.CDLL("libc.so.6")
-    assert libc.mallopt(-3, 128 << 10) and libc.mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert libc.mallopt(M_MMAP_THRESHOLD, 128 << 10) and libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
     if sys.argv[1] == "retain":
         assert retain_freed_memory()
 
