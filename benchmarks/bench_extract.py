@@ -3,9 +3,9 @@
 One run, one device, one data set; every size and setting defaults to the default config's
 (`LoopFMConfig()`: its synthetic log, FM, `embed.batch_size`, `embed.num_actors`), which is what
 the target "at default settings" is read against. Synthetic users (event counts uniform in
-[n/2, 3n/2]) are cut into FM chunks by `loopfm.fm.chunks.user_chunks` (the real chunker) and
-held as an in-memory Ray Dataset, materialized before any clock starts (so the user shuffle of
-`build_chunks` is not timed). The FM is a random-init `CausalFM` (its weights go to the actors as
+[n/2, 3n/2]) are cut into FM chunks as `build_chunks` cuts them (`chunk_users`: sort by user, then
+`block_chunks` over each block), so the actors read embed's block layout, and the Dataset is
+materialized before any clock starts (the user shuffle is not timed). The FM is a random-init `CausalFM` (its weights go to the actors as
 `torch.save` bytes, as in `embed`), the compressor a random-init `MatryoshkaAE`. Before any
 clock, one trivial Ray Data execution warms the driver, as `embed`'s earlier passes have when it
 extracts. Measured, in `--repeats` rounds whose order alternates (ray, bare / bare, ray), medians
@@ -60,43 +60,39 @@ from common import Timer, append_row, figure, probe_threads, device_name, gpu, m
 
 from loopfm.actors.extractor import ChunkExtractor, build_compressor, pool_args  # noqa: E402
 from loopfm.config import CompressConfig, EmbedConfig, FMConfig, LoopFMConfig  # noqa: E402
-from loopfm.fm.chunks import CHUNK_COLUMNS, TOKENS, user_chunks  # noqa: E402
+from loopfm.fm.chunks import CHUNK_COLUMNS, TOKENS, block_chunks, chunk_users  # noqa: E402
 from loopfm.store import codec  # noqa: E402
 
 NUM_ITEMS, NUM_CATEGORIES, NUM_SURFACES = 20_000, 60, 3
 
 
 # -- data ------------------------------------------------------------------------------------
-def make_chunks(users: int, events_per_user: int, fm: FMConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """All users' chunks, stacked: (n_chunks, chunk_len) per chunk column, (n_chunks,) user_id."""
+def make_events(users: int, events_per_user: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Event rows of `users` synthetic users (event counts uniform in [n/2, 3n/2]), the columns
+    `build_chunks` reads from the splits."""
     rng = np.random.default_rng(seed)
     horizon = 14 * 86_400
-    valid_start, test_start = int(horizon * 0.7), int(horizon * 0.85)
-    parts, next_id = [], 0
-    for user in range(users):
-        n = int(rng.integers(max(1, events_per_user // 2), events_per_user * 3 // 2 + 1))
-        events = {
-            "event_id": np.arange(next_id, next_id + n, dtype=np.int64), "user_id": np.full(n, user, np.int64),
-            "ts": np.sort(rng.integers(0, horizon, n)), "label": (rng.random(n) < 0.3).astype(np.int8),
+    counts = rng.integers(max(1, events_per_user // 2), events_per_user * 3 // 2 + 1, users)
+    n = int(counts.sum())
+    return {"event_id": np.arange(n, dtype=np.int64), "user_id": np.repeat(np.arange(users, dtype=np.int64), counts),
+            "ts": rng.integers(0, horizon, n), "label": (rng.random(n) < 0.3).astype(np.int8),
             "surface": rng.integers(0, NUM_SURFACES, n).astype(np.int32),
-            "item_id_idx": rng.integers(2, NUM_ITEMS + 2, n), "category_idx": rng.integers(2, NUM_CATEGORIES + 2, n),
-        }
-        next_id += n
-        parts.append(user_chunks(events, fm.chunk_len, fm.context, valid_start, test_start))
-    return {name: np.concatenate([p[name] for p in parts]) for name in (*CHUNK_COLUMNS, "user_id")}
+            "item_id_idx": rng.integers(2, NUM_ITEMS + 2, n), "category_idx": rng.integers(2, NUM_CATEGORIES + 2, n)}
 
 
-def to_dataset(chunks: dict[str, np.ndarray], blocks: int):
-    """An in-memory, materialized Ray Dataset with the columns `build_chunks` yields."""
+def chunk_dataset(events: dict[str, np.ndarray], fm: FMConfig, blocks: int) -> tuple[object, dict[str, np.ndarray]]:
+    """The users' chunks made exactly as `build_chunks` makes them (sort by user, `block_chunks` per
+    block), materialized, so the Ray pass reads embed's block layout; and the same chunks as one
+    dict of arrays, in the same order, for the bare loop."""
     import ray
-    from ray.data.extensions import ArrowTensorArray
 
-    n = len(chunks["user_id"])
-    tables = []
-    for rows in np.array_split(np.arange(n), min(blocks, n)):
-        cols = {name: ArrowTensorArray.from_numpy(np.ascontiguousarray(chunks[name][rows])) for name in CHUNK_COLUMNS}
-        tables.append(pa.table({**cols, "user_id": pa.array(chunks["user_id"][rows])}))
-    return ray.data.from_arrow(tables).materialize()
+    horizon = 14 * 86_400
+    tables = [pa.table({k: v[rows] for k, v in events.items()})
+              for rows in np.array_split(np.arange(len(events["event_id"])), blocks)]
+    ds = chunk_users(ray.data.from_arrow(tables), block_chunks, chunk_len=fm.chunk_len, context=fm.context,
+                     valid_start=int(horizon * 0.7), test_start=int(horizon * 0.85)).materialize()
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return ds, {name: np.concatenate([p[name] for p in parts]) for name in (*CHUNK_COLUMNS, "user_id")}
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -318,7 +314,7 @@ def main() -> None:
     parser.add_argument("--sweep-batch", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (Ray pass, bare loop); medians reported")
-    parser.add_argument("--blocks", type=int, default=16, help="blocks of the input dataset")
+    parser.add_argument("--blocks", type=int, default=16, help="blocks of the event rows before the user sort (its reducers)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--device-name", default=None)
     parser.add_argument("--result-name", default="extract",
@@ -334,9 +330,8 @@ def main() -> None:
     device = device_name(args.device_name)
     info = {**machine(), **start_ray(args.num_cpus)}
 
-    chunks = make_chunks(args.users, args.events_per_user, fm_cfg)
+    ds, chunks = chunk_dataset(make_events(args.users, args.events_per_user), fm_cfg, args.blocks)
     n_chunks, events = len(chunks["user_id"]), int(chunks["out"].sum())
-    ds = to_dataset(chunks, args.blocks)
     models = make_models(fm_cfg, compress, layers)
     flops_chunk = fm_flops_per_chunk(fm_cfg)
     fm_flops = flops_chunk * n_chunks
@@ -388,7 +383,7 @@ def main() -> None:
                    "events": events, "positions": n_chunks * fm_cfg.chunk_len, "fm": fm_cfg.model_dump(mode="json"),
                    "fm_context": fm_cfg.context, "layers": layers, "compress": compress.model_dump(mode="json"),
                    "batch_size": args.batch_size, "actors": args.actors, "actor_num_cpus": args.actor_cpus,
-                   "input_blocks": args.blocks, "fm_flops_per_chunk": flops_chunk, "fm_flops_total": fm_flops,
+                   "event_blocks": args.blocks, "fm_flops_per_chunk": flops_chunk, "fm_flops_total": fm_flops,
                    "ae_flops_per_event": ae_flops_per_event(fm_cfg.d_model * len(layers), compress)},
         "threads": {"driver_default": torch.get_num_threads(), "actor": actor["threads"],
                     "actor_omp_num_threads": actor["omp"], "bare": bare["threads"],

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import alternating_rounds, make_chunks, make_models, to_dataset, warm_driver  # noqa: E402
+from bench_extract import alternating_rounds, chunk_dataset, make_events, make_models, warm_driver  # noqa: E402
 from common import append_row, device_name, figure, machine, probe_threads, save_png, start_ray, versions, write_result  # noqa: E402
 
 from loopfm.config import CompressConfig, EmbedConfig, LoopFMConfig  # noqa: E402
@@ -39,8 +39,7 @@ from loopfm.config import CompressConfig, EmbedConfig, LoopFMConfig  # noqa: E40
 
 def measure(users: int, events_per_user: int, cfg: LoopFMConfig, models: dict, threads: int, repeats: int) -> dict:
     """The median of `repeats` alternating (Ray, bare) rounds at one size."""
-    chunks = make_chunks(users, events_per_user, cfg.fm)
-    ds = to_dataset(chunks, blocks=16)
+    ds, chunks = chunk_dataset(make_events(users, events_per_user), cfg.fm, blocks=16)
     embed = cfg.embed
     rounds, _ = alternating_rounds(ds, chunks, models, repeats, embed.num_actors, embed.batch_size,
                                    embed.actor_num_cpus, threads)
@@ -111,7 +110,7 @@ def main() -> None:
     threads = probe_threads(d.embed.actor_num_cpus)["threads"] * d.embed.num_actors
     info["driver_warmup_s"] = warm_driver()
     points = [measure(users, args.events_per_user, d, models, threads, args.repeats) for users in sorted(set(args.users))]
-    default_events = int(make_chunks(d.data.synthetic.num_users, args.events_per_user, d.fm)["out"].sum())
+    default_events = len(make_events(d.data.synthetic.num_users, args.events_per_user)["event_id"])
     result = {
         "benchmark": "extract_scale", "device": device, **info, "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "versions": versions(), "target": args.target, "default_events": default_events,

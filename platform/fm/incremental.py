@@ -27,7 +27,7 @@ from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
-from loopfm.fm.chunks import EVENT_COLUMNS, user_chunks
+from loopfm.fm.chunks import EVENT_COLUMNS, block_chunks, chunk_users, runs
 from loopfm.fm.embed import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import RunDir, atomic_output
@@ -58,17 +58,18 @@ def _index(batch: dict, vocabs: dict) -> dict:
 
 def continued_chunks(batch: dict[str, np.ndarray], chunk_len: int, context: int, since: int,
                      cutoffs: tuple[int, int]) -> dict[str, np.ndarray]:
-    """`map_groups` fn over one user's events: chunks that output only the events after `since`.
+    """Block fn over whole users' events: chunks that output only the events after `since`.
 
-    The input starts `context + 1` events before the first new one: the `context` predecessors a
-    new event's FM output depends on, and one more whose label is the first one's `prev_label`
-    token, so the output equals the full pass's.
+    Each user's input starts `context + 1` events before its first new one: the `context`
+    predecessors a new event's FM output depends on, and one more whose label is the first one's
+    `prev_label` token, so the output equals the full pass's.
     """
-    order = np.lexsort((batch["event_id"], batch[TS]))
-    ts = batch[TS][order]
-    old = int((ts <= since).sum())  # the caller passes only users with at least one new event
-    keep = order[max(0, old - context - 1):]
-    chunks = user_chunks({k: v[keep] for k, v in batch.items()}, chunk_len, context, *cutoffs)
+    order = np.lexsort((batch["event_id"], batch[TS], batch[USER_ID]))
+    user, ts = batch[USER_ID][order], batch[TS][order]
+    first, counts, rank = runs(user)
+    old = np.add.reduceat((ts <= since).astype(np.int64), first) if len(user) else first
+    keep = order[rank >= np.repeat(old - context - 1, counts)]
+    chunks = block_chunks({k: v[keep] for k, v in batch.items()}, chunk_len, context, *cutoffs)
     chunks["out"] &= chunks["ts"] > since
     return chunks
 
@@ -91,10 +92,10 @@ def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last")
     new_users, expected = _new_events(run, since_ts)
     if not expected:
         raise MissingInputError(f"the log holds no events after ts {since_ts}: run `loopfm logs append` first")
-    fn = functools.partial(continued_chunks, chunk_len=cfg.fm.chunk_len, context=cfg.fm.context,
-                           since=since_ts, cutoffs=(info.valid_start_ts, info.test_start_ts))
     trim = functools.partial(tail_of_users, users=new_users, since=since_ts, tail=cfg.fm.context + 1)
-    chunks = log_events(run, info).map_batches(trim, batch_format="numpy").groupby(USER_ID).map_groups(fn, batch_format="numpy")
+    chunks = chunk_users(log_events(run, info).map_batches(trim, batch_format="numpy"), continued_chunks,
+                         chunk_len=cfg.fm.chunk_len, context=cfg.fm.context, since=since_ts,
+                         cutoffs=(info.valid_start_ts, info.test_start_ts))
 
     deltas = chain[1:]
     parent = deltas[-1][1].store_version if deltas else base.store_version
@@ -117,13 +118,11 @@ def union_rows(cfg: LoopFMConfig, run: RunDir, context: int | None = None):
     """Store rows of every log event (splits + appended) from one full pass of the store's FM and
     compressor, as a lazy Ray Dataset: what the store and its deltas must equal, and what a full
     re-embed costs. A `context` below the FM's receptive field exists only to show that it matters."""
-    from loopfm.fm.chunks import chunk_group
-
     base_path, base = resolve_store(cfg, run)
     info, fm_args, compressor = _same_space(cfg, run, base_path, base)
-    fn = functools.partial(chunk_group, chunk_len=cfg.fm.chunk_len, context=cfg.fm.context if context is None else context,
-                           valid_start=info.valid_start_ts, test_start=info.test_start_ts)
-    chunks = log_events(run, info).groupby(USER_ID).map_groups(fn, batch_format="numpy")
+    chunks = chunk_users(log_events(run, info), block_chunks, chunk_len=cfg.fm.chunk_len,
+                         context=cfg.fm.context if context is None else context,
+                         valid_start=info.valid_start_ts, test_start=info.test_start_ts)
     return extract_rows(chunks, cfg, fm_args, compressor)
 
 
@@ -161,9 +160,7 @@ def tail_of_users(batch: dict, users: np.ndarray, since: int, tail: int) -> dict
     old = keep & (batch[TS] <= since)
     rows = np.flatnonzero(old)
     order = rows[np.lexsort((-batch["event_id"][rows], -batch[TS][rows], batch[USER_ID][rows]))]  # newest first per user
-    user = batch[USER_ID][order]
-    first = np.r_[0, np.flatnonzero(user[1:] != user[:-1]) + 1]
-    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    _, _, rank = runs(batch[USER_ID][order])
     keep &= ~old
     keep[order[rank < tail]] = True
     return {k: v[keep] for k, v in batch.items()}
