@@ -7,7 +7,7 @@ import pytest
 
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import split_of
-from loopfm.fm.chunks import CHUNK_COLUMNS, block_chunks, chunk_starts, chunk_users, has_split, user_chunks
+from loopfm.fm.chunks import CHUNK_COLUMNS, block_chunks, chunk_counts, chunk_users, has_split
 
 
 def user_events(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -26,7 +26,7 @@ def user_events(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("n, chunk_len, context", [(1, 8, 3), (8, 8, 3), (9, 8, 3), (57, 8, 3), (200, 16, 15)])
 def test_every_event_is_output_once_with_its_context_before_it(n, chunk_len, context):
     events = user_events(n)
-    chunks = user_chunks(events, chunk_len, context, valid_start=30, test_start=40)
+    chunks = block_chunks(events, chunk_len, context, valid_start=30, test_start=40)
     out_ids = chunks["event_id"][chunks["out"]]
     assert sorted(out_ids) == sorted(events[EVENT_ID])  # exactly once each
     order = np.lexsort((events[EVENT_ID], events[TS]))
@@ -36,12 +36,12 @@ def test_every_event_is_output_once_with_its_context_before_it(n, chunk_len, con
             # an output position sees min(its position, context) real predecessors in its chunk
             assert j >= min(position[chunks["event_id"][row, j]], context)
     assert not chunks["out"][chunks["event_id"] == -1].any()  # padding is never output
-    assert len(chunks["event_id"]) == len(chunk_starts(n, chunk_len, context))
+    assert len(chunks["event_id"]) == chunk_counts(np.array([n]), chunk_len, context)[0]
 
 
 def test_tokens_carry_the_previous_label_never_the_own_one():
     events = user_events(30, seed=3)
-    chunks = user_chunks(events, 64, 5, valid_start=30, test_start=40)
+    chunks = block_chunks(events, 64, 5, valid_start=30, test_start=40)
     order = np.lexsort((events[EVENT_ID], events[TS]))
     labels = events[LABEL][order]
     row = chunks["prev_label"][0][:30]
@@ -52,7 +52,7 @@ def test_tokens_carry_the_previous_label_never_the_own_one():
 
 def test_split_tags_follow_the_time_boundaries():
     events = user_events(40, seed=1)
-    chunks = user_chunks(events, 64, 5, valid_start=30, test_start=40)
+    chunks = block_chunks(events, 64, 5, valid_start=30, test_start=40)
     real = chunks["out"]
     ts, split = chunks["ts"][real], chunks["split"][real]
     assert (split == (ts >= 30).astype(int) + (ts >= 40).astype(int)).all()

@@ -24,11 +24,6 @@ CHUNK_COLUMNS = ("event_id", "ts", *TOKENS, "label", "split", "out")
 EVENT_COLUMNS = [EVENT_ID, USER_ID, TS, LABEL, SURFACE, idx(ITEM_ID), idx(CATEGORY)]
 
 
-def chunk_starts(n: int, chunk_len: int, context: int) -> np.ndarray:
-    """Input start of every chunk covering n events."""
-    return np.arange(chunk_counts(np.array([n]), chunk_len, context)[0]) * (chunk_len - context)
-
-
 def chunk_counts(n: np.ndarray, chunk_len: int, context: int) -> np.ndarray:
     """How many chunks cover a user of n events: 1 up to chunk_len, then one per stride."""
     stride = chunk_len - context
@@ -81,12 +76,6 @@ def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
     chunks["out"] = real & (local >= first_out[:, None])
     chunks["user_id"] = user[first][owner].astype(np.int64)
     return chunks
-
-
-def user_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
-                valid_start: int, test_start: int) -> dict[str, np.ndarray]:
-    """One user's events (any order) -> its chunks, a dict of (n_chunks, chunk_len) arrays."""
-    return block_chunks(events, chunk_len, context, valid_start, test_start)
 
 
 def chunk_users(events, fn, **fn_kwargs):
