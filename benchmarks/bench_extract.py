@@ -5,8 +5,9 @@ One run, one device, one data set; every size and setting defaults to the defaul
 the target "at default settings" is read against. Synthetic users (event counts uniform in
 [n/2, 3n/2]) are cut into FM chunks as `build_chunks` cuts them (`chunk_users`: sort by user, then
 `block_chunks` over each block), so the actors read embed's block layout, and the Dataset is
-materialized before any clock starts (the user shuffle is not timed). The FM is a random-init `CausalFM` (its weights go to the actors as
-`torch.save` bytes, as in `embed`), the compressor a random-init `MatryoshkaAE`. Before any
+materialized before any clock starts (the user shuffle is not timed). The FM is a random-init
+`CausalFM` (its weights go to the actors as `torch.save` bytes, as in `embed`), the compressor a
+random-init `MatryoshkaAE`. Before any
 clock, one trivial Ray Data execution warms the driver, as `embed`'s earlier passes have when it
 extracts. Measured, in `--repeats` rounds whose order alternates (ray, bare / bare, ray), medians
 reported, because this machine's speed drifts by +-10% over minutes:
@@ -64,6 +65,7 @@ from loopfm.fm.chunks import CHUNK_COLUMNS, TOKENS, block_chunks, chunk_users  #
 from loopfm.store import codec  # noqa: E402
 
 NUM_ITEMS, NUM_CATEGORIES, NUM_SURFACES = 20_000, 60, 3
+HORIZON = 14 * 86_400  # seconds of synthetic log; valid from 70% of it, test from 85%
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -71,11 +73,10 @@ def make_events(users: int, events_per_user: int, seed: int = 0) -> dict[str, np
     """Event rows of `users` synthetic users (event counts uniform in [n/2, 3n/2]), the columns
     `build_chunks` reads from the splits."""
     rng = np.random.default_rng(seed)
-    horizon = 14 * 86_400
     counts = rng.integers(max(1, events_per_user // 2), events_per_user * 3 // 2 + 1, users)
     n = int(counts.sum())
     return {"event_id": np.arange(n, dtype=np.int64), "user_id": np.repeat(np.arange(users, dtype=np.int64), counts),
-            "ts": rng.integers(0, horizon, n), "label": (rng.random(n) < 0.3).astype(np.int8),
+            "ts": rng.integers(0, HORIZON, n), "label": (rng.random(n) < 0.3).astype(np.int8),
             "surface": rng.integers(0, NUM_SURFACES, n).astype(np.int32),
             "item_id_idx": rng.integers(2, NUM_ITEMS + 2, n), "category_idx": rng.integers(2, NUM_CATEGORIES + 2, n)}
 
@@ -86,11 +87,10 @@ def chunk_dataset(events: dict[str, np.ndarray], fm: FMConfig, blocks: int) -> t
     dict of arrays, in the same order, for the bare loop."""
     import ray
 
-    horizon = 14 * 86_400
     tables = [pa.table({k: v[rows] for k, v in events.items()})
               for rows in np.array_split(np.arange(len(events["event_id"])), blocks)]
     ds = chunk_users(ray.data.from_arrow(tables), block_chunks, chunk_len=fm.chunk_len, context=fm.context,
-                     valid_start=int(horizon * 0.7), test_start=int(horizon * 0.85)).materialize()
+                     valid_start=int(HORIZON * 0.7), test_start=int(HORIZON * 0.85)).materialize()
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     return ds, {name: np.concatenate([p[name] for p in parts]) for name in (*CHUNK_COLUMNS, "user_id")}
 

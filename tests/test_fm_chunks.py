@@ -112,6 +112,12 @@ def test_block_chunks_equals_the_plain_per_user_chunker_on_a_block_of_many_users
     assert_chunks_equal(block_chunks(block, chunk_len, context, 30, 40), SIZES, block, chunk_len, context)
 
 
+def test_an_empty_block_gives_no_chunks_of_the_right_shape():
+    """A sort partition or a trimmed block can be empty; it must give (0, chunk_len) columns."""
+    chunks = block_chunks({k: v[:0] for k, v in block_of_users(SIZES).items()}, 8, 3, 30, 40)
+    assert all(chunks[name].shape == (0, 8) for name in CHUNK_COLUMNS) and chunks["user_id"].shape == (0,)
+
+
 def test_chunk_users_keeps_every_user_whole_and_yields_one_arrow_chunk_per_column(ray_session):
     """Blocks of one contiguous array per column: a block stitched from one piece per user (what
     `map_groups` left) made every batch of 64 chunks gather ~250 pieces, 27x slower to batch."""

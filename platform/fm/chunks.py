@@ -71,7 +71,7 @@ def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
     chunks = {}
     for name, values in per_event.items():
         pad = -1 if name in ("event_id", "split") else 0
-        chunks[name] = np.where(real, values[take], pad) if len(values) else np.full((0, chunk_len), pad, np.int64)
+        chunks[name] = np.where(real, values[take], pad)
     first_out = np.where(starts == 0, 0, starts + context)
     chunks["out"] = real & (local >= first_out[:, None])
     chunks["user_id"] = user[first][owner].astype(np.int64)
