@@ -2,15 +2,20 @@
 
 import datetime
 import json
+import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from loopfm.config import ColumnMapping
 from loopfm.datasets.readers import (
-    ERROR, FILE_SHIFT, SRC, UNTYPED, generic_layout, list_files, open_source, stable_hash_ids, to_int64,
+    ERROR, FILE_SHIFT, SRC, UNTYPED, Contract, EventFileDatasource, generic_layout, list_files, open_source,
+    stable_hash_ids, to_int64,
 )
 from loopfm.errors import DataValidationError, MissingInputError
 
@@ -111,3 +116,70 @@ def test_missing_required_columns_are_known_before_reading(tmp_path):
     (tmp_path / "a.csv").write_text("uid,time\n1,2\n")
     source = open_source(str(tmp_path), "auto", generic_layout(MAPPING))
     assert source.files[0].missing == ["iid", "clicked"] and source.usable() == []
+
+
+# -- exact integers and one hashing rule, CSV and parquet alike (property tests) -------------
+
+INT64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+UINT64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+ID_MAPPING = ColumnMapping(event_id="eid", user_id="uid", item_id="iid", ts="time", label="clicked", surface=None)
+
+
+def read_both(tmp: str, columns: dict[str, list], parquet_types: dict[str, pa.DataType]) -> tuple[pa.Table, pa.Table]:
+    """The same values read from a CSV file and from a parquet file, through the readers' own chunking."""
+    layout = generic_layout(ID_MAPPING)
+    names = list(columns)
+    csv_path, pq_path = os.path.join(tmp, "log.csv"), os.path.join(tmp, "log.parquet")
+    with open(csv_path, "w") as f:
+        f.write(",".join(names) + "\n")
+        f.writelines(",".join(str(columns[c][i]) for c in names) + "\n" for i in range(len(columns[names[0]])))
+    pq.write_table(pa.table({c: pa.array(columns[c], parquet_types[c]) for c in names}), pq_path)
+    contract = Contract(layout)
+    with pa.input_stream(csv_path) as stream:
+        from_csv = pa.concat_tables(contract.convert(t, 0, 0) for t in EventFileDatasource._csv_chunks(stream, names))
+    with pa.OSFile(pq_path) as handle:
+        from_pq = pa.concat_tables(contract.convert(t, 0, 0) for t in EventFileDatasource._parquet_chunks(handle, names))
+    return from_csv, from_pq
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(INT64, min_size=1, max_size=20))
+@example([1700000000123456789, -(1 << 63), (1 << 63) - 1, 10**18])
+def test_every_int64_is_exact_in_csv_and_parquet(values):
+    """19-digit integers (nanosecond ts, wide ids) keep every digit; a float64 detour would not."""
+    columns = {"eid": values, "uid": values, "iid": values, "time": values, "clicked": [1] * len(values)}
+    types = {c: pa.int64() for c in columns}
+    with tempfile.TemporaryDirectory() as tmp:
+        from_csv, from_pq = read_both(tmp, columns, types)
+    for column in ("event_id", "user_id", "item_id", "ts"):
+        assert from_csv[column].to_pylist() == values, column
+        assert from_pq[column].to_pylist() == values, column
+    assert from_csv[UNTYPED].null_count == len(values)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(UINT64, min_size=1, max_size=20), st.integers(min_value=0, max_value=5))
+@example([(1 << 64) - 1, 1 << 63, 1234567890123456789, 7], 2)
+def test_one_id_rule_for_csv_text_and_parquet_uint64(values, zeros):
+    """An id gets the same key from CSV text (leading zeros or not) and a parquet uint64 column:
+    exact inside int64, the hash of its decimal text beyond; a ts beyond int64 is refused, not hashed."""
+    padded = ["0" * zeros + str(v) for v in values]
+    columns = {"uid": padded, "iid": values, "time": values, "clicked": [0] * len(values)}
+    types = {"uid": pa.string(), "iid": pa.uint64(), "time": pa.uint64(), "clicked": pa.int64()}
+    with tempfile.TemporaryDirectory() as tmp:
+        from_csv, from_pq = read_both(tmp, columns, types)
+    expected = [v if v < (1 << 63) else int(stable_hash_ids(np.array([str(v)]))[0]) for v in values]
+    for table in (from_csv, from_pq):
+        assert table["user_id"].to_pylist() == expected
+        assert table["item_id"].to_pylist() == expected
+        assert table["ts"].to_pylist() == [v if v < (1 << 63) else None for v in values]
+    assert from_csv[UNTYPED].to_pylist() == from_pq[UNTYPED].to_pylist()
+
+
+def test_integer_text_edges_are_exact():
+    text = ["-9223372036854775808", "9223372036854775807", "1700000000123456789", "0009", "7.00", "-0", "+12"]
+    values, untyped = to_int64(pa.array(text), hash_text=False)
+    assert values.to_pylist() == [-(1 << 63), (1 << 63) - 1, 1700000000123456789, 9, 7, 0, 12]
+    assert not untyped.any()
+    values, untyped = to_int64(pa.array(["9223372036854775808", "-9223372036854775809"]), hash_text=False)
+    assert values.to_pylist() == [None, None] and untyped.all()  # a ts beyond int64 is a defect, never a hash

@@ -200,18 +200,25 @@ def _short(err: Exception) -> str:
 
 # -- typing values ----------------------------------------------------------------------------
 
-_INT_TEXT = r"^-?\d{1,18}$"
+_INT_TEXT = r"^-?\d+(\.0*)?$"  # integer text, a zero fraction allowed: parsed exactly, never through float64
 _NUMBER_TEXT = r"^-?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _HASH_MASK = np.uint64((1 << 63) - 1)
 _INT64_LIMIT = 2.0**63
+_INT64_MAX_TEXT = str((1 << 63) - 1)  # 19 digits: same-length magnitudes compare as text
+_INT64_MIN_MAGNITUDE = str(1 << 63)
 
 
 def to_int64(values, hash_text: bool) -> tuple[pa.Array, np.ndarray]:
     """An int64 view of a column and a mask of values that are present but are not integers.
 
-    Nulls (and NaN) stay null. Integral floats and integer text keep their value; fractional
-    numbers are untyped. Other text, and integers too long for int64, are hashed in id columns
-    and untyped in the others (`hash_text=False`: ts, label, surface).
+    Nulls (and NaN) stay null. Integers keep their exact value whatever their width, whether
+    they come as int64, uint64, decimal or text ("-9223372036854775808", "0012", "7.0"): a
+    nanosecond timestamp or a 19-digit id must not lose its last digits through float64.
+    Integral floats are accepted (a float column holds what float64 holds); fractional
+    numbers are untyped. Integers outside int64 and other text are hashed in id columns and
+    untyped in the others (`hash_text=False`: ts, label, surface). The hash of an integer is
+    the hash of its canonical decimal text (no sign for positives, no leading zeros), so the
+    same id gets the same key from a CSV file, a parquet string column or a uint64 column.
     Timestamps become seconds since the epoch.
     """
     if isinstance(values, pa.ChunkedArray):
@@ -225,8 +232,11 @@ def to_int64(values, hash_text: bool) -> tuple[pa.Array, np.ndarray]:
         return pc.cast(pc.cast(seconds, pa.timestamp("s"), safe=False), pa.int64()), np.zeros(n, bool)
     if pa.types.is_boolean(kind) or pa.types.is_signed_integer(kind):
         return values.cast(pa.int64()), np.zeros(n, bool)
-    if pa.types.is_unsigned_integer(kind) or pa.types.is_floating(kind):
-        return _from_numbers(values.cast(pa.float64()) if pa.types.is_floating(kind) else values)
+    if pa.types.is_unsigned_integer(kind) or pa.types.is_decimal(kind):
+        # Exact through text: uint64 above int64 then hashes as its decimal text does in a CSV.
+        return _from_text(pc.cast(values, pa.string()), hash_text)
+    if pa.types.is_floating(kind):
+        return _from_floats(values.cast(pa.float64()))
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return _from_text(values, hash_text)
     if pa.types.is_null(kind):
@@ -235,16 +245,26 @@ def to_int64(values, hash_text: bool) -> tuple[pa.Array, np.ndarray]:
     return pa.nulls(n, pa.int64()), present
 
 
-def _from_numbers(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
+def _from_floats(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
     present = values.is_valid().to_numpy(zero_copy_only=False)
-    if pa.types.is_unsigned_integer(values.type):
-        raw = values.fill_null(0).to_numpy().astype(np.uint64)
-        ok = raw < np.uint64(1 << 63)
-        return pa.array(np.where(ok, raw, 0).astype(np.int64), mask=~(present & ok)), present & ~ok
     f = values.fill_null(0).to_numpy()
     present &= ~np.isnan(f)  # NaN is how float columns spell a missing value
     ok = np.isfinite(f) & (np.floor(f) == f) & (np.abs(f) < _INT64_LIMIT)
     return pa.array(np.where(ok, f, 0).astype(np.int64), mask=~(present & ok)), present & ~ok
+
+
+def _canonical_integers(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Integer text -> (canonical decimal text, whether it fits int64), without parsing a number."""
+    negative = pc.starts_with(text, "-").to_numpy(zero_copy_only=False)
+    magnitude = pc.replace_substring_regex(pc.replace_substring_regex(text, r"^-", ""), r"\.0*$", "")
+    magnitude = pc.utf8_ltrim(magnitude, characters="0")
+    digits = pc.utf8_length(magnitude).to_numpy()
+    magnitude = pc.if_else(pa.array(digits == 0), "0", magnitude)
+    negative &= digits > 0  # "-0" is 0
+    limit = pa.array(np.where(negative, _INT64_MIN_MAGNITUDE, _INT64_MAX_TEXT))
+    fits = (digits < 19) | ((digits == 19) & pc.less_equal(magnitude, limit).to_numpy(zero_copy_only=False))
+    canonical = pc.if_else(pa.array(negative), pc.binary_join_element_wise("-", magnitude, ""), magnitude)
+    return canonical, fits
 
 
 def _from_text(values: pa.Array, hash_text: bool) -> tuple[pa.Array, np.ndarray]:
@@ -253,9 +273,18 @@ def _from_text(values: pa.Array, hash_text: bool) -> tuple[pa.Array, np.ndarray]
     is_int = pc.fill_null(pc.match_substring_regex(text, _INT_TEXT), False).to_numpy(zero_copy_only=False)
     is_num = pc.fill_null(pc.match_substring_regex(text, _NUMBER_TEXT), False).to_numpy(zero_copy_only=False)
     out = np.zeros(len(values), np.int64)
-    ok = is_int.copy()
+    ok = np.zeros(len(values), bool)
+    hashed = present & ~is_num  # text that is no number: an id to hash (in id columns)
+    keys = text
     if is_int.any():
-        out[is_int] = pc.cast(text.filter(pa.array(is_int)), pa.int64()).to_numpy()
+        rows = np.flatnonzero(is_int)
+        canonical, fits = _canonical_integers(text.filter(pa.array(is_int)))
+        out[rows[fits]] = pc.cast(canonical.filter(pa.array(fits)), pa.int64()).to_numpy()
+        ok[rows[fits]] = True
+        hashed[rows[~fits]] = True  # an integer wider than int64: an id, hashed by its canonical text
+        keys = text.to_numpy(zero_copy_only=False).copy()
+        keys[rows] = canonical.to_numpy(zero_copy_only=False)
+        keys = pa.array(keys, pa.string())
     decimal = is_num & ~is_int
     if decimal.any():
         f = pc.cast(text.filter(pa.array(decimal)), pa.float64()).to_numpy()
@@ -263,11 +292,9 @@ def _from_text(values: pa.Array, hash_text: bool) -> tuple[pa.Array, np.ndarray]
         rows = np.flatnonzero(decimal)
         out[rows[whole]] = f[whole].astype(np.int64)
         ok[rows[whole]] = True
-    too_long = pc.fill_null(pc.match_substring_regex(text, r"^-?\d{19,}$"), False).to_numpy(zero_copy_only=False)
-    other = present & (~is_num | too_long)
-    if hash_text and other.any():
-        out[other] = stable_hash_ids(text.filter(pa.array(other)).to_numpy(zero_copy_only=False))
-        ok |= other
+    if hash_text and hashed.any():
+        out[hashed] = stable_hash_ids(keys.filter(pa.array(hashed)).to_numpy(zero_copy_only=False))
+        ok |= hashed
     return pa.array(out, mask=~(present & ok)), present & ~ok
 
 
