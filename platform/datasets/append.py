@@ -2,7 +2,9 @@
 
 The loop's first step: events served today become tomorrow's log. Each call validates the new
 files with the same rules as `loopfm data validate` (same column mapping and categorical context
-as the run's events) and writes them as one batch, `data/appended/<seq>-<hash>/`, atomically.
+as the run's events) and writes them as one batch, `data/appended/<seq>-<hash>/`, atomically:
+the batch is validated and checked against the log under a hidden name and renamed into place
+only when nothing in it will be refused, so no reader ever sees a batch that is then withdrawn.
 A batch must be newer than everything the log already holds (its earliest ts after the log's
 newest) and must not reuse an event id: incremental embedding continues each user's causal
 history from its last stored position, so a late or repeated event would silently change the
@@ -14,10 +16,13 @@ item or user is out-of-vocabulary exactly as it would be at serving time.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+from filelock import FileLock
 
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.ingest import validate_source
@@ -25,6 +30,8 @@ from loopfm.datasets.readers import generic_layout, open_source
 from loopfm.datasets.schema import EVENT_ID, TS
 from loopfm.errors import DataValidationError, MissingInputError
 from loopfm.rundir import RunDir, read_manifest
+
+APPEND_LOCK = "append.lock"
 
 
 def appended_batches(run: RunDir) -> list[Path]:
@@ -59,20 +66,30 @@ def logs_append_stage(cfg: LoopFMConfig, run: RunDir, args) -> dict:
     layout = generic_layout(cfg.data.columns, events.get("categorical", []), bool(cfg.data.sorted_by_ts))
     source = open_source(str(files[0].parent), _format(files, args.format), layout, files=files)
 
-    batches = appended_batches(run)
-    content = [(str(f), f.stat().st_size, f.stat().st_mtime) for f in files]
-    out = run.appended / f"{len(batches):04d}-{stable_hash(content)}"
-    init_ray(cfg.ray)
-    old = _columns(log_paths(run), [EVENT_ID, TS])
-    manifest = validate_source(cfg, source, out, out.parent / f"{out.name}.validation.json",
-                               {"fingerprint": stable_hash(content), "source": "append"})
-    new = _columns([out], [EVENT_ID, TS])
-    problem = _conflict(old, new, files)
-    if problem:
-        import shutil
-
-        shutil.rmtree(out)
-        raise DataValidationError(f"logs append: {problem}; nothing was appended")
+    # One append at a time: two batches checked against the same old log could both pass, then
+    # reuse each other's ids or overlap in time once both are in.
+    run.appended.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run.appended / f".{APPEND_LOCK}")):
+        for stale in run.appended.glob(".*.staged-*"):  # a killed append's (the lock says none is running)
+            shutil.rmtree(stale, ignore_errors=True)
+        batches = appended_batches(run)
+        content = [(str(f), f.stat().st_size, f.stat().st_mtime) for f in files]
+        out = run.appended / f"{len(batches):04d}-{stable_hash(content)}"
+        # Validated under a hidden name (readers, `embed --incremental` and serving skip it) and
+        # checked against the log there; only a batch that passed every check is renamed into place.
+        staged = run.appended / f".{out.name}.staged-{os.getpid()}"
+        init_ray(cfg.ray)
+        old = _columns(log_paths(run), [EVENT_ID, TS])
+        try:
+            manifest = validate_source(cfg, source, staged, out.parent / f"{out.name}.validation.json",
+                                       {"fingerprint": stable_hash(content), "source": "append"})
+            new = _columns([staged], [EVENT_ID, TS])
+            problem = _conflict(old, new, files)
+            if problem:
+                raise DataValidationError(f"logs append: {problem}; nothing was appended")
+            os.replace(staged, out)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
     log.info("logs append: %d events (ts %d..%d) from %d file(s) -> %s", len(new[TS]), new[TS].min(),
              new[TS].max(), len(files), out)
     return manifest
