@@ -50,6 +50,8 @@ class AppArgs(BaseModel):
     max_ongoing_requests: PositiveInt = 256
     refresh_interval_s: float = Field(30.0, ge=0)
     staleness_sla_s: Optional[float] = None
+    max_body_bytes: Optional[PositiveInt] = Field(None, description="longest request body (more: 413); default: "
+                                                                     "enough for max_items ids however formatted")
 
 
 def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
@@ -93,7 +95,7 @@ def build_app(args: dict) -> Application:
     return ScoringIngress.options(
         **_scaling(a), max_ongoing_requests=a.max_ongoing_requests, graceful_shutdown_timeout_s=GRACE_S,
         ray_actor_options={"num_cpus": a.frontend_cpus},
-    ).bind(lookup, model, a.max_items, list(context_columns), a.staleness_sla_s)
+    ).bind(lookup, model, a.max_items, list(context_columns), a.staleness_sla_s, a.max_body_bytes)
 
 
 def logging_config(cfg: LoopFMConfig) -> dict:

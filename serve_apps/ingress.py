@@ -2,11 +2,18 @@
 
 Routes: `POST /v1/score`, `GET /healthz`, `GET /v1/models`, OpenAPI at `/docs` and `/openapi.json`.
 
-Errors (body: `{"detail": "<field>: <problem>", "errors": [{"field", "message"}]}`):
-- 400: the body is not valid JSON (`body: ...`);
+Errors, every one in the same shape, the framework's own included
+(`{"detail": "<field>: <problem>", "errors": [{"field", "message"}], "request_id"}`; the id is
+also the response's `X-Request-ID` header, which Serve's proxy sets or takes from the request):
+- 400: the body is not JSON (malformed, invalid UTF-8, nested too deep to parse) (`body: ...`);
+- 404/405: no such route or method;
+- 413: the body is longer than `max_body_bytes` (counted as it streams in, so a huge body is
+  refused without being held whole in the ingress's memory);
 - 422: a missing, unknown or mistyped field, an empty `items`, more than `serve.max_items` items,
   an unknown `context` key, an id outside int64 (the field is named, e.g. `items.2`, `context.ts`);
-- 503: a backend failure (a replica restarting); never a 500, and the replicas keep serving.
+- 503: a backend that is gone or overloaded (a replica restarting): worth retrying;
+- 500: a fault of the server itself (a bug): logged with its traceback and request id; retrying
+  the same request would fail the same way, so it is not dressed up as a 503.
 
 Requests carry the lookup's answer straight into the VM deployment (`DeploymentResponse` passed as
 an argument), so the features do not travel back through the ingress. If the VM was swapped for
@@ -15,6 +22,7 @@ one trained on another store version between the two calls (a reload in progress
 """
 
 import asyncio
+import json
 import logging
 import time
 from typing import Optional
@@ -23,27 +31,104 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError
-from ray.serve.exceptions import ReplicaUnavailableError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loopfm.serve_apps.model import STALE
 from loopfm.serve_apps.schemas import (
-    TS, TS_LIMIT, ErrorResponse, Health, ModelInfo, ModelsResponse, ScoreRequest, ScoreResponse,
+    TS, TS_LIMIT, ErrorResponse, Health, ModelInfo, ModelsResponse, ScoreRequest, ScoreResponse, exact_bounds,
 )
 
 logger = logging.getLogger("ray.serve")
 
 STALE_RETRY_S, STALE_WAIT_S = 30.0, 0.05  # longer than a rolling update of the lookup takes
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, ReplicaUnavailableError)
+REPLICA_TRIES = 4  # the router may pick the dead replica again before it learns of the death
+OVERLOADED = (BackPressureError, RequestCancelledError, GetTimeoutError, asyncio.TimeoutError)
+REQUEST_ID = "x-request-id"
+BODY_BYTES_PER_ITEM = 64  # an int64 id is at most 20 characters; room for whitespace and context
+MIN_BODY_BYTES = 64 << 10
+
+
+def default_body_limit(max_items: int) -> int:
+    """A body cap that any request within `max_items` fits, however it is formatted."""
+    return max(MIN_BODY_BYTES, max_items * BODY_BYTES_PER_ITEM)
+
+
+class BodyLimit:
+    """ASGI middleware: a body longer than `limit` is answered 413 as soon as it is known to be.
+
+    FastAPI reads a body whole before validating it, so without a cap one request can make the
+    ingress hold (and parse) any number of bytes. A declared Content-Length over the cap is refused
+    before a byte is read; a streamed (chunked) body is counted as it arrives. The limit is set by
+    the ingress's constructor (`BodyLimit.limit`): middleware is bound to the app at import.
+    """
+
+    limit = default_body_limit(1000)
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send, f"{declared} bytes")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, receive, send, f"more than {self.limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+        response = error(413, [("body", f"request body of {size} is over the limit of {self.limit} bytes "
+                                        f"(max_body_bytes)")], Headers(scope=scope).get(REQUEST_ID))
+        await response(scope, receive, send)
 
 api = FastAPI(
     title="LoopFM scoring",
     version="1",
     description="Scores candidate items for a user with a LoopFM vertical model: the user's stored FM "
                 "embeddings and raw history are looked up at the request time; the FM is never called.",
-    responses={400: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={code: {"model": ErrorResponse} for code in (400, 404, 405, 413, 422, 500, 503)},
 )
+api.add_middleware(BodyLimit)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema with the integer bounds exact (see `exact_bounds`)."""
+    if api.openapi_schema is None:
+        api.openapi_schema = exact_bounds(FastAPI.openapi(api))
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 def _field(loc) -> str:
@@ -51,19 +136,44 @@ def _field(loc) -> str:
     return ".".join(parts) or "body"
 
 
-def error(status: int, errors: list[tuple[str, str]]) -> JSONResponse:
+class AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may quote a client's key, and a lone
+    surrogate (valid in JSON text, not encodable as UTF-8) must not turn a 422 into a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error(status: int, errors: list[tuple[str, str]], request_id: Optional[str] = None) -> JSONResponse:
     detail = "; ".join(f"{f}: {m}" for f, m in errors)
-    body = ErrorResponse(detail=detail, errors=[{"field": f, "message": m} for f, m in errors])
-    return JSONResponse(status_code=status, content=body.model_dump())
+    body = ErrorResponse(detail=detail, errors=[{"field": f, "message": m} for f, m in errors], request_id=request_id)
+    return AsciiJSON(status_code=status, content=body.model_dump())
+
+
+def request_id(request: Request) -> Optional[str]:
+    """The id Serve's proxy gave the request (or took from the client's X-Request-ID)."""
+    return request.headers.get(REQUEST_ID)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _framework(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's own errors (a body that is not UTF-8 or nests too deep to parse,
+    an unknown route or method) in the service's error shape."""
+    field = "body" if exc.status_code == 400 else "path"
+    response = error(exc.status_code, [(field, str(exc.detail))], request_id(request))
+    for key, value in (exc.headers or {}).items():
+        response.headers[key] = value
+    return response
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = exc.errors()
+    rid = request_id(request)
     if any(p.get("type") == "json_invalid" for p in problems):
         msg = next(p for p in problems if p.get("type") == "json_invalid")
         reason = (msg.get("ctx") or {}).get("error", msg.get("msg", "invalid JSON"))
-        return error(400, [("body", f"malformed JSON: {reason}")])
+        return error(400, [("body", f"malformed JSON: {reason}")], rid)
     out = []
     for p in problems:
         field = _field(p.get("loc", ()))
@@ -71,30 +181,33 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
             out.append(("body", "a JSON object with user_id and items is required"))
         else:
             out.append((field, p.get("msg", "invalid")))
-    return error(422, out)
+    return error(422, out, rid)
 
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unexpected error on %s: %r", request.url.path, exc)
-    return error(503, [("backend", f"unexpected {type(exc).__name__}; retry")])
+    """A bug of the server: a 500 the client can quote (request id), logged with its traceback."""
+    rid = request_id(request)
+    logger.error("request %s on %s failed: %r", rid, request.url.path, exc, exc_info=exc)
+    return error(500, [("server", f"internal error ({type(exc).__name__}); quote request id {rid}")], rid)
 
 
 @serve.deployment(name="ScoringIngress")
 @serve.ingress(api)
 class ScoringIngress:
     def __init__(self, lookup: DeploymentHandle, model: DeploymentHandle, max_items: int,
-                 context_columns: list[str], staleness_sla_s: Optional[float] = None):
+                 context_columns: list[str], staleness_sla_s: Optional[float] = None,
+                 max_body_bytes: Optional[int] = None):
         self.lookup, self.model = lookup, model
         self.max_items = max_items
         self.staleness_sla_s = staleness_sla_s
         self.context_keys = {TS, *context_columns}
+        ScoreRequest.limit(max_items, context_columns)
+        BodyLimit.limit = max_body_bytes or default_body_limit(max_items)
+        api.openapi_schema = None  # regenerated with these limits
 
     def _check(self, req: ScoreRequest) -> list[tuple[str, str]]:
         problems = []
-        if len(req.items) > self.max_items:
-            problems.append(("items", f"at most {self.max_items} items per request (serve.max_items), "
-                                      f"got {len(req.items)}"))
         for key in req.context:
             if key not in self.context_keys:
                 problems.append((f"context.{key}", f"unknown context key; allowed: {', '.join(sorted(self.context_keys))}"))
@@ -104,31 +217,33 @@ class ScoringIngress:
         return problems
 
     @api.post("/v1/score", response_model=ScoreResponse, summary="score candidate items for a user")
-    async def score(self, req: ScoreRequest):
+    async def score(self, req: ScoreRequest, request: Request):
+        rid = request_id(request)
         problems = self._check(req)
         if problems:
-            return error(422, problems)
+            return error(422, problems, rid)
         context = dict(req.context)
         context.setdefault(TS, int(time.time()))  # one time for lookup and response
         give_up = time.monotonic() + STALE_RETRY_S
-        retried = False
+        tries = 0
         while True:
             try:
                 features = self.lookup.features.remote(req.user_id, req.items, context)
                 out = await self.model.score.remote(features)
-            except REPLICA_GONE as exc:  # the replica died mid-request: scoring is idempotent, try another once
-                if retried:
-                    logger.warning("score failed twice: %r", exc)
-                    return error(503, [("backend", f"scoring failed ({type(exc).__name__}); retry")])
-                retried = True
+            except REPLICA_GONE as exc:  # the replica died mid-request: scoring is idempotent, try another
+                tries += 1
+                if tries >= REPLICA_TRIES:
+                    logger.warning("request %s: scoring failed %d times: %r", rid, tries, exc)
+                    return error(503, [("backend", f"scoring failed ({type(exc).__name__}); retry")], rid)
+                await asyncio.sleep(STALE_WAIT_S * tries)
                 continue
-            except Exception as exc:  # anything else from a backend: a 503, never a 500
-                logger.warning("score failed: %r", exc)
-                return error(503, [("backend", f"scoring failed ({type(exc).__name__}); retry")])
+            except OVERLOADED as exc:  # busy or timed out: the client may retry
+                logger.warning("request %s: backend overloaded: %r", rid, exc)
+                return error(503, [("backend", f"backend busy ({type(exc).__name__}); retry")], rid)
             if not out.get(STALE):
                 break
             if time.monotonic() > give_up:
-                return error(503, [("store_version", "the store and the VM are being reloaded; retry")])
+                return error(503, [("store_version", "the store and the VM are being reloaded; retry")], rid)
             await asyncio.sleep(STALE_WAIT_S)
         return ScoreResponse(
             scores=out["scores"].tolist(), logits=out["logits"].tolist(),
@@ -142,7 +257,7 @@ class ScoringIngress:
         try:
             model = await self.model.describe.remote()
             table = await self.lookup.describe.remote()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any backend that cannot describe itself is not healthy)
             return error(503, [("backend", f"backend unavailable ({type(exc).__name__})")])
         stale = table.get("staleness_s")
         degraded = self.staleness_sla_s is not None and stale is not None and stale > self.staleness_sla_s
@@ -154,7 +269,7 @@ class ScoringIngress:
     async def models(self):
         try:
             model, table = await self.model.describe.remote(), await self.lookup.describe.remote()
-        except Exception as exc:
+        except (*REPLICA_GONE, *OVERLOADED) as exc:
             return error(503, [("backend", f"backend unavailable ({type(exc).__name__})")])
         info = ModelInfo(**{**model, **{k: table[k] for k in ("store_rows", "store_deltas", "appended_batches",
                                                               "newest_event_ts", "staleness_s", "users_with_history",

@@ -4,28 +4,77 @@ Ids are raw ids as logged (the same `user_id` / `item_id` / categorical values a
 never vocabulary indices: the service maps them (unknown -> the out-of-vocabulary index).
 Integers are strict (no "12", no 12.0, no true) and bounded to int64, so a request that would
 overflow numpy is a 422 naming the field, not a 500.
+
+The request schema says exactly what the server accepts, so a client (or a fuzzer) generating
+from `/openapi.json` never sends a schema-valid request that is then refused: `items` carries
+`maxItems` = `serve.max_items` and `context` lists its keys (`ts` within +-2**62, each categorical
+column within int64, nothing else). Those limits come from the deployment's arguments, so the
+ingress sets them (`ScoreRequest.limit`) before it serves; one ingress runs per replica process.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic_core import PydanticCustomError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TS_LIMIT = 2**62  # keeps t - lag and t - retention inside int64
 
 Id = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 TS = "ts"
+DEFAULT_MAX_ITEMS = 1000
+INT64_BOUNDS = {"minimum": INT64_MIN, "maximum": INT64_MAX}
+EXAMPLE = {"user_id": 17, "items": [3, 42, 99], "context": {"ts": 500000}}
+
+
+def _exact_limits(schema: dict[str, Any], cls: type["ScoreRequest"]) -> None:
+    """The deployment's limits in the JSON schema: what a generator reads is what the server takes.
+
+    FastAPI's OpenAPI models hold bounds as floats; `exact_bounds` turns them back into integers.
+    """
+    schema["examples"] = [EXAMPLE]
+    props = schema["properties"]
+    props["user_id"].update(INT64_BOUNDS)
+    props["items"]["items"].update(INT64_BOUNDS)
+    props["items"]["maxItems"] = cls.max_items
+    context = props["context"]
+    context["properties"] = {
+        TS: {"type": "integer", "minimum": -TS_LIMIT, "maximum": TS_LIMIT},
+        **{c: {"type": "integer", **INT64_BOUNDS} for c in cls.context_columns},
+    }
+    context["additionalProperties"] = False
+
+
+_EXACT = {float(b): b for b in (INT64_MIN, INT64_MAX, -TS_LIMIT, TS_LIMIT)}
+
+
+def exact_bounds(node: Any) -> Any:
+    """`minimum`/`maximum` of the int64 and ts bounds as exact integers, in place.
+
+    FastAPI's OpenAPI models store bounds as floats, and the float nearest 2**63 - 1 is 2**63: the
+    published schema would accept one value past int64 that the server refuses.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("minimum", "maximum") and isinstance(value, float) and value in _EXACT:
+                node[key] = _EXACT[value]
+            else:
+                exact_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            exact_bounds(value)
+    return node
 
 
 class ScoreRequest(BaseModel):
     """`POST /v1/score`: one user, the candidate items to score, the request context."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"user_id": 17, "items": [3, 42, 99], "context": {"ts": 500000}}]},
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exact_limits)
+
+    max_items: ClassVar[int] = DEFAULT_MAX_ITEMS
+    context_columns: ClassVar[tuple[str, ...]] = ()
 
     user_id: Id = Field(description="raw user id; an unknown user is scored on the cold-start path (empty sequence)")
     items: list[Id] = Field(min_length=1, description="raw item ids to score, 1..serve.max_items; unknown ids "
@@ -36,6 +85,20 @@ class ScoreRequest(BaseModel):
                     "each categorical context column of the log (e.g. `user_segment`) as a raw value "
                     "(default: the user's latest logged value, else out-of-vocabulary)",
     )
+
+    @classmethod
+    def limit(cls, max_items: int, context_columns: list[str]) -> None:
+        """Set the deployment's limits (validation and schema), before the first request."""
+        cls.max_items, cls.context_columns = max_items, tuple(context_columns)
+
+    @field_validator("items", mode="before")
+    @classmethod
+    def _at_most_max_items(cls, value: Any) -> Any:
+        """Counted before any element is validated: a long list is refused without converting it."""
+        if isinstance(value, list) and len(value) > cls.max_items:
+            raise PydanticCustomError("too_long", "at most {limit} items per request (serve.max_items), got {got}",
+                                      {"limit": cls.max_items, "got": len(value)})
+        return value
 
 
 class ScoreResponse(BaseModel):
@@ -98,7 +161,10 @@ class FieldError(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every 4xx/5xx body: `detail` is one readable line that names the field(s)."""
+    """Every 4xx/5xx body, the framework's own errors included: `detail` is one readable line that
+    names the field(s); `request_id` is the `X-Request-ID` header of the response (and of the
+    server's log line for a 5xx)."""
 
     detail: str
     errors: list[FieldError] = Field(default_factory=list)
+    request_id: Optional[str] = Field(None, description="the request's id, as in the X-Request-ID response header")

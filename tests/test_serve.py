@@ -135,6 +135,9 @@ BAD = [  # (raw body, content type, status, field named)
     ('{"user_id": 5, "items": [1], "context": [1]}', "application/json", 422, "context"),
     ('{"user_id": 5, "items": [1], "itemz": [2]}', "application/json", 422, "itemz"),
     ('{"user_id": 5, "items": [1]}', "text/plain", 422, "body"),
+    (b'{"user_id": 5, "items": [1], "context": {"\xff\xfe": 1}}', "application/json", 400, "body"),  # not UTF-8
+    ("[" * 20_000 + "]" * 20_000, "application/json", 400, "body"),  # nests deeper than the parser recurses
+    ('{"user_id": 5, "items": [1], "context": {"ts": 4611686018427387905}}', "application/json", 422, "context.ts"),
 ]
 
 
@@ -144,10 +147,11 @@ def test_bad_requests_get_4xx_naming_the_field_and_service_survives(server, smok
     client, _ = server
     for body, kind, status, field in BAD:
         r = client.post("/v1/score", content=body, headers={"content-type": kind})
-        assert r.status_code == status, (body, r.status_code, r.text)
+        assert r.status_code == status, (body[:80], r.status_code, r.text)
         error = r.json()
-        assert field in [e["field"] for e in error["errors"]], (body, error)
+        assert field in [e["field"] for e in error["errors"]], (body[:80], error)
         assert error["detail"].startswith(field) or f"; {field}:" in error["detail"], error
+        assert error["request_id"] and error["request_id"] == r.headers["x-request-id"], (body[:80], error)
     limit = smoke_config.serve.max_items
     r = client.post("/v1/score", json={"user_id": 5, "items": list(range(limit + 1))})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "items", r.text
@@ -160,38 +164,97 @@ def test_bad_requests_get_4xx_naming_the_field_and_service_survives(server, smok
     assert all(d.status == "HEALTHY" for d in status.deployments.values())
 
 
+def test_the_edge_bounds_bodies_and_answers_every_error_in_one_shape(server, smoke_config):
+    """A body over the cap is a 413 however it arrives (declared or streamed); the published schema
+    says exactly what is accepted; the framework's own 404/405 use the service's error shape; the
+    request id a client sends comes back in the header and the body."""
+    from loopfm.serve_apps.ingress import default_body_limit
+
+    client, _ = server
+    limit = default_body_limit(smoke_config.serve.max_items)
+    huge = b'{"user_id": 5, "items": [' + b"1," * limit + b'1]}'
+    streamed = (huge[i:i + 4096] for i in range(0, len(huge), 4096))  # chunked: no Content-Length
+    for content in (huge, streamed):
+        r = client.post("/v1/score", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["errors"][0]["field"] == "body", r.text[:300]
+        assert f"limit of {limit} bytes" in r.json()["detail"]
+    for method, path, status in (("GET", "/nowhere", 404), ("GET", "/v1/score", 405)):
+        r = client.request(method, path)
+        assert r.status_code == status and r.json()["errors"][0]["field"] == "path", r.text
+        assert r.json()["request_id"] == r.headers["x-request-id"]
+    r = client.post("/v1/score", json={"user_id": 5, "items": []}, headers={"x-request-id": "client-chosen-7"})
+    assert r.headers["x-request-id"] == r.json()["request_id"] == "client-chosen-7"
+
+    spec = client.get("/openapi.json").json()
+    request = spec["components"]["schemas"]["ScoreRequest"]["properties"]
+    assert request["items"]["maxItems"] == smoke_config.serve.max_items
+    assert (request["user_id"]["minimum"], request["user_id"]["maximum"]) == (-2**63, 2**63 - 1)  # exact, not 2.0**63
+    assert request["context"]["additionalProperties"] is False
+    assert request["context"]["properties"]["ts"]["maximum"] == 2**62
+    assert set(request["context"]["properties"]) == {"ts", "user_segment"}
+    # the schema's extremes are accepted
+    edge = {"user_id": 2**63 - 1, "items": [-2**63] * smoke_config.serve.max_items, "context": {"ts": 2**62, "user_segment": -2**63}}
+    assert client.post("/v1/score", json=edge).status_code == 200
+    for code in (400, 404, 405, 413, 422, 500, 503):
+        assert str(code) in spec["paths"]["/v1/score"]["post"]["responses"]
+
+
+def test_a_server_bug_is_a_500_with_the_request_id_not_a_503():
+    """The catch-all names the fault a 500 (retrying a bug fails again) and carries the request id."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from loopfm.serve_apps.ingress import _unexpected
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/score", "headers": [(b"x-request-id", b"abc123")],
+             "query_string": b"", "server": ("127.0.0.1", 80), "scheme": "http", "root_path": ""}
+    response = asyncio.run(_unexpected(Request(scope), KeyError("user_segment_idx")))
+    body = json.loads(response.body)
+    assert response.status_code == 500 and body["request_id"] == "abc123" and "KeyError" in body["detail"]
+
+
 def _generated_bodies():
-    """Hypothesis: any JSON value, and objects shaped like a request whose fields hold any JSON."""
+    """Hypothesis: raw bodies. Any JSON value (strings with lone surrogates too), objects shaped like
+    a request whose fields hold any JSON, nesting deeper than a parser recurses, and item lists
+    from empty to far past the body cap."""
+    import json
+
     from hypothesis import strategies as st
 
+    text = st.text(st.characters(exclude_categories=()), max_size=8)  # surrogates included
     scalar = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                       st.floats(allow_nan=False), st.text(max_size=8))
+                       st.floats(allow_nan=False), text)
     anything = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                            st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                                                            st.dictionaries(text, inner, max_size=3)),
                             max_leaves=8)
     shaped = st.fixed_dictionaries({}, optional={"user_id": anything, "items": anything, "context": anything,
                                                  "extra": anything})
-    return st.one_of(anything, shaped)
+    nested = st.integers(min_value=1, max_value=30_000).map(lambda d: "[" * d + "]" * d)
+    long = st.integers(min_value=0, max_value=40_000).map(lambda n: json.dumps({"user_id": 1, "items": [7] * n}))
+    return st.one_of(st.one_of(anything, shaped).map(json.dumps), nested, long)
 
 
 def test_generated_bodies_never_get_a_5xx(server):
-    """Property (issue 7.5): whatever JSON is posted, the answer is a 200 or a 4xx, never a 5xx."""
-    import json
-
+    """Property (issue 7.5): whatever is posted, the answer is a 200 or a 4xx in the error shape,
+    never a 5xx."""
     from hypothesis import HealthCheck, given, settings
 
     client, _ = server
     seen = []
 
-    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(_generated_bodies())
     def post(body):
-        r = client.post("/v1/score", content=json.dumps(body), headers={"content-type": "application/json"})
+        r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
         seen.append(r.status_code)
-        assert r.status_code < 500, (body, r.status_code, r.text)
+        assert r.status_code < 500, (body[:200], r.status_code, r.text[:300])
+        if r.status_code != 200:
+            assert r.json()["errors"] and r.json()["request_id"] == r.headers["x-request-id"], r.text[:300]
 
     post()
-    assert len(seen) >= 60 and any(s == 422 for s in seen)
+    assert len(seen) >= 80 and any(s == 422 for s in seen)
     assert client.get("/healthz").status_code == 200
 
 
