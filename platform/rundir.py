@@ -4,20 +4,36 @@ Each stage output is a directory holding a `manifest.json` with the stage's fing
 the config sections and upstream versions it depends on). A stage whose output exists with the same
 fingerprint is skipped. Outputs are written to a hidden temp directory and renamed into place, so a
 crashed job leaves no half-written output under the final name.
+
+Writers of one output take its lock (`.<name>.lock` beside it, `filelock`) for the whole write, so
+two processes never interleave; a temp directory names its owner (host, pid and the pid's start
+time), so a writer reaps only the leftovers of dead processes, never a live writer's. Replacing an
+existing output is one atomic exchange of the two directories (`renameat2(RENAME_EXCHANGE)`):
+a reader sees the old output or the new one, never none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from filelock import FileLock
+
 MANIFEST = "manifest.json"
+OWNER = ".owner"  # in a temp dir: {"host", "pid", "start"} of the writing process
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+_TMP_NAME = re.compile(r"\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 class RunDir:
@@ -119,28 +135,95 @@ def is_complete(path: Path, fingerprint: Optional[str] = None) -> bool:
     return m is not None and (fingerprint is None or m.get("fingerprint") == fingerprint)
 
 
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of `pid` (clock ticks since boot, /proc), or None when no such process runs.
+
+    With the pid it names one process: a pid reused after its owner died has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _owned_by_live_process(tmp: Path) -> bool:
+    """Whether the writer that made temp dir `tmp` still runs (then it must not be touched)."""
+    try:
+        owner = json.loads((tmp / OWNER).read_text())
+    except (OSError, ValueError):  # no owner file yet (just created) or from an older writer
+        match = _TMP_NAME.search(tmp.name)
+        if match is None:
+            return False
+        return _process_start(int(match["pid"])) is not None and time.time() - tmp.stat().st_mtime < 60
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: its liveness cannot be seen from here
+    return _process_start(int(owner["pid"])) == owner.get("start")
+
+
+def reap_stale(final: Path) -> list[Path]:
+    """Remove temp dirs of `final` whose writer is dead and `.old-*` dirs a crash left; returns them."""
+    final = Path(final)
+    reaped = []
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        if stale.is_dir() and not _owned_by_live_process(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+            reaped.append(stale)
+    for old in final.parent.glob(f".{final.name}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+        reaped.append(old)
+    return reaped
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2); False where the system cannot."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    if rename(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
+
+
+def output_lock(final: Path) -> FileLock:
+    """The lock every writer of `final` holds while it writes (a hidden file beside it)."""
+    final = Path(final)
+    return FileLock(str(final.parent / f".{final.name}.lock"))
+
+
 @contextlib.contextmanager
 def atomic_output(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it replaces `final`, on error it is removed.
 
-    A killed process leaves only a `.<name>.tmp-*` directory, which readers never look at and
-    the next run of the same output removes.
+    The writer holds the output's lock throughout, so a second writer of the same output waits and
+    then writes whole (the kernel frees the lock of a killed process). A killed process leaves only
+    a `.<name>.tmp-<pid>-*` directory, which readers never look at and the next writer removes once
+    its owner is dead. An existing output is replaced by exchanging it with the temp dir, so it
+    never goes missing; the old content then sits under the temp dir's name and is removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    with output_lock(final):
+        reap_stale(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+        (tmp / OWNER).write_text(json.dumps(owner))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / OWNER).unlink()
+        if final.exists() and _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old output
+        elif final.exists():  # no atomic exchange here: two renames, the old kept until the new is in
+            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
