@@ -29,11 +29,27 @@ from typing import Any, Iterator, Optional
 
 from filelock import FileLock
 
+from loopfm.errors import VersionMismatchError
+
 MANIFEST = "manifest.json"
 OWNER = ".owner"  # in a temp dir: {"host", "pid", "start"} of the writing process
 RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
 _TMP_NAME = re.compile(r"\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one path component, never "." / ".." / hidden
+
+
+def valid_id(value: object, what: str) -> str:
+    """`value` when it is a safe id (hex, slug), else a refusal naming `what`.
+
+    Versions, fingerprints and arms are read from manifests (a VM's `store_version`, a feature
+    set's fingerprint) and joined into paths; a manifest that says `../../elsewhere` must not
+    send a reader (or a writer) out of the run directory.
+    """
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise VersionMismatchError(f"{what} {value!r} is not an id (letters, digits, '_', '-', '.'; "
+                                   f"at most 128; not starting with '.'): refused as a path")
+    return value
 
 
 class RunDir:
@@ -67,21 +83,23 @@ class RunDir:
         """train/ valid/ test/ parquet folders, the vocabulary and `manifest.json`."""
         return self.root / "data" / "splits"
 
+    # Every id below may come from a manifest: each is checked before it becomes a path (valid_id).
     def fm(self, fingerprint: str) -> Path:
-        return self.root / "fm" / fingerprint
+        return self.root / "fm" / valid_id(fingerprint, "FM fingerprint")
 
     def store(self, version: str) -> Path:
-        return self.root / "store" / version
+        return self.root / "store" / valid_id(version, "store version")
 
     def store_deltas(self, version: str) -> Path:
         """Deltas of store `version` (`loopfm embed --incremental`), one folder each, in order."""
-        return self.root / "store_deltas" / version
+        return self.root / "store_deltas" / valid_id(version, "store version")
 
     def features(self, fingerprint: str) -> Path:
-        return self.root / "features" / fingerprint
+        return self.root / "features" / valid_id(fingerprint, "features fingerprint")
 
     def vm(self, arm: str, seed: int, fingerprint: str) -> Path:
-        return self.root / "vm" / arm / f"seed{seed}-{fingerprint}"
+        seed = int(seed)
+        return self.root / "vm" / valid_id(arm, "arm") / f"seed{seed}-{valid_id(fingerprint, 'VM fingerprint')}"
 
     @property
     def tune(self) -> Path:
