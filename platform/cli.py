@@ -64,7 +64,7 @@ COMMANDS: tuple[Command, ...] = (
     )),
     Command(("features",), "point-in-time join of stored embeddings into VM examples", "loopfm.features:features_stage"),
     Command(("train",), "train one VM (one arm, one seed) with Ray Train", "loopfm.training.vm:train_stage", (
-        _opt("--arm", choices=ARMS, help="base, kd, loopfm or kd_loopfm (default: from train.use_kd/use_loopfm)"),
+        _opt("--arm", choices=ARMS, help=f"one of {', '.join(ARMS)} (default: from train.use_kd/use_loopfm/use_rawseq)"),
         _opt("--seed", type=int, help="default: train.seed"),
     )),
     Command(("report",), "train every arm on every seed, evaluate, write report.json, report.md and plots",

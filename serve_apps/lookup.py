@@ -1,21 +1,22 @@
-"""The feature lookup: each user's stored FM embeddings and raw click history, cut at the request time.
+"""The feature lookup: each user's stored FM embeddings, history and counters, cut at the request time.
 
 `FeatureTable` holds, in memory and sorted once at load:
 - the store rows of the VM's store version (only the surfaces the features used), per user by
-  (ts, event_id): `ts` and the packed `z` bytes exactly as stored (int4 / fp16);
+  (ts, event_id): `ts`, `surface` and the packed `z` bytes exactly as stored (int4 / fp16);
 - the store's deltas too (`loopfm embed --incremental`): the chain `open_chain` verifies;
-- the user's clicks on the vertical from the run's splits (all three: at serving time all of the
-  log is history) and appended batches (`loopfm logs append`), per user by (ts, event_id):
-  `item_id_idx`;
+- every event of the log from the run's splits (all three: at serving time all of the log is
+  history) and appended batches (`loopfm logs append`), per user by (ts, event_id): the
+  vertical's label-aware history, the user counters and the rawseq slots come from these;
+- the vertical's events by raw item id (`ItemHistory`), for the item counters;
 - an item catalog (raw item id -> category index, from the item's latest logged event) and each
   user's latest value of every categorical context column (the default when a request omits it);
 - the vocabularies, so raw ids map to the indices the VM was trained with (unknown -> OOV).
 
-At request time t it applies the rule of `loopfm.features.join` with the same primitive
-(`last_window`): the last `seq_len` stored z with ts < t - lag (and ts >= t - retention), and the
-last `raw_seq_len` clicked items with ts < t, both left-padded. A user the log has never seen
-gets empty windows: the cold-start path. The FM is never called: every z was stored when its event
-happened. `FeatureLookup` is the Ray Serve deployment around one table.
+At request time t it calls the functions of `loopfm.features.join` that the features stage calls,
+with the feature set's own `JoinSpec`, so a test example posted with its own time gets its training
+features. A user the log has never seen gets empty windows and zero counts: the cold-start path.
+The FM is never called: every z was stored when its event happened. `FeatureLookup` is the Ray
+Serve deployment around one table.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from loopfm.datasets.append import appended_batches
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, OOV_INDEX, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.join import last_window
-from loopfm.features.reader import HIST_ITEMS, SEQ_LEN_VALID, SEQ_Z
+from loopfm.features.join import (ItemHistory, JoinSpec, dense_features, raw_sequence, stored_sequence,
+                                  vertical_history)
+from loopfm.features.reader import DENSE, HISTORY_COLUMNS, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z
 from loopfm.serve_apps.bundle import Bundle
 from loopfm.store import codec
 from loopfm.store.deltas import chain_files, chain_max_ts, delta_paths, open_chain
@@ -44,6 +46,7 @@ from loopfm.store.parquet import open_store
 from loopfm.store.schema import Z
 
 TS_KEY = "ts"
+HISTORY = (EVENT_ID, TS, SURFACE, LABEL, idx(ITEM_ID), idx(CATEGORY))  # per-user event columns the join reads
 logger = logging.getLogger("ray.serve")
 
 
@@ -83,8 +86,7 @@ class FeatureTable:
                                        f"{[idx(c) for c in self.context_names]}")
         self.vocab = {c: info.vocab(run, c) for c in (USER_ID, ITEM_ID, *self.context_names)}
         self.category_vocab = info.vocab(run, CATEGORY)
-        self.seq_len, self.raw_seq_len = features.seq_len, features.raw_seq_len
-        self.lag, self.retention = features.lag, features.retention
+        self.spec = JoinSpec.from_manifest(features)
         self.vertical = features.vertical
         self._load_events(run)
         self.with_seq = vm.store_version is not None
@@ -127,12 +129,12 @@ class FeatureTable:
         last = np.append(users[1:] != users[:-1], True)
         self.context_users = users[last].astype(np.int64)
         self.context_latest = {c: ev[c][order][last].astype(np.int64) for c in self.context_names}
-        # clicks on the vertical, per user by (ts, event_id): the raw history (features.join.clicked_history)
-        clicked = (ev[LABEL] == 1) & (ev[SURFACE] == self.vertical)
-        order = np.lexsort((ev[EVENT_ID][clicked], ev[TS][clicked], ev[USER_ID][clicked]))
-        self.click_ts = ev[TS][clicked][order].astype(np.int64)
-        self.click_items = ev[idx(ITEM_ID)][clicked][order].astype(np.int64)
-        self.clicks = _PerUser(ev[USER_ID][clicked][order])
+        # every event per user by (ts, event_id): history, user counters and rawseq slots
+        order = np.lexsort((ev[EVENT_ID], ev[TS], ev[USER_ID]))
+        self.history = {c: np.asarray(ev[c][order], dtype=np.int64) for c in HISTORY}
+        self.users = _PerUser(ev[USER_ID][order])
+        vertical = ev[SURFACE] == self.vertical
+        self.items = ItemHistory(ev[ITEM_ID][vertical], ev[TS][vertical], ev[LABEL][vertical])
         self.events = len(ev[EVENT_ID])
 
     def _load_store(self, bundle: Bundle) -> None:
@@ -156,29 +158,32 @@ class FeatureTable:
         keep = np.ones(len(ts), dtype=bool) if f.surfaces == "all" else np.isin(surface, f.surfaces)
         order = np.lexsort((event_id[keep], ts[keep], user[keep]))
         self.store_ts = ts[keep][order].astype(np.int64)
+        self.store_surface = surface[keep][order]
         self.store_z = np.ascontiguousarray(z[keep][order])
         self.store_users = _PerUser(user[keep][order])
         self.store_rows = int(len(self.store_ts))
 
     # -- serving ----------------------------------------------------------------------------
     def user_features(self, user_id: int, t: int) -> dict:
-        """The user's part of a VM example at time t (one row), as the features stage stores it."""
-        empty = True
-        seq = np.zeros((self.seq_len, self.row_bytes), dtype=np.uint8)
+        """The user's part of a VM example at time t (one row), as the features stage stores it,
+        plus the user counters that `dense_features` combines with each candidate's."""
+        spec, at = self.spec, np.array([t], dtype=np.int64)
+        seq = np.zeros(spec.seq_len * spec.row_bytes, dtype=np.uint8)
         n_seq = 0
         if self.with_seq:
             rows = self.store_users.rows(user_id)
-            not_before = None if self.retention is None else np.array([t - self.retention])
-            index, valid = last_window(self.store_ts[rows], np.array([t - self.lag]), self.seq_len, not_before)
-            seq[valid[0]] = self.store_z[rows][index[0][valid[0]]]
-            n_seq = int(valid.sum())
-            empty = n_seq == 0
-        rows = self.clicks.rows(user_id)
-        index, valid = last_window(self.click_ts[rows], np.array([t]), self.raw_seq_len)
-        hist = np.zeros(self.raw_seq_len, dtype=np.int64)
-        hist[valid[0]] = self.click_items[rows][index[0][valid[0]]]
-        empty = empty and not valid.any()
-        return {HIST_ITEMS: hist, SEQ_Z: seq.tobytes(), SEQ_LEN_VALID: np.int32(n_seq), "cold_start": empty}
+            store = {TS: self.store_ts[rows], SURFACE: self.store_surface[rows], "z": self.store_z[rows]}
+            packed, valid = stored_sequence(at, store, spec)
+            seq, n_seq = packed[0], int(valid[0])
+        rows = self.users.rows(user_id)
+        events = {c: v[rows] for c, v in self.history.items()}
+        on_vertical = events[SURFACE] == self.vertical
+        user = vertical_history(at, {c: v[on_vertical] for c, v in events.items()}, spec)
+        raw = raw_sequence(at, events, spec)
+        return {**{c: user[c][0] for c in HISTORY_COLUMNS}, **{c: raw[c][0] for c in RAW_COLUMNS},
+                "counts": {k: user[k] for k in ("user_n", "user_pos", "recent_n", "recent_pos")},
+                SEQ_Z: seq.tobytes(), SEQ_LEN_VALID: np.int32(n_seq),
+                "cold_start": n_seq == 0 and rows.stop == rows.start}
 
     def context_indices(self, user_id: int, context: dict) -> dict[str, int]:
         """`<col>_idx` of every context column: the request's value, else the user's latest, else OOV."""
@@ -208,15 +213,20 @@ class FeatureTable:
         context = context or {}
         t = int(context.get(TS_KEY, time.time()))
         user = self.user_features(user_id, t)
-        item_idx, category_idx = self.item_indices(np.asarray(items, dtype=np.int64))
+        items = np.asarray(items, dtype=np.int64)
+        item_idx, category_idx = self.item_indices(items)
+        item_n, item_pos = self.items.counts(items, t, self.spec.lag)
+        counts = {k: np.repeat(v, len(items)) for k, v in user["counts"].items()}
         return {
             "user": {
+                USER_ID: int(user_id),
                 idx(USER_ID): int(self.vocab[USER_ID].lookup(np.array([user_id]))[0]),
-                HIST_ITEMS: user[HIST_ITEMS], SEQ_Z: user[SEQ_Z], SEQ_LEN_VALID: user[SEQ_LEN_VALID],
+                **{c: user[c] for c in (*HISTORY_COLUMNS, *RAW_COLUMNS, SEQ_Z, SEQ_LEN_VALID)},
                 **self.context_indices(user_id, context),
             },
             idx(ITEM_ID): item_idx,
             idx(CATEGORY): category_idx,
+            DENSE: dense_features(counts, item_n, item_pos, self.spec),
             "store_version": self.bundle.store_version,
             "cold_start": bool(user["cold_start"]),
             "oov_items": int((item_idx == OOV_INDEX).sum()),
@@ -229,7 +239,7 @@ class FeatureTable:
             "store_version": self.bundle.store_version, "store_rows": self.store_rows,
             "store_deltas": max(len(self.store_chain) - 1, 0), "appended_batches": self.appended_count,
             "newest_event_ts": newest, "staleness_s": None if newest is None else round(time.time() - newest, 1),
-            "users_with_history": int(max(len(self.clicks), len(self.store_users) if self.with_seq else 0)),
+            "users_with_history": int(max(len(self.users), len(self.store_users) if self.with_seq else 0)),
             "events": self.events, "context_columns": self.context_names, "loaded_at": self.loaded_at,
             "load_seconds": self.load_seconds,
         }

@@ -19,7 +19,7 @@ import torch
 from ray import serve
 
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, USER_ID, idx
-from loopfm.features.reader import HIST_ITEMS, KD_LOGIT, SEQ_LEN_VALID, SEQ_Z, decode_batch
+from loopfm.features.reader import DENSE, HISTORY_COLUMNS, KD_LOGIT, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z, decode_batch
 from loopfm.serve_apps.bundle import Bundle
 from loopfm.training.checkpoint import load_vm
 
@@ -42,9 +42,12 @@ class VMScorer:
             idx(ITEM_ID): np.concatenate([r[idx(ITEM_ID)] for r in requests]).astype(np.int64),
             idx(CATEGORY): np.concatenate([r[idx(CATEGORY)] for r in requests]).astype(np.int64),
             idx(USER_ID): np.repeat(np.array([u[idx(USER_ID)] for u in users], dtype=np.int64), counts),
-            HIST_ITEMS: np.repeat(np.stack([u[HIST_ITEMS] for u in users]).astype(np.int64), counts, axis=0),
+            USER_ID: np.repeat(np.array([u[USER_ID] for u in users], dtype=np.int64), counts),
             SEQ_LEN_VALID: np.repeat(np.array([u[SEQ_LEN_VALID] for u in users], dtype=np.int32), counts),
+            DENSE: np.concatenate([r[DENSE] for r in requests]).astype(np.float32),
         }
+        for c in (*HISTORY_COLUMNS, *RAW_COLUMNS):
+            rows[c] = np.repeat(np.stack([u[c] for u in users]).astype(np.int64), counts, axis=0)
         for c in self.manifest.context_columns:
             rows[c] = np.repeat(np.array([u[c] for u in users], dtype=np.int64), counts)
         rows[SEQ_Z] = np.repeat(np.array([u[SEQ_Z] for u in users], dtype=object), counts)
@@ -55,7 +58,7 @@ class VMScorer:
 
     @torch.inference_mode()
     def logits(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        batch = decode_batch(rows, self.features, self.manifest.seq_width, self.with_seq)
+        batch = decode_batch(rows, self.features, self.manifest.seq_width, self.with_seq, self.manifest.rawseq)
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
         return self.model(tensors)["logit"].float().numpy()
 

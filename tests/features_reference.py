@@ -71,23 +71,71 @@ def unpad(matrix: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
     return out
 
 
-def join_frames(events: pd.DataFrame, store: pd.DataFrame, spec) -> dict[str, np.ndarray]:
+def item_counts(events: pd.DataFrame, lag: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The stage's item counters (`counts_before` over the vertical's events by raw item id)."""
+    from loopfm.features.join import counts_before
+
+    items, ts = events["item_id"].to_numpy(), events["ts"].to_numpy()
+    return counts_before(items, ts, events["label"].to_numpy(), items, ts - lag)
+
+
+def join_frames(events: pd.DataFrame, store: pd.DataFrame, spec, log: Optional[pd.DataFrame] = None,
+                vertical: int = 0) -> dict[str, np.ndarray]:
     """Run `join_user` once per user over data frames; outputs aligned with `events` rows.
 
-    store["z"] holds (bytes_per_row,) uint8 arrays. The stage does the same per Ray group.
+    `events`: the vertical's events (the examples); `log`: every surface's events (default:
+    `events` alone); store["z"] holds (bytes_per_row,) uint8 arrays. The stage does the same per
+    Ray group.
     """
     from loopfm.features.join import join_user
 
+    log = events if log is None else log
+    n, pos = item_counts(events, spec.lag)
+    events = events.assign(item_n=n, item_pos=pos)
+    history = ("event_id", "ts", "surface", "label", "item_id_idx", "category_idx")
     parts, order = [], []
     store_by_user = dict(list(store.groupby("user_id")))
+    log_by_user = dict(list(log.groupby("user_id")))
     for user, ev in events.groupby("user_id"):
         st = store_by_user.get(user, store.iloc[:0])
         arrays = {c: st[c].to_numpy() for c in ("event_id", "ts", "surface", "fm_logit")}
         arrays["z"] = np.stack(st["z"].to_list()) if len(st) else np.zeros((0, spec.row_bytes), np.uint8)
-        parts.append(join_user({c: ev[c].to_numpy() for c in ("event_id", "ts", "label", "item_id_idx")}, arrays, spec))
+        hist = log_by_user[user]
+        parts.append(join_user({c: ev[c].to_numpy() for c in ("event_id", "ts", "item_n", "item_pos")},
+                               {c: hist[c].to_numpy() for c in history}, arrays, spec, vertical))
         order.append(ev.index.to_numpy())
     position = np.argsort(np.concatenate(order))
     return {k: np.concatenate([p[k] for p in parts])[position] for k in parts[0]}
+
+
+def reference_window(events: pd.DataFrame, log: pd.DataFrame, length: int, columns: list[str], lag: int = 0,
+                     retention: Optional[int] = None, surfaces=None) -> list[list[tuple]]:
+    """For each event, `columns` of the last `length` rows of `log` of its user with ts < t - lag
+    (and ts >= t - retention, on `surfaces`), oldest first, as tuples."""
+    by_user = {u: g.sort_values(["ts", "event_id"]) for u, g in log.groupby("user_id")}
+    out = []
+    for user, t in zip(events["user_id"], events["ts"]):
+        rows = by_user.get(user, log.iloc[:0])
+        ok = rows["ts"] < t - lag
+        if retention is not None:
+            ok &= rows["ts"] >= t - retention
+        if surfaces is not None:
+            ok &= rows["surface"].isin(surfaces)
+        out.append([tuple(int(v) for v in r) for r in rows.loc[ok, columns].to_numpy()[-length:]])
+    return out
+
+
+def reference_counts(events: pd.DataFrame, key: str, lag: int = 0, window: Optional[int] = None) -> np.ndarray:
+    """(E, 2): for each event, (count, positives) of the events sharing its `key` with ts < t - lag;
+    with `window`, of the last `window` of them."""
+    by_key = {k: g.sort_values(["ts", "event_id"]) for k, g in events.groupby(key)}
+    out = []
+    for k, t in zip(events[key], events["ts"]):
+        rows = by_key[k]
+        labels = rows.loc[rows["ts"] < t - lag, "label"].to_numpy()
+        labels = labels[-window:] if window else labels
+        out.append((len(labels), int(labels.sum())))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
 
 
 def sequence_tags(seq_z: np.ndarray, lengths: np.ndarray, spec, width: int, dtype: str) -> list[list[int]]:

@@ -19,7 +19,7 @@ import torch
 
 from conftest import SMOKE
 from features_reference import (
-    join_frames, reference_history, reference_sequences, sequence_tags, tagged_z, tags_of, unpad,
+    join_frames, reference_counts, reference_sequences, reference_window, sequence_tags, tagged_z, tags_of, unpad,
 )
 from loopfm.cli import main
 from loopfm.datasets.schema import SPLITS
@@ -33,8 +33,9 @@ from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 FM_VERSION = "fm-fabricated"
 
 
-def random_log(seed: int, users: int = 15, n: int = 900) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Random multi-surface events with many ties; the store misses a few of them."""
+def random_log(seed: int, users: int = 15, n: int = 900) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(vertical events, store, every event): random multi-surface events with many ties; the
+    store misses a few of them."""
     rng = np.random.default_rng(seed)
     log = pd.DataFrame({
         "event_id": rng.permutation(n) + 1,
@@ -43,10 +44,29 @@ def random_log(seed: int, users: int = 15, n: int = 900) -> tuple[pd.DataFrame, 
         "surface": rng.integers(0, 3, n),
         "label": (rng.random(n) < 0.4).astype(np.int8),
         "item_id_idx": rng.integers(1, 50, n),
+        "category_idx": rng.integers(1, 6, n),
     })
+    log["item_id"] = log["item_id_idx"] * 7
     store = log.sample(frac=0.97, random_state=seed)[["event_id", "user_id", "ts", "surface"]].copy()
     store["fm_logit"] = rng.normal(size=len(store)).astype(np.float32)
-    return log[log["surface"] == 0].reset_index(drop=True), store
+    return log[log["surface"] == 0].reset_index(drop=True), store, log
+
+
+def history_columns(frame: pd.DataFrame, columns: tuple[str, ...]) -> list[list[tuple]]:
+    """Left-padded list columns (label column last, 0 = padding) -> per row, the real entries as tuples."""
+    matrices = [np.stack(frame[c].to_numpy()) if frame[c].dtype == object else frame[c] for c in columns]
+    n = (matrices[-1] > 0).sum(axis=1)
+    return [list(zip(*rows)) for rows in zip(*(unpad(m, n) for m in matrices))]
+
+
+def expected_history(examples: pd.DataFrame, log: pd.DataFrame, spec) -> tuple[list, list]:
+    """The vertical's label-aware history and the rawseq slots, by the brute-force rule."""
+    vertical = log[log["surface"] == 0].assign(label=lambda d: d["label"] + 1)
+    tokens = log.assign(surface1=log["surface"] + 1, label=log["label"] + 1)
+    hist = reference_window(examples, vertical, spec.raw_seq_len, ["item_id_idx", "category_idx", "label"], spec.lag)
+    raw = reference_window(examples, tokens, spec.seq_len, ["item_id_idx", "category_idx", "surface1", "label"],
+                           spec.lag, spec.retention, spec.surfaces)
+    return hist, raw
 
 
 @pytest.mark.parametrize(
@@ -60,16 +80,20 @@ def random_log(seed: int, users: int = 15, n: int = 900) -> tuple[pd.DataFrame, 
 )
 def test_join_matches_reference(seq_len, raw_seq_len, lag, retention, surfaces, dtype):
     width = 8
-    events, store = random_log(seed=seq_len)
+    events, store, log = random_log(seed=seq_len)
     store["tag"] = store["event_id"]
     store["z"] = list(tagged_z(store["tag"].to_numpy(), width, dtype))
     spec = JoinSpec(seq_len, raw_seq_len, lag, retention, surfaces, codec.bytes_per_row(width, dtype))
 
-    out = join_frames(events, store, spec)
+    out = join_frames(events, store, spec, log)
 
     expected = reference_sequences(events, store, seq_len, lag, retention, surfaces)
     assert sequence_tags(out["seq_z"], out["seq_len_valid"], spec, width, dtype) == expected
-    assert unpad(out["hist_items"], (out["hist_items"] > 0).sum(axis=1)) == reference_history(events, raw_seq_len)
+    hist, raw = expected_history(events, log, spec)
+    assert history_columns(pd.DataFrame({c: list(out[c]) for c in ("hist_items", "hist_cats", "hist_labels")}),
+                           ("hist_items", "hist_cats", "hist_labels")) == hist
+    raw_cols = ("raw_items", "raw_cats", "raw_surfaces", "raw_labels")
+    assert history_columns(pd.DataFrame({c: list(out[c]) for c in raw_cols}), raw_cols) == raw
     assert (out["seq_len_valid"] < seq_len).any()  # some windows are padded
     if seq_len < 20:
         assert (out["seq_len_valid"] == seq_len).any()  # and short ones fill up
@@ -134,7 +158,7 @@ def built(smoke_splits, smoke_config, tmp_path_factory):
     manifest = FeaturesManifest.read(out)
     return SimpleNamespace(
         run=run, log=log, store=store, argv=argv, out=out, manifest=manifest,
-        spec=JoinSpec.from_config(cfg.features, manifest.bytes_per_row),
+        spec=JoinSpec.from_manifest(manifest),
         examples=pd.concat([pd.read_parquet(out / s).assign(split=s) for s in SPLITS], ignore_index=True),
     )
 
@@ -156,8 +180,21 @@ def test_stage_sequences_follow_the_rule_across_splits(built):
     seq_z = np.stack([np.frombuffer(b, np.uint8) for b in examples["seq_z"]])
     got = sequence_tags(seq_z, examples["seq_len_valid"].to_numpy(), spec, m.width, m.dtype)
     assert got == reference_sequences(examples, built.store, spec.seq_len, spec.lag, spec.retention)
-    hist = np.stack(examples["hist_items"].to_numpy())
-    assert unpad(hist, (hist > 0).sum(axis=1)) == reference_history(examples, spec.raw_seq_len)
+    hist, raw = expected_history(examples, built.log, spec)
+    assert history_columns(examples, ("hist_items", "hist_cats", "hist_labels")) == hist
+    assert history_columns(examples, ("raw_items", "raw_cats", "raw_surfaces", "raw_labels")) == raw
+    vertical = built.log[built.log["surface"] == 0].reset_index(drop=True)
+    dense = np.stack(examples.set_index("event_id").loc[vertical["event_id"], "dense"].to_numpy())
+    prior = vertical.loc[vertical["split"] == "train", "label"].mean()
+
+    def rate(counts):
+        return (counts[:, 1] + m.prior_strength * prior) / (counts[:, 0] + m.prior_strength)
+
+    user, item = reference_counts(vertical, "user_id", spec.lag), reference_counts(vertical, "item_id", spec.lag)
+    recent = reference_counts(vertical, "user_id", spec.lag, m.counter_window)
+    want = np.stack([np.log1p(user[:, 0]), rate(user), rate(recent), np.log1p(item[:, 0]), rate(item)], axis=1)
+    np.testing.assert_allclose(dense, want, rtol=1e-5)
+    assert m.prior == pytest.approx(prior) and item[:, 0].max() > 1  # items repeat: the counters count
     valid = examples["seq_len_valid"]
     assert valid.between(1, spec.seq_len - 1).any() and (valid == spec.seq_len).any()
 
@@ -169,6 +206,7 @@ def test_reader_gives_the_vm_batch(built):
     vm = decode_batch(batch, m)
     assert vm["seq"].shape == (64, spec.seq_len, m.width) and vm["seq"].dtype == np.float32
     assert vm["hist_items"].shape == (64, spec.raw_seq_len) and vm["context"].shape == (64, len(m.context_columns))
+    assert vm["dense"].shape == (64, len(m.dense_names)) and vm["dense"].dtype == np.float32
     assert (vm["seq_mask"].sum(axis=1) == batch["seq_len_valid"]).all()
     assert not vm["seq"][~vm["seq_mask"]].any()
     events = pd.DataFrame({"user_id": batch["user_id"], "ts": batch["ts"]})

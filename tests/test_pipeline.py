@@ -11,7 +11,7 @@ from conftest import SMOKE
 from loopfm.cli import main
 from loopfm.rundir import RunDir
 
-ARMS = ("base", "kd", "loopfm", "kd_loopfm")
+from loopfm.config import DEFAULT_ARMS as ARMS
 
 
 @pytest.mark.timeout(900)
@@ -30,10 +30,12 @@ def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smo
         for metric in ("auc", "gauc", "logloss", "ne"):
             assert report["arms"][arm][metric]["n"] == smoke_config.experiment.seeds
     assert set(report["fm"]) >= {"auc", "ne"}
-    assert set(report["tr"]) == {"kd", "loopfm", "kd_loopfm"} and set(report["tr"]["kd"]) >= {"ne", "auc"}
+    assert set(report["tr"]) == {"kd", "rawseq", "loopfm", "kd_loopfm"} and set(report["tr"]["kd"]) >= {"ne", "auc"}
     assert set(report["decomposition"]["auc"]) == {"gain_kd", "gain_loopfm", "gain_both", "interaction"}
-    assert {"kd_vs_base", "loopfm_vs_base", "kd_loopfm_vs_base", "kd_loopfm_vs_kd"} <= set(report["p_values"])
-    assert len(report["claims"]) >= 5
+    assert {"kd_vs_base", "loopfm_vs_base", "kd_loopfm_vs_kd", "loopfm_vs_rawseq"} <= set(report["comparisons"])
+    assert set(report["fm_knowledge"]) == {"loopfm_vs_rawseq", "kd_loopfm_vs_rawseq"}
+    assert len(report["claims"]) >= 7 and all(c["verdict"] in ("holds", "not shown", "reversed")
+                                              for c in report["claims"])
     for name in ("report.md", "arms.png", "transfer.png"):
         assert (run.report / name).stat().st_size > 1000
     assert len(list((run.root / "vm").glob("*/seed*"))) == len(ARMS) * smoke_config.experiment.seeds
@@ -41,6 +43,12 @@ def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smo
     # `loopfm report` alone finds every VM current and only re-evaluates
     assert main(["report", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0
     assert capsys.readouterr().out.count("is current, skipped") >= len(ARMS) * smoke_config.experiment.seeds
+
+    # every VM trained again from scratch gives the same report, number for number
+    shutil.rmtree(run.root / "vm")
+    assert main(["report", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0
+    again = json.loads((run.report / "report.json").read_text())
+    assert again["arms"] == report["arms"] and again["comparisons"] == report["comparisons"]
 
 
 @pytest.mark.timeout(600)

@@ -64,7 +64,8 @@ def offline(run, vm_dir, n: int = 60):
     table = table.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("event_id", "ascending")]).slice(0, n)
     rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     model, manifest = load_vm(vm_dir)
-    collate = VMBatchCollate(bundle.features, manifest.seq_width, with_seq=manifest.seq_width is not None)
+    collate = VMBatchCollate(bundle.features, manifest.seq_width, with_seq=manifest.seq_width is not None,
+                             with_raw=manifest.rawseq)
     return rows, predict(model, [collate.tensors(rows)])["logit"], manifest
 
 
@@ -195,6 +196,9 @@ def test_the_edge_bounds_bodies_and_answers_every_error_in_one_shape(server, smo
     # the schema's extremes are accepted
     edge = {"user_id": 2**63 - 1, "items": [-2**63] * smoke_config.serve.max_items, "context": {"ts": 2**62, "user_segment": -2**63}}
     assert client.post("/v1/score", json=edge).status_code == 200
+    assert client.post("/v1/score", json={"user_id": 5.0, "items": [1.0]}).status_code == 200  # JSON Schema integers
+    r = client.post("/v1/score", json={"user_id": 1e17, "items": [1]})  # a double that may not be the id meant
+    assert r.status_code == 422 and "2**53" in r.json()["detail"], r.text
     for code in (400, 404, 405, 413, 422, 500, 503):
         assert str(code) in spec["paths"]["/v1/score"]["post"]["responses"]
 
@@ -256,6 +260,38 @@ def test_generated_bodies_never_get_a_5xx(server):
     post()
     assert len(seen) >= 80 and any(s == 422 for s in seen)
     assert client.get("/healthz").status_code == 200
+
+
+def test_schemathesis_fuzz_of_the_live_openapi_schema(server):
+    """Schemathesis generates requests from the served /openapi.json, valid ones and invalid ones,
+    and checks each answer: never a 5xx, every status and body as the schema declares, every
+    schema-valid request accepted (the schema says exactly what the server takes) and every
+    schema-invalid one refused with a 4xx. Bounded: 75 valid + 75 invalid scoring requests."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import checks
+    from schemathesis.generation import GenerationMode
+
+    client, _ = server
+    base = str(client.base_url)
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    verdicts = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+                checks.response_schema_conformance, checks.negative_data_rejection, checks.positive_data_acceptance]
+    statuses = []
+    for path, method, examples in (("/v1/score", "POST", 75), ("/healthz", "GET", 2), ("/v1/models", "GET", 2)):
+        operation = schema[path][method]
+        modes = list(GenerationMode) if method == "POST" else [GenerationMode.POSITIVE]  # a GET has no input to break
+        for mode in modes:
+            @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def call(case):
+                response = case.call(base_url=base, timeout=60)
+                statuses.append((path, mode.value, response.status_code))
+                case.validate_response(response, checks=verdicts)
+
+            call()
+    scored = [s for p, m, s in statuses if p == "/v1/score"]
+    assert len(scored) >= 100 and 200 in scored and 422 in scored, statuses
 
 
 def test_cold_start_unknown_items_and_metadata_routes(server, served_run):
@@ -323,15 +359,13 @@ def test_serve_build_writes_a_config_serve_deploy_accepts(served_run, smoke_conf
     assert isinstance(build_app(app.args), Application)
 
 
-def test_lookup_and_vm_in_process_match_every_test_example(served_run):
-    """No HTTP: the lookup's point-in-time features + the VM deployment's scoring path equal the
-    offline VM on every test example (the join rule, not just a sample)."""
+def lookup_matches_offline(run, vm_dir: Path) -> tuple:
+    """Every test example through the lookup's point-in-time features and the VM deployment's
+    scoring path, next to the offline VM: (rows, offline logits, requests, scorer, table)."""
     from loopfm.serve_apps.bundle import Bundle
     from loopfm.serve_apps.lookup import FeatureTable
-    from loopfm.serve_apps.model import STALE, VMScorer
+    from loopfm.serve_apps.model import VMScorer
 
-    run, _, vm = served_run
-    vm_dir = run.vm(ARM, SEED, vm.fingerprint)
     bundle = Bundle.open(run.root, vm_dir)
     table, scorer = FeatureTable(bundle), VMScorer(bundle)
     rows, logits, _ = offline(run, vm_dir, n=10**9)
@@ -340,15 +374,38 @@ def test_lookup_and_vm_in_process_match_every_test_example(served_run):
                 for i in range(len(logits))]
     out = scorer.score(requests)
     assert np.abs(np.concatenate([o["logits"] for o in out]) - logits).max() < 1e-5
-    # the same features as the features stage wrote (sequence bytes, counts, raw history)
-    for i in range(0, len(logits), 7):
+    # the same features as the features stage wrote: sequence bytes and counts, the label-aware
+    # history, the rawseq slots and the user and item counters
+    for i in range(len(logits)):
         user = requests[i]["user"]
         assert user["seq_z"] == rows["seq_z"][i] and user["seq_len_valid"] == rows["seq_len_valid"][i]
-        assert np.array_equal(user["hist_items"], np.asarray(rows["hist_items"][i]))
+        for c in ("hist_items", "hist_cats", "hist_labels", "raw_items", "raw_cats", "raw_surfaces", "raw_labels"):
+            assert np.array_equal(user[c], np.asarray(rows[c][i])), (c, i)
+        np.testing.assert_allclose(requests[i]["dense"][0], np.asarray(rows["dense"][i]), rtol=1e-5, atol=1e-6)
+    return rows, logits, requests, scorer, table
+
+
+def test_lookup_and_vm_in_process_match_every_test_example(served_run):
+    """No HTTP: the lookup + the VM deployment's scoring path equal the offline VM on every test
+    example (the join rule, not just a sample)."""
+    from loopfm.serve_apps.model import STALE
+
+    run, _, vm = served_run
+    rows, logits, requests, scorer, table = lookup_matches_offline(run, run.vm(ARM, SEED, vm.fingerprint))
     # omitted context takes the user's latest logged value; a request from another store version is stale
     assert table.features(int(rows["user_id"][0]), [1], {"ts": 1})["user"]["user_segment_idx"] == rows["user_segment_idx"][0]
     stale = scorer.score([{**requests[0], "store_version": "other"}, requests[1]])
     assert stale[0] == {STALE: True, "model_version": vm.model_version} and abs(stale[1]["logits"][0] - logits[1]) < 1e-5
+
+
+def test_the_rawseq_control_serves_its_training_scores(served_run, smoke_config):
+    """The control arm reads the raw-token slots: served from the same lookup, equal to the offline VM."""
+    from loopfm.training.vm import arm_config, train_vm
+
+    run, features, _ = served_run
+    control = train_vm(arm_config(smoke_config.updated({"train.epochs": 1}), "rawseq", 0), run, features)
+    assert control.rawseq and control.seq_width is None
+    lookup_matches_offline(run, run.vm("rawseq", 0, control.fingerprint))
 
 
 def perturbed_vm(run, vm_dir: Path, name: str, store_version=None, features=None) -> Path:

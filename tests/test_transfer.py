@@ -61,8 +61,11 @@ def test_paired_ttest_undefined_cases_are_nan():
 
 
 def test_summarize():
-    assert summarize([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3, "values": [1.0, 2.0, 3.0]}
-    assert summarize([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1, "values": [5.0]}
+    s = summarize([1.0, 2.0, 3.0])
+    assert {k: s[k] for k in ("mean", "std", "n", "values")} == {"mean": 2.0, "std": 1.0, "n": 3, "values": [1.0, 2.0, 3.0]}
+    assert s["ci95"] == pytest.approx([2.0 - 4.302653 / math.sqrt(3), 2.0 + 4.302653 / math.sqrt(3)])
+    one = summarize([5.0])
+    assert (one["mean"], one["std"], one["n"]) == (5.0, 0.0, 1) and all(math.isnan(b) for b in one["ci95"])
     s = summarize([1.0, float("nan"), 3.0])  # NaN visible in values, left out of the statistics
     assert (s["mean"], s["n"], len(s["values"])) == (2.0, 2, 3)
     assert s["std"] == pytest.approx(math.sqrt(2))

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from loopfm.config import VMConfig
+from loopfm.models.inputs import InputSpec
 from loopfm.models.layers import TargetAttention
 from loopfm.models.sequence import SequenceEncoder
 from loopfm.models.vm import VM_ZOO, build_vm
 
 VOCAB = {"user_id": 30, "item_id": 40, "category": 6}
 CONTEXT = [5, 7]
-W, L, L_RAW = 6, 5, 4
+W, L, L_RAW, DENSE, SURFACES = 6, 5, 4, 5, 3
 MODELS = list(VM_ZOO)
 POOLINGS = ["mean", "sum", "attention"]
 
@@ -29,12 +30,21 @@ def make_batch(B: int = 8, seed: int = 0, width: int = W) -> dict[str, torch.Ten
     hist[: B // 2, :2] = 0
     hist[0] = 0  # one user with no raw history, one (below) with no seq at all
     seq_mask[1] = False
+    raw_labels = torch.where(seq_mask, torch.randint(1, 3, (B, L), generator=g), 0)
     return {
         "user": torch.randint(1, 30, (B,), generator=g),
         "item": torch.randint(1, 40, (B,), generator=g),
         "category": torch.randint(1, 6, (B,), generator=g),
         "context": torch.stack([torch.randint(1, n, (B,), generator=g) for n in CONTEXT], dim=1),
         "hist_items": hist,
+        "hist_cats": torch.where(hist > 0, torch.randint(1, 6, (B, L_RAW), generator=g), 0),
+        "hist_labels": torch.where(hist > 0, torch.randint(1, 3, (B, L_RAW), generator=g), 0),
+        "dense": torch.rand(B, DENSE, generator=g),
+        "raw_items": torch.where(seq_mask, torch.randint(1, 40, (B, L), generator=g), 0),
+        "raw_cats": torch.where(seq_mask, torch.randint(1, 6, (B, L), generator=g), 0),
+        "raw_surfaces": torch.where(seq_mask, torch.randint(1, SURFACES + 1, (B, L), generator=g), 0),
+        "raw_labels": raw_labels,
+        "raw_mask": seq_mask,
         "seq": torch.randn(B, L, width, generator=g),
         "seq_mask": seq_mask,
         "kd_logit": torch.randn(B, generator=g),
@@ -42,14 +52,43 @@ def make_batch(B: int = 8, seed: int = 0, width: int = W) -> dict[str, torch.Ten
     }
 
 
-def make_vm(model, pooling="attention", seq_width=W, aux=False, **kw):
+def make_vm(model, pooling="attention", seq_width=W, aux=False, rawseq=False, **kw):
     torch.manual_seed(0)
     cfg = VMConfig(model=model, embed_dim=8, hidden=[16, 8], pooling=pooling, **kw)
-    return build_vm(cfg, VOCAB, CONTEXT, seq_width, aux_head=aux)
+    spec = InputSpec(VOCAB, tuple(CONTEXT), seq_width, rawseq, n_dense=DENSE, num_surfaces=SURFACES, pooling=pooling)
+    return build_vm(cfg, spec, aux_head=aux)
 
 
 CASES = [(m, p, True, a) for m, p, a in itertools.product(MODELS, POOLINGS, [False, True])]
 CASES += [(m, "attention", False, a) for m, a in itertools.product(MODELS, [False, True])]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_rawseq_reads_its_raw_slots_and_nothing_of_the_stored_sequence(model):
+    vm = make_vm(model, seq_width=None, rawseq=True)
+    b = make_batch()
+    vm(b)["logit"].sum().backward()
+    assert vm.inputs.surface.weight.grad.abs().sum() > 0 and vm.inputs.seq.proj.in_features == 8
+    vm.eval()
+    with torch.no_grad():
+        ref = vm(b)["logit"]
+        assert torch.equal(vm(dict(b, seq=torch.randn_like(b["seq"])))["logit"], ref)  # no FM embedding read
+        padded = dict(b, raw_items=torch.where(b["raw_mask"], b["raw_items"], torch.randint(1, 40, b["raw_items"].shape)))
+        assert torch.equal(vm(padded)["logit"], ref)  # padded slots are never read
+        flipped = dict(b, raw_labels=torch.where(b["raw_mask"], 3 - b["raw_labels"], 0))
+        assert not torch.allclose(vm(flipped)["logit"][2:], ref[2:])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_history_and_counters_are_read(model):
+    vm = make_vm(model, seq_width=None)
+    vm.eval()
+    b = make_batch()
+    with torch.no_grad():
+        ref = vm(b)["logit"]
+        assert not torch.allclose(vm(dict(b, dense=b["dense"] + 1.0))["logit"], ref)
+        flipped = dict(b, hist_labels=torch.where(b["hist_labels"] > 0, 3 - b["hist_labels"], 0))
+        assert not torch.allclose(vm(flipped)["logit"][1:], ref[1:])
 
 
 @pytest.mark.parametrize("model,pooling,use_seq,aux", CASES)
@@ -86,7 +125,7 @@ def test_build_vm_rejects_unknown_model_and_honours_width():
     assert vm.inputs.seq.proj.in_features == 3
     assert vm(make_batch(width=3))["logit"].shape == (8,)
     with pytest.raises(ValueError, match="dnn, deepfm, dcnv2, din"):
-        build_vm(VMConfig.model_construct(**dict(VMConfig().model_dump(), model="xgb")), VOCAB, CONTEXT, None)
+        build_vm(VMConfig.model_construct(**dict(VMConfig().model_dump(), model="xgb")), InputSpec(VOCAB))
 
 
 def test_target_attention_all_masked_rows_are_zero_and_finite():

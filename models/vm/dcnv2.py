@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
 from loopfm.config import VMConfig
 
-from ..layers import MLP, VMInputs, vm_output
+from ..inputs import InputSpec, VMInputs
+from ..layers import MLP, vm_output
 
 
 class CrossNetwork(nn.Module):
@@ -25,10 +24,9 @@ class CrossNetwork(nn.Module):
 
 
 class DCNv2(nn.Module):
-    def __init__(self, cfg: VMConfig, vocab_sizes: dict[str, int], context_sizes: list[int],
-                 seq_width: Optional[int], aux_head: bool = False):
+    def __init__(self, cfg: VMConfig, spec: InputSpec, aux_head: bool = False):
         super().__init__()
-        self.inputs = VMInputs(vocab_sizes, context_sizes, cfg.embed_dim, seq_width, cfg.pooling)
+        self.inputs = VMInputs(spec, cfg.embed_dim)
         in_dim = self.inputs.num_fields * cfg.embed_dim
         self.cross = CrossNetwork(in_dim, cfg.cross_layers)
         self.mlp = MLP(in_dim, cfg.hidden, cfg.dropout)

@@ -6,23 +6,21 @@ crosses the FM embedding with the candidate, user and context explicitly.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
 from loopfm.config import VMConfig
 
-from ..layers import MLP, FeatureEmbeddings, VMInputs, vm_output
+from ..inputs import FeatureEmbeddings, InputSpec, VMInputs
+from ..layers import MLP, vm_output
 
 
 class DeepFM(nn.Module):
-    def __init__(self, cfg: VMConfig, vocab_sizes: dict[str, int], context_sizes: list[int],
-                 seq_width: Optional[int], aux_head: bool = False):
+    def __init__(self, cfg: VMConfig, spec: InputSpec, aux_head: bool = False):
         super().__init__()
         D = cfg.embed_dim
-        self.inputs = VMInputs(vocab_sizes, context_sizes, D, seq_width, cfg.pooling)
-        self.first_ids = FeatureEmbeddings(vocab_sizes, context_sizes, 1)
+        self.inputs = VMInputs(spec, D)
+        self.first_ids = FeatureEmbeddings(spec.vocab_sizes, spec.context_sizes, 1)
         n_dense = self.inputs.num_fields - self.inputs.emb.num_fields
         self.first_dense = nn.Linear(n_dense * D, 1)  # first order of the pooled (non-id) fields
         self.mlp = MLP(self.inputs.num_fields * D, cfg.hidden, cfg.dropout)

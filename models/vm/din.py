@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from loopfm.config import VMConfig
 
-from ..layers import MLP, VMInputs, vm_output
+from ..inputs import InputSpec, VMInputs
+from ..layers import MLP, vm_output
 
 
 class DIN(nn.Module):
-    def __init__(self, cfg: VMConfig, vocab_sizes: dict[str, int], context_sizes: list[int],
-                 seq_width: Optional[int], aux_head: bool = False):
+    def __init__(self, cfg: VMConfig, spec: InputSpec, aux_head: bool = False):
         super().__init__()
-        self.inputs = VMInputs(vocab_sizes, context_sizes, cfg.embed_dim, seq_width, cfg.pooling, history="attention")
+        self.inputs = VMInputs(replace(spec, history_pooling="attention"), cfg.embed_dim)
         self.mlp = MLP(self.inputs.num_fields * cfg.embed_dim, cfg.hidden, cfg.dropout)
         self.head = nn.Linear(self.mlp.out_dim, 1)
         self.aux = nn.Linear(self.mlp.out_dim, 1) if aux_head else None

@@ -15,7 +15,7 @@ from .features import FeaturesConfig
 from .fm import EmbedConfig, FMConfig
 from .serve import AutoscalingConfig, RayConfig, ServeConfig
 from .tune import ParamSpec, TuneConfig, WandbConfig
-from .vm import ARMS, ExperimentConfig, TrainConfig, VMConfig
+from .vm import ARM_CHANNELS, ARMS, DEFAULT_ARMS, POOLINGS, VM_FEATURES, ExperimentConfig, TrainConfig, VMConfig
 
 
 @register_root
@@ -90,7 +90,7 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
 
 
 __all__ = [
-    "ARMS", "AutoscalingConfig", "ColumnMapping", "CompressConfig", "ConfigError", "DataConfig",
+    "ARMS", "ARM_CHANNELS", "DEFAULT_ARMS", "POOLINGS", "VM_FEATURES", "AutoscalingConfig", "ColumnMapping", "CompressConfig", "ConfigError", "DataConfig",
     "EmbedConfig", "ExperimentConfig", "FMConfig", "FeaturesConfig", "LoopFMConfig", "ParamSpec",
     "RayConfig", "ServeConfig", "SplitConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",
     "VMConfig", "ValidationConfig", "WandbConfig", "load_config", "parse_override", "stable_hash",

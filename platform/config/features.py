@@ -13,10 +13,13 @@ class FeaturesConfig(Section):
     """Point-in-time join rule of DESIGN section 1.3 (docs/ARCHITECTURE.md, "Features")."""
 
     seq_len: PositiveInt = Field(32, description="L: stored FM embeddings per example")
-    raw_seq_len: PositiveInt = Field(10, description="L_raw: raw item ids of the vertical's own history")
+    raw_seq_len: PositiveInt = Field(10, description="L_raw: the vertical's own last events (item, category, label)")
     lag: int = Field(0, ge=0, description="only embeddings with ts < t - lag")
     retention: Optional[PositiveInt] = Field(None, description="only embeddings with ts >= t - retention")
     surfaces: Union[Literal["all"], list[int]] = Field("all", description="surfaces whose embeddings enter")
+    counter_window: PositiveInt = Field(20, description="events of the user's recent positive rate")
+    prior_strength: float = Field(10.0, gt=0, description="pseudo-events of the train label rate that smooth "
+                                  "every counter rate: (positives + a * prior) / (events + a)")
 
     @field_validator("surfaces")
     @classmethod

@@ -26,6 +26,7 @@ class FMConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     patience: PositiveInt = 2
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 runs in the driver)")
+    seed: int = Field(0, description="initialisation and data-order seed; experiment.fm_seeds sets it per replicate")
 
     @model_validator(mode="after")
     def _shapes(self) -> "FMConfig":

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from .base import Section
+from .vm import Arm
 
 
 class AutoscalingConfig(Section):
@@ -25,7 +26,7 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.001, ge=0, description="@serve.batch: longest wait to fill a batch (queued requests batch anyway)")
     max_items: PositiveInt = Field(1000, description="most candidate items per request (more: 422)")
     autoscaling: Optional[AutoscalingConfig] = Field(None, description="replaces `replicas` when set")
-    arm: Literal["base", "kd", "loopfm", "kd_loopfm"] = "kd_loopfm"
+    arm: Arm = "kd_loopfm"
     seed: int = 0
     num_cpus: PositiveFloat = Field(1.0, description="CPUs of one VM replica")
     frontend_cpus: PositiveFloat = Field(0.5, description="CPUs of one ingress or feature-lookup replica")

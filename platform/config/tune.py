@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from .base import Section
-from .vm import Arm
+from .vm import POOLINGS, Arm
 
 
 class ParamSpec(Section):
@@ -36,7 +36,7 @@ def _default_space() -> dict[str, ParamSpec]:
         "train.aux_head": ParamSpec(type=c, choices=[False, True]),
         "features.seq_len": ParamSpec(type=c, choices=[8, 16, 32]),
         "vm.loopfm_width": ParamSpec(type=c, choices=[8, 16, 32]),
-        "vm.pooling": ParamSpec(type=c, choices=["mean", "sum", "attention"]),
+        "vm.pooling": ParamSpec(type=c, choices=list(POOLINGS)),
         "embed.layers": ParamSpec(type=c, choices=[[1], [2], [1, 2]]),
         "features.lag": ParamSpec(type=c, choices=[0, 3600]),
         "train.lr": ParamSpec(type="loguniform", low=5e-4, high=5e-3),

@@ -1,10 +1,15 @@
-"""The experiment report: per-arm metrics over seeds, TR, gain decomposition, paired tests, claims.
+"""The experiment report: per-arm metrics, TR, gain decomposition, paired evidence, gated claims.
 
 `build_report` is pure (dicts in, a JSON-able dict out) so it is tested on fabricated numbers;
-`write_report` renders it to report.json, report.md and PNGs. Seeds are paired: seed k of
-every arm saw the same data order and initialisation seed, so comparisons use paired tests.
-Anything that cannot be computed (an arm not run, a one-class metric) is skipped and said so
-in `notes` and in the claims, never a crash: partial experiments still get a report.
+`write_report` renders it to report.json, report.md and PNGs. Runs are paired: (FM replicate r,
+VM seed k) of every arm saw the same FM, store, data order and initialisation seed, so every
+comparison is a paired difference over those pairs, reported as mean, 95% CI and p-value.
+
+A claim holds only when its evidence does: p < ALPHA on its paired test with the difference in
+the claimed direction; otherwise it reads "not shown" (or "reversed" when significant the other
+way), its numbers kept. Anything that cannot be computed (an arm not run, a one-class metric) is
+skipped and said so in `notes` and in the claims, never a crash: partial experiments still get
+a report.
 """
 
 from __future__ import annotations
@@ -20,32 +25,42 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .transfer import ARMS, CHANNELS, gain_decomposition, improvement, paired_ttest, summarize, transfer_ratio
+from .transfer import ARMS, CHANNELS, improvement, paired, summarize, transfer_ratio
 
-__all__ = ["METRICS", "LABELS", "build_report", "write_report", "write_ablation", "to_json"]
+__all__ = ["METRICS", "LABELS", "ALPHA", "build_report", "write_report", "write_ablation", "to_json"]
 
 METRICS = ("auc", "gauc", "logloss", "ne")
 TR_METRICS = ("ne", "auc")
-LABELS = {"base": "base VM", "kd": "+KD", "loopfm": "+LoopFM", "kd_loopfm": "+KD+LoopFM", "fm": "FM"}
-P_PAIRS = {
+ALPHA = 0.05
+LABELS = {"base": "base VM", "kd": "+KD", "rawseq": "+raw history", "kd_rawseq": "+KD+raw history",
+          "loopfm": "+LoopFM", "kd_loopfm": "+KD+LoopFM", "fm": "FM"}
+COMPARISONS = {  # name -> (arm, against): "arm improves on against"
     "kd_vs_base": ("kd", "base"),
+    "rawseq_vs_base": ("rawseq", "base"),
     "loopfm_vs_base": ("loopfm", "base"),
     "kd_loopfm_vs_base": ("kd_loopfm", "base"),
     "kd_loopfm_vs_kd": ("kd_loopfm", "kd"),
     "loopfm_vs_kd": ("loopfm", "kd"),
+    "loopfm_vs_rawseq": ("loopfm", "rawseq"),
+    "kd_loopfm_vs_kd_rawseq": ("kd_loopfm", "kd_rawseq"),
+    "kd_loopfm_vs_rawseq": ("kd_loopfm", "rawseq"),
 }
+FM_KNOWLEDGE = ("loopfm_vs_rawseq", "kd_loopfm_vs_kd_rawseq", "kd_loopfm_vs_rawseq")
 TR_DOUBLE_THRESHOLD = 1.5  # "about twice": TR(kd_loopfm) >= 1.5 x TR(kd)
 NAN = float("nan")
 
 
 # ---------------------------------------------------------------- building
 
-def _align(*runs: Sequence[Mapping]) -> list[tuple]:
-    """Pair per-seed dicts: by their "seed" key when every dict has one, else by position."""
-    if all("seed" in d for r in runs for d in r):
-        by = [{d["seed"]: d for d in r} for r in runs]
-        return [tuple(b[s] for b in by) for s in by[0] if all(s in b for b in by[1:])]
-    return list(zip(*runs))
+def _key(d: Mapping, i: int) -> tuple:
+    """A run's pairing key: (FM replicate, VM seed) when tagged, else its position."""
+    return (d.get("fm_seed", 0), d["seed"]) if "seed" in d else (0, i)
+
+
+def _pairs(*runs: Sequence[Mapping]) -> list[tuple]:
+    """Runs of several arms that share a pairing key, in the first arm's order."""
+    by = [{_key(d, i): d for i, d in enumerate(r)} for r in runs]
+    return [tuple(b[k] for b in by) for k in by[0] if all(k in b for b in by[1:])]
 
 
 def _get(d: Mapping, metric: str) -> float:
@@ -61,112 +76,122 @@ def _nan(*xs: float) -> bool:
     return any(x is None or math.isnan(x) for x in xs)
 
 
-def _claim(text: str, holds: Optional[bool], evidence: str) -> dict:
-    """`computed` is False when inputs were missing; then `holds` is False and evidence says why."""
-    return {"claim": text, "holds": bool(holds), "computed": holds is not None, "evidence": evidence}
+def _fm_of(fm_runs: Sequence[Mapping]) -> Callable[[Mapping], Optional[Mapping]]:
+    """The FM metrics a run was paired with: its replicate's (one FM: that one)."""
+    by = {d.get("fm_seed", 0): d for d in fm_runs}
+    return lambda run: by.get(run.get("fm_seed", 0), fm_runs[0] if len(fm_runs) == 1 else None)
 
 
-def _p(report: dict, key: str, metric: str) -> str:
-    p = report["p_values"].get(key, {}).get(metric, NAN)
-    return "paired p n/a" if _nan(p) else f"paired p={p:.3g}"
+def _verdict(evidence: Mapping) -> str:
+    m, p = evidence.get("mean", NAN), evidence.get("p", NAN)
+    if _nan(m, p) or p >= ALPHA:
+        return "not shown"
+    return "holds" if m > 0 else "reversed"
+
+
+def _claim(text: str, evidence: Optional[Mapping], describe: str) -> dict:
+    """A claim with its verdict; evidence None = not computed (inputs missing, said in `describe`)."""
+    verdict = "not computed" if evidence is None else _verdict(evidence)
+    return {"claim": text, "verdict": verdict, "holds": verdict == "holds", "computed": evidence is not None,
+            "evidence": describe, "test": dict(evidence) if evidence else None}
+
+
+def _describe(ev: Mapping, unit: str = "AUC") -> str:
+    lo, hi = ev["ci95"]
+    return (f"{unit} {ev['mean']:+.4f} (95% CI {_f(lo)} to {_f(hi)}), paired p={_pv(ev['p'])} over {ev['n']} pairs")
 
 
 def _claims(r: dict) -> list[dict]:
-    mean = {a: {m: s["mean"] for m, s in ms.items()} for a, ms in r["arms"].items()}
-    fm = {m: s["mean"] for m, s in r["fm"].items()}
     out = []
+    cmp = r["comparisons"]
 
-    def beats(a: str, b: str, text: str, key: str) -> None:
-        if a not in mean or b not in mean:
-            out.append(_claim(text, None, f"not computed: arm {a if a not in mean else b!r} missing"))
-        elif _nan(mean[a]["auc"], mean[b]["auc"]):
-            out.append(_claim(text, None, "not computed: AUC undefined"))
+    def better(name: str, text: str) -> None:
+        a, b = COMPARISONS[name]
+        ev = cmp.get(name, {}).get("auc")
+        if ev is None:
+            out.append(_claim(text, None, f"not computed: arm {a if a not in r['arms'] else b!r} not run"))
         else:
-            d = improvement(mean[b], mean[a], "auc")
-            ev = f"AUC {mean[a]['auc']:.4f} vs {mean[b]['auc']:.4f} ({d:+.4f}), {_p(r, key, 'auc')}"
-            out.append(_claim(text, d > 0, ev))
+            out.append(_claim(text, ev, _describe(ev)))
 
+    ev = r.get("fm_vs_base", {}).get("auc")
     text = "FM beats the base VM (AUC)"
-    if not fm or "base" not in mean or _nan(fm["auc"], mean["base"]["auc"]):
-        out.append(_claim(text, None, "not computed: FM or base metrics missing"))
-    else:
-        d = fm["auc"] - mean["base"]["auc"]
-        out.append(_claim(text, d > 0, f"AUC {fm['auc']:.4f} vs {mean['base']['auc']:.4f} ({d:+.4f})"))
+    out.append(_claim(text, ev, _describe(ev)) if ev else _claim(text, None, "not computed: FM or base missing"))
+    better("loopfm_vs_base", "+LoopFM beats the base VM (AUC)")
+    better("loopfm_vs_kd", "+LoopFM beats +KD (AUC)")
+    better("kd_loopfm_vs_kd", "+KD+LoopFM beats +KD (AUC)")
+    better("loopfm_vs_rawseq", "FM knowledge over raw history: +LoopFM beats the same slots of raw tokens (AUC)")
+    if "kd_loopfm_vs_kd_rawseq" in cmp:
+        better("kd_loopfm_vs_kd_rawseq", "FM knowledge over raw history, with KD: +KD+LoopFM beats +KD+raw history (AUC)")
 
-    beats("loopfm", "base", "+LoopFM beats the base VM (AUC)", "loopfm_vs_base")
-    beats("loopfm", "kd", "+LoopFM beats +KD (AUC)", "loopfm_vs_kd")
+    text = "KD and LoopFM are complementary: interaction = gain_both - gain_kd - gain_loopfm > 0 (AUC)"
+    ev = r["interaction"].get("auc")
+    out.append(_claim(text, ev, _describe(ev)) if ev else
+               _claim(text, None, "not computed: needs base, kd, loopfm and kd_loopfm"))
 
-    text = "+KD+LoopFM is at least as good as +KD and as +LoopFM alone (AUC)"
-    need = [a for a in ("kd", "loopfm", "kd_loopfm") if a not in mean]
-    if need or _nan(*(mean[a]["auc"] for a in ("kd", "loopfm", "kd_loopfm"))):
-        out.append(_claim(text, None, f"not computed: missing {need or 'AUC'}"))
+    text = f"TR(+KD+LoopFM) >= {TR_DOUBLE_THRESHOLD} x TR(+KD) on NE (the paper: about twice)"
+    ev = r.get("tr_double")
+    if ev is None:
+        out.append(_claim(text, None, "not computed: TR(+KD) or TR(+KD+LoopFM) undefined"))
     else:
-        both, kd, lf = (mean[a]["auc"] for a in ("kd_loopfm", "kd", "loopfm"))
-        ev = f"AUC {both:.4f} vs +KD {kd:.4f}, +LoopFM {lf:.4f}; {_p(r, 'kd_loopfm_vs_kd', 'auc')} vs +KD"
-        out.append(_claim(text, both >= kd and both >= lf, ev))
-
-    text = "KD and LoopFM are complementary: gain_both > max(gain_kd, gain_loopfm) (AUC)"
-    dec = r["decomposition"].get("auc")
-    if dec is None or _nan(*dec.values()):
-        out.append(_claim(text, None, "not computed: needs all four arms (base, kd, loopfm, kd_loopfm)"))
-    else:
-        ev = (f"gain_both {dec['gain_both']:+.4f}, gain_kd {dec['gain_kd']:+.4f}, "
-              f"gain_loopfm {dec['gain_loopfm']:+.4f}, interaction {dec['interaction']:+.4f}")
-        out.append(_claim(text, dec["gain_both"] > max(dec["gain_kd"], dec["gain_loopfm"]), ev))
-
-    text = f"TR(+KD+LoopFM) is about twice TR(+KD) on NE (holds at ratio >= {TR_DOUBLE_THRESHOLD})"
-    tr_kd, tr_both = (r["tr"].get(c, {}).get("ne", NAN) for c in ("kd", "kd_loopfm"))
-    if _nan(tr_kd, tr_both):
-        out.append(_claim(text, None, "not computed: TR(+KD) or TR(+KD+LoopFM) missing or undefined"))
-    else:
-        ratio = tr_both / tr_kd if tr_kd != 0 else NAN
-        rs = "undefined (TR(+KD) <= 0)" if tr_kd <= 0 else f"{ratio:.2f}"
-        ev = f"TR_NE +KD {tr_kd:.3f}, +KD+LoopFM {tr_both:.3f}, ratio {rs} (paper: about 2)"
-        # One rule for both signs of TR(+KD): both > 0 and both >= 1.5 x kd.
-        out.append(_claim(text, tr_both > 0 and tr_both >= TR_DOUBLE_THRESHOLD * tr_kd, ev))
+        tr = r["tr_per_pair"]
+        desc = (f"TR_NE +KD {_f(tr['kd']['ne']['mean'], 3)}, +KD+LoopFM {_f(tr['kd_loopfm']['ne']['mean'], 3)}; "
+                f"TR(+KD+LoopFM) - {TR_DOUBLE_THRESHOLD} TR(+KD) = {_describe(ev, 'TR')}")
+        out.append(_claim(text, ev, desc))
     return out
 
 
 def build_report(arms: Mapping[str, Sequence[Mapping]], fm: Sequence[Mapping] | Mapping | None,
                  meta: Mapping[str, Any]) -> dict:
-    """Summaries, TR (from per-arm means, and seed by seed), decomposition, p-values and claims.
+    """Summaries with CIs, TR (from means, and pair by pair with CIs), decomposition and its
+    interaction test, paired comparisons and gated claims.
 
-    `arms[arm]` are per-seed metric dicts (paired across arms by a "seed" key when present,
-    else by position); `fm` is the FM's test metrics (one dict, or one per seed).
+    `arms[arm]` are per-run test-metric dicts, each tagged with `seed` (and `fm_seed` with FM
+    replicates; untagged runs pair by position); `fm` is the FM's test metrics (one dict, or one
+    per replicate tagged with `fm_seed`).
     """
     arms = {a: list(arms[a]) for a in _ordered(arms) if arms[a]}
     fm_runs = [fm] if isinstance(fm, Mapping) else list(fm or [])
+    fm_of = _fm_of(fm_runs) if fm_runs else (lambda run: None)
     notes: list[str] = [f"arm {a!r} not run" for a in ARMS if a not in arms]
     r: dict[str, Any] = {
-        "meta": dict(meta),
+        "meta": dict(meta), "alpha": ALPHA,
         "arms": {a: {m: summarize(_get(d, m) for d in runs) for m in METRICS} for a, runs in arms.items()},
         "fm": {m: summarize(_get(d, m) for d in fm_runs) for m in METRICS} if fm_runs else {},
-        "tr": {}, "tr_per_seed": {}, "decomposition": {}, "p_values": {}, "notes": notes,
+        "tr": {}, "tr_per_pair": {}, "decomposition": {}, "interaction": {}, "comparisons": {}, "notes": notes,
     }
     mean = {a: {m: s["mean"] for m, s in ms.items()} for a, ms in r["arms"].items()}
     fm_mean = {m: s["mean"] for m, s in r["fm"].items()}
 
+    for name, (a, b) in COMPARISONS.items():
+        if a in arms and b in arms:
+            pairs = _pairs(arms[a], arms[b])
+            if len(pairs) < min(len(arms[a]), len(arms[b])):
+                notes.append(f"{name}: only {len(pairs)} runs pair up")
+            r["comparisons"][name] = {m: paired(improvement(y, x, m) for x, y in pairs) for m in METRICS}
+
     if "base" in arms and fm_runs:
+        runs = [(run, fm_of(run)) for run in arms["base"]]
+        r["fm_vs_base"] = {m: paired(improvement(b, f, m) for b, f in runs if f) for m in METRICS}
         for ch in (c for c in CHANNELS if c in arms):
             r["tr"][ch] = {m: transfer_ratio(mean["base"], mean[ch], fm_mean, m) for m in TR_METRICS}
-            if len(fm_runs) == 1:
-                rows = [(b, c, fm_runs[0]) for b, c in _align(arms["base"], arms[ch])]
-            else:
-                rows = _align(arms["base"], arms[ch], fm_runs)
-            r["tr_per_seed"][ch] = {m: summarize(transfer_ratio(b, c, f, m) for b, c, f in rows) for m in TR_METRICS}
+            rows = [(b, c, fm_of(b)) for b, c in _pairs(arms["base"], arms[ch]) if fm_of(b)]
+            r["tr_per_pair"][ch] = {m: summarize(transfer_ratio(b, c, f, m) for b, c, f in rows) for m in TR_METRICS}
+        if "kd" in arms and "kd_loopfm" in arms:
+            rows = [(b, k, both, fm_of(b)) for b, k, both in _pairs(arms["base"], arms["kd"], arms["kd_loopfm"])]
+            r["tr_double"] = paired(transfer_ratio(b, both, f, "ne") - TR_DOUBLE_THRESHOLD * transfer_ratio(b, k, f, "ne")
+                                    for b, k, both, f in rows if f)
     else:
         notes.append("TR not computed: needs the base arm and FM metrics")
 
-    if all(a in arms for a in ARMS):
-        r["decomposition"] = {m: gain_decomposition(*(mean[a] for a in ARMS), m) for m in ("auc", "ne")}
-
-    for key, (a, b) in P_PAIRS.items():
-        if a in arms and b in arms:
-            pairs = _align(arms[a], arms[b])
-            if len(pairs) < min(len(arms[a]), len(arms[b])):
-                notes.append(f"{key}: only {len(pairs)} seeds pair up")
-            r["p_values"][key] = {m: paired_ttest([_get(x, m) for x, _ in pairs], [_get(y, m) for _, y in pairs])
-                                  for m in ("auc", "ne")}
+    four = ("base", "kd", "loopfm", "kd_loopfm")
+    if all(a in arms for a in four):
+        for m in ("auc", "ne"):
+            g = {k: improvement(mean["base"], mean[a], m) for k, a in
+                 (("gain_kd", "kd"), ("gain_loopfm", "loopfm"), ("gain_both", "kd_loopfm"))}
+            r["decomposition"][m] = {**g, "interaction": g["gain_both"] - g["gain_kd"] - g["gain_loopfm"]}
+            r["interaction"][m] = paired(improvement(b, both, m) - improvement(b, k, m) - improvement(b, lf, m)
+                                         for b, k, lf, both in _pairs(*(arms[a] for a in four)))
+    r["fm_knowledge"] = {k: r["comparisons"][k] for k in FM_KNOWLEDGE if k in r["comparisons"]}
     r["claims"] = _claims(r)
     return r
 
@@ -220,44 +245,70 @@ def _pv(p: Any) -> str:
     return "n/a" if p is None or _nan(float(p)) else f"{float(p):.3g}"
 
 
+def _ci(s: Mapping, nd: int = 4) -> str:
+    lo, hi = s.get("ci95", [NAN, NAN])
+    return "n/a" if _nan(lo, hi) else f"[{_f(lo, nd)}, {_f(hi, nd)}]"
+
+
 def _markdown(r: Mapping) -> str:
     L = ["# LoopFM experiment report", ""]
     for k, v in r.get("meta", {}).items():
         L.append(f"- **{k}**: {json.dumps(_clean(v)) if isinstance(v, (Mapping, list, tuple)) else v}")
-    L += ["", "## Test metrics (mean ± std over seeds)", "",
-          "| arm | " + " | ".join(m.upper() for m in METRICS) + " | seeds |",
-          "|---|" + "---:|" * (len(METRICS) + 1)]
+    L += ["", "## Test metrics (mean ± std over FM replicates x VM seeds; 95% CI of the mean)", "",
+          "| arm | " + " | ".join(m.upper() for m in METRICS) + " | AUC 95% CI | runs |",
+          "|---|" + "---:|" * (len(METRICS) + 2)]
     rows = [(LABELS.get(a, a), s) for a, s in r["arms"].items()] + ([("FM", r["fm"])] if r["fm"] else [])
     for name, s in rows:
-        L.append(f"| {name} | " + " | ".join(_ms(s[m]) for m in METRICS) + f" | {s['auc']['n']} |")
+        L.append(f"| {name} | " + " | ".join(_ms(s[m]) for m in METRICS) + f" | {_ci(s['auc'])} | {s['auc']['n']} |")
     L += ["", "NE is log loss over the entropy of the label rate: lower is better.", ""]
+    if r.get("fm_knowledge"):
+        L += ["## FM knowledge over raw history", "",
+              "The LoopFM sequence against the same slots (same L, surfaces, lag, retention) filled with raw "
+              "tokens the VM embeds itself: what the FM's embeddings add beyond access to the history.", "",
+              "| comparison | ΔAUC | 95% CI | p | ΔNE (positive = better) | 95% CI | p | pairs |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, ev in r["fm_knowledge"].items():
+            a, b = COMPARISONS[k]
+            L.append(f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {_f(ev['auc']['mean'], 5)} | {_ci(ev['auc'], 5)} | "
+                     f"{_pv(ev['auc']['p'])} | {_f(ev['ne']['mean'], 5)} | {_ci(ev['ne'], 5)} | {_pv(ev['ne']['p'])} | "
+                     f"{ev['auc']['n']} |")
+        L.append("")
     if r["tr"]:
         L += ["## Transfer ratio", "",
               "TR = the channel's gain over the base VM / the FM's gain over the base VM (1 = all of the "
-              "FM's advantage). From per-arm means, and seed by seed (mean ± std).", "",
-              "| channel | TR (NE) | TR (AUC) | per seed (NE) | per seed (AUC) |", "|---|---:|---:|---:|---:|"]
+              "FM's advantage). From per-arm means, and pair by pair (mean and 95% CI).", "",
+              "| channel | TR (NE) | TR (AUC) | per pair (NE) | 95% CI | per pair (AUC) | 95% CI |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
         for ch, t in r["tr"].items():
-            ps = r["tr_per_seed"].get(ch, {})
+            ps = r["tr_per_pair"].get(ch, {})
             L.append(f"| {LABELS.get(ch, ch)} | {_f(t['ne'], 3)} | {_f(t['auc'], 3)} | "
-                     f"{_ms(ps.get('ne', {}), 3)} | {_ms(ps.get('auc', {}), 3)} |")
+                     f"{_ms(ps.get('ne', {}), 3)} | {_ci(ps.get('ne', {}), 3)} | {_ms(ps.get('auc', {}), 3)} | "
+                     f"{_ci(ps.get('auc', {}), 3)} |")
         L.append("")
     if r["decomposition"]:
         L += ["## Gain decomposition (positive = better)", "",
-              "| metric | gain_kd | gain_loopfm | gain_both | interaction |", "|---|---:|---:|---:|---:|"]
+              "| metric | gain_kd | gain_loopfm | gain_both | interaction | interaction 95% CI | p |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
         for m, d in r["decomposition"].items():
-            L.append(f"| {m.upper()} | " + " | ".join(_f(d[k], 5) for k in
-                                                      ("gain_kd", "gain_loopfm", "gain_both", "interaction")) + " |")
+            it = r["interaction"][m]
+            L.append(f"| {m.upper()} | " + " | ".join(_f(d[k], 5) for k in ("gain_kd", "gain_loopfm", "gain_both",
+                                                                            "interaction"))
+                     + f" | {_ci(it, 5)} | {_pv(it['p'])} |")
         L.append("")
-    if r["p_values"]:
-        L += ["## Paired t-tests across seeds (two-sided p)", "", "| comparison | AUC | NE |", "|---|---:|---:|"]
-        for k, p in r["p_values"].items():
-            a, b = P_PAIRS.get(k, (k, ""))
-            L.append(f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {_pv(p['auc'])} | {_pv(p['ne'])} |")
-        L += ["", "n/a: fewer than 2 paired seeds, or every seed moved by exactly the same amount.", ""]
-    L += ["## Claims", "", "A claim is judged on the seed means; the paired p-value says how sure that is.", ""]
+    if r["comparisons"]:
+        L += ["## Paired comparisons (difference = arm minus the other, positive = better)", "",
+              "| comparison | ΔAUC | 95% CI | p | ΔNE | 95% CI | p |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for k, ev in r["comparisons"].items():
+            a, b = COMPARISONS.get(k, (k, ""))
+            L.append(f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {_f(ev['auc']['mean'], 5)} | {_ci(ev['auc'], 5)} | "
+                     f"{_pv(ev['auc']['p'])} | {_f(ev['ne']['mean'], 5)} | {_ci(ev['ne'], 5)} | {_pv(ev['ne']['p'])} |")
+        L += ["", "p: two-sided paired t-test over the (FM replicate, VM seed) pairs; n/a below 2 pairs.", ""]
+    L += ["## Claims", "",
+          f"A claim holds only when its paired test gives p < {ALPHA} in the claimed direction; otherwise it is "
+          "not shown (or reversed, when significant the other way). The numbers are kept either way.", ""]
+    marks = {"holds": "✓ holds", "not shown": "– not shown", "reversed": "✗ reversed", "not computed": "· not computed"}
     for c in r["claims"]:
-        mark = "✓" if c["holds"] else ("✗" if c.get("computed", True) else "–")
-        L.append(f"- {mark} {c['claim']}: {c['evidence']}")
+        L.append(f"- **{marks[c['verdict']]}**: {c['claim']}: {c['evidence']}")
     if r.get("notes"):
         L += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(L) + "\n"
@@ -309,12 +360,12 @@ def _plot_transfer(r: Mapping, path: Path) -> Path:
     x = np.arange(len(chans))
     for i, m in enumerate(TR_METRICS):
         mu = [r["tr"][c][m] for c in chans]
-        sd = np.nan_to_num([r["tr_per_seed"].get(c, {}).get(m, {}).get("std", 0.0) for c in chans])
+        sd = np.nan_to_num([r["tr_per_pair"].get(c, {}).get(m, {}).get("std", 0.0) for c in chans])
         ax.bar(x + (i - 0.5) * 0.38, mu, width=0.38, yerr=sd, capsize=4, label=f"TR on {m.upper()}")
     ax.axhline(0, color="black", lw=0.8)
     ax.axhline(1, ls="--", color="#C44E52", label="FM (TR = 1)")
     ax.set_xticks(x, [LABELS.get(c, c) for c in chans])
-    ax.set_title("Transfer ratio per channel (bars: from means; whiskers: per-seed std)", fontsize=10)
+    ax.set_title("Transfer ratio per channel (bars: from means; whiskers: per-pair std)", fontsize=10)
     ax.legend(loc="best")
     return _save(fig, path)
 

@@ -20,15 +20,16 @@ from loopfm.features.reader import FeaturesManifest, arrow_columns, decode_batch
 
 class VMBatchCollate(ArrowBatchCollateFn):
     def __init__(self, manifest: FeaturesManifest, width: Optional[int] = None, device: Optional[str] = None,
-                 with_seq: bool = True):
-        self.manifest, self.width, self.device, self.with_seq = manifest, width, device, with_seq
+                 with_seq: bool = True, with_raw: bool = False):
+        self.manifest, self.width, self.device = manifest, width, device
+        self.with_seq, self.with_raw = with_seq, with_raw
 
     def __call__(self, table) -> dict[str, torch.Tensor]:
         return self.tensors(arrow_columns(table, self.manifest))
 
     def tensors(self, columns: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Numpy feature columns -> the VM batch as tensors on this collate's device."""
-        decoded = decode_batch(columns, self.manifest, self.width, self.with_seq)
+        decoded = decode_batch(columns, self.manifest, self.width, self.with_seq, self.with_raw)
         tensors = {k: _tensor(v) for k, v in decoded.items()}
         return tensors if self.device is None else {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
 

@@ -20,10 +20,15 @@ from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.rundir import MANIFEST, RunDir
 from loopfm.store import codec
 
-HIST_ITEMS = "hist_items"
+HIST_ITEMS, HIST_CATS, HIST_LABELS = "hist_items", "hist_cats", "hist_labels"
+DENSE = "dense"
+RAW_ITEMS, RAW_CATS, RAW_SURFACES, RAW_LABELS = "raw_items", "raw_cats", "raw_surfaces", "raw_labels"
 SEQ_Z = "seq_z"
 SEQ_LEN_VALID = "seq_len_valid"
 KD_LOGIT = "kd_logit"
+HISTORY_COLUMNS = (HIST_ITEMS, HIST_CATS, HIST_LABELS)  # the vertical's own last raw_seq_len events
+RAW_COLUMNS = (RAW_ITEMS, RAW_CATS, RAW_SURFACES, RAW_LABELS)  # the rawseq control's slots
+LIST_COLUMNS = (*HISTORY_COLUMNS, DENSE, *RAW_COLUMNS)  # fixed-size list columns of a feature split
 
 
 @dataclass
@@ -41,6 +46,10 @@ class FeaturesManifest:
     dtype: str
     bytes_per_row: int
     context_columns: list[str] = field(default_factory=list)
+    dense_names: list[str] = field(default_factory=list)
+    counter_window: int = 20
+    prior: float = 0.5
+    prior_strength: float = 10.0
     lag: int = 0
     retention: Optional[int] = None
     surfaces: Union[str, list[int]] = "all"
@@ -91,12 +100,14 @@ def arrow_columns(table, manifest: FeaturesManifest) -> dict[str, np.ndarray]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], manifest: FeaturesManifest, width: Optional[int] = None,
-                 with_seq: bool = True) -> dict:
+                 with_seq: bool = True, with_raw: bool = False) -> dict:
     """Feature rows (numpy columns: as Ray Data's numpy batches or `arrow_columns` give them) -> the VM batch.
 
     `width` keeps a prefix of each stored z (Matryoshka: any prefix is usable alone); None keeps
     all `manifest.width` coordinates. Padded slots of `seq` are zeros and False in `seq_mask`.
     `with_seq=False` (VMs without the LoopFM feature) skips the sequence: `seq` is (n, 0, width).
+    `with_raw=True` (the rawseq arms) adds the raw-token slots `raw_items`, `raw_cats`,
+    `raw_surfaces`, `raw_labels` (n, seq_len) and `raw_mask`.
     """
     width = manifest.width if width is None else width
     if not 0 < width <= manifest.width:
@@ -110,21 +121,27 @@ def decode_batch(batch: dict[str, np.ndarray], manifest: FeaturesManifest, width
     else:
         seq, mask = np.zeros((n, 0, width), dtype=np.float32), np.zeros((n, 0), dtype=bool)
     context = [np.asarray(batch[c], dtype=np.int64) for c in manifest.context_columns]
-    return {
+    out = {
         "user": np.asarray(batch[idx("user_id")], dtype=np.int64),
+        "uid": np.asarray(batch["user_id"], dtype=np.int64),
         "item": np.asarray(batch[idx("item_id")], dtype=np.int64),
         "category": np.asarray(batch[idx("category")], dtype=np.int64),
         "context": np.stack(context, axis=1) if context else np.zeros((n, 0), dtype=np.int64),
-        "hist_items": _matrix(batch[HIST_ITEMS], manifest.raw_seq_len),
+        **{c: _matrix(batch[c], manifest.raw_seq_len) for c in HISTORY_COLUMNS},
+        DENSE: _matrix(batch[DENSE], len(manifest.dense_names), np.float32),
         "seq": seq.astype(np.float32, copy=False),
         "seq_mask": mask,
         "kd_logit": np.asarray(batch[KD_LOGIT], dtype=np.float32),
         "label": np.asarray(batch[LABEL], dtype=np.float32),
     }
+    if with_raw:
+        out.update({c: _matrix(batch[c], manifest.seq_len) for c in RAW_COLUMNS})
+        out["raw_mask"] = out[RAW_LABELS] != 0
+    return out
 
 
-def _matrix(column: np.ndarray, length: int) -> np.ndarray:
-    """A list column (object array of arrays from parquet, or already 2-D) as (rows, length) int64."""
+def _matrix(column: np.ndarray, length: int, dtype=np.int64) -> np.ndarray:
+    """A list column (object array of arrays from parquet, or already 2-D) as (rows, length)."""
     if column.dtype == object:
-        return np.stack(column).astype(np.int64) if len(column) else np.zeros((0, length), dtype=np.int64)
-    return np.asarray(column, dtype=np.int64).reshape(len(column), length)
+        return np.stack(column).astype(dtype) if len(column) else np.zeros((0, length), dtype=dtype)
+    return np.asarray(column, dtype=dtype).reshape(len(column), length)

@@ -1,11 +1,12 @@
 """`loopfm features`: the point-in-time join as one streaming Ray Data job.
 
-    splits (vertical events, tagged train/valid/test) ∪ store rows (every surface)
+    vertical events --sort(item_id), per block--> + item counters (`join.counts_before`)
+    ∪ other surfaces' events (history for the rawseq control) ∪ store rows (every surface)
       -> groupby(user_id).map_groups(join one user)   (sort-based shuffle, set by init_ray)
       -> write_parquet(partition_cols=[split])        (one write pass)
       -> features/<fingerprint>/{train,valid,test}/ + manifest.json
 
-Both inputs are cast to one schema (columns the other side lacks are null), so a user's events
+All inputs are cast to one schema (columns the other side lacks are null), so a user's events
 and store rows meet in one group. Memory: the shuffle holds every event and store row once (in
 Ray's object store, spilled to disk when it is larger); the sequences, L times bigger, exist one
 user group at a time and go straight to parquet, never examples x L x width at once.
@@ -23,18 +24,22 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from loopfm.config import LoopFMConfig, stable_hash
-from loopfm.datasets.schema import LABEL, SPLITS, SURFACE, TS, USER_ID, idx
+from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo, split_of, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.join import JoinSpec, join_user
-from loopfm.features.reader import HIST_ITEMS, KD_LOGIT, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
+from loopfm.features.join import DENSE_NAMES, JoinSpec, counts_before, join_user
+from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
 from loopfm.features.resolve import resolve_store
-from loopfm.rundir import RunDir, atomic_output, is_complete, write_manifest
+from loopfm.fm.checkpoint import FMManifest
+from loopfm.fm.train import fm_fingerprint
+from loopfm.rundir import MANIFEST, RunDir, atomic_output, is_complete, write_manifest
 from loopfm.store import codec
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, Z, StoreManifest
 
 SPLIT = "split"
 FROM_STORE = "from_store"
+ITEM_N, ITEM_POS = "item_n", "item_pos"  # the item counters, carried on vertical event rows into the user join
+HISTORY = (EVENT_ID, TS, SURFACE, LABEL, idx(ITEM_ID), idx(CATEGORY))  # event columns the user join reads
 
 
 def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Optional[str] = None) -> FeaturesManifest:
@@ -42,7 +47,7 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
     from loopfm.runtime import init_ray, log
 
     info = SplitInfo.load(run)
-    store_path, store = resolve_store(cfg, run, fm_version)
+    store_path, store = resolve_store(cfg, run, fm_version or configured_fm_version(cfg, run, info))
     fingerprint = stable_hash(store.store_version, info.fingerprint, cfg.features, cfg.data.vertical)
     out = run.features(fingerprint)
     if is_complete(out, fingerprint):
@@ -50,7 +55,8 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
         return FeaturesManifest.read(out)
 
     init_ray(cfg.ray)
-    spec = JoinSpec.from_config(cfg.features, codec.bytes_per_row(store.width, store.dtype))
+    spec = JoinSpec.from_config(cfg.features, codec.bytes_per_row(store.width, store.dtype),
+                                prior=vertical_label_rate(run, cfg.data.vertical))
     started = time.time()
     log.info("features: joining vertical %d with store %s (L=%d, lag=%d, retention=%s, surfaces=%s)",
              cfg.data.vertical, store.store_version, spec.seq_len, spec.lag, spec.retention, cfg.features.surfaces)
@@ -66,6 +72,10 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
             rows=rows,
             seq_len=spec.seq_len,
             raw_seq_len=spec.raw_seq_len,
+            dense_names=list(DENSE_NAMES),
+            counter_window=spec.counter_window,
+            prior=spec.prior,
+            prior_strength=spec.prior_strength,
             width=store.width,
             dtype=store.dtype,
             bytes_per_row=spec.row_bytes,
@@ -84,6 +94,20 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
     return manifest
 
 
+def configured_fm_version(cfg: LoopFMConfig, run: RunDir, info: SplitInfo) -> Optional[str]:
+    """The version of the FM this config trains, when it exists: its store is the one to read
+    (a run directory may hold several FMs: replicates, ablations)."""
+    fm_dir = run.fm(fm_fingerprint(cfg, info))
+    return FMManifest.read(fm_dir).fm_version if (fm_dir / MANIFEST).is_file() else None
+
+
+def vertical_label_rate(run: RunDir, vertical: int) -> float:
+    """The train split's positive rate on the vertical: the prior every counter rate is smoothed toward."""
+    table = pads.dataset(str(split_paths(run, "train")), format="parquet").to_table(
+        columns=[LABEL], filter=pc.field(SURFACE) == vertical)
+    return float(pc.mean(table[LABEL]).as_py() or 0.0) if table.num_rows else 0.0
+
+
 def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInfo, vertical: int):
     """The lazy Ray Dataset of examples (a `split` column says where each belongs)."""
     import ray
@@ -91,31 +115,48 @@ def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInf
 
     events_schema = pads.dataset(str(split_paths(run, "train")), format="parquet").schema.remove_metadata()
     schema = union_schema(events_schema)
-    events = (
-        ray.data.read_parquet([str(split_paths(run, name)) for name in SPLITS])
-        .filter(expr=col(SURFACE) == vertical)
+    splits = ray.data.read_parquet([str(split_paths(run, name)) for name in SPLITS])
+    examples = (
+        splits.filter(expr=col(SURFACE) == vertical)
+        .sort(ITEM_ID)  # one block per key range: every item whole in one block
+        .map_batches(item_counters, batch_size=None, batch_format="pyarrow", fn_args=(spec.lag,))
         .map_batches(event_rows, batch_format="pyarrow", fn_args=(schema, info.valid_start_ts, info.test_start_ts))
     )
+    history = splits.filter(expr=col(SURFACE) != vertical).map_batches(
+        history_rows, batch_format="pyarrow", fn_args=(schema,))
     store = ray.data.read_parquet(str(store_path)).map_batches(store_rows, batch_format="pyarrow", fn_args=(schema,))
     return (
-        events.union(store)
+        examples.union(history, store)
         .groupby(USER_ID)
-        .map_groups(join_group, batch_format="pyarrow", fn_args=(spec, events_schema.names))
+        .map_groups(join_group, batch_format="pyarrow", fn_args=(spec, events_schema.names, vertical))
         .map_batches(contiguous, batch_format="pyarrow", batch_size=None)
     )
 
 
+def item_counters(block: pa.Table, lag: int) -> pa.Table:
+    """Each vertical event's item counters: impressions and positives of its item with ts < t - lag."""
+    items, ts = block[ITEM_ID].to_numpy(), block[TS].to_numpy()
+    n, pos = counts_before(items, ts, block[LABEL].to_numpy(), items, ts - lag)
+    return block.append_column(ITEM_N, pa.array(n)).append_column(ITEM_POS, pa.array(pos))
+
+
 def union_schema(events_schema: pa.Schema) -> pa.Schema:
-    """Event columns, then the split tag, then the store's own columns."""
-    extra = [(SPLIT, pa.string()), (FROM_STORE, pa.bool_()), (FM_LOGIT, pa.float32()), (Z, pa.binary())]
+    """Event columns, then the split tag, the item counters, then the store's own columns."""
+    extra = [(SPLIT, pa.string()), (ITEM_N, pa.float64()), (ITEM_POS, pa.float64()), (FROM_STORE, pa.bool_()),
+             (FM_LOGIT, pa.float32()), (Z, pa.binary())]
     return pa.schema([*events_schema, *[pa.field(name, kind) for name, kind in extra]])
 
 
 def event_rows(table: pa.Table, schema: pa.Schema, valid_start: int, test_start: int) -> pa.Table:
-    """Split rows in the union schema, tagged with their split (by the split's own time boundaries)."""
+    """Vertical rows in the union schema, tagged with their split (by the split's own time boundaries)."""
     which = split_of(table[TS].to_numpy(), valid_start, test_start)
     return _conform(table, schema, {SPLIT: pa.array(np.asarray(SPLITS, dtype=object)[which], pa.string()),
                                     FROM_STORE: pa.array(np.zeros(table.num_rows, dtype=bool))})
+
+
+def history_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Other surfaces' events: history only (no split tag, so never an example)."""
+    return _conform(table, schema, {FROM_STORE: pa.array(np.zeros(table.num_rows, dtype=bool))})
 
 
 def store_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -135,13 +176,15 @@ def _conform(table: pa.Table, schema: pa.Schema, given: dict[str, pa.Array]) -> 
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def join_group(group: pa.Table, spec: JoinSpec, event_columns: list[str]) -> pa.Table:
+def join_group(group: pa.Table, spec: JoinSpec, event_columns: list[str], vertical: int) -> pa.Table:
     """map_groups fn: one user's union rows -> that user's examples."""
     is_store = group[FROM_STORE]
-    events = group.filter(pc.invert(is_store)).select([*event_columns, SPLIT])
+    events = group.filter(pc.invert(is_store))
+    examples = events.filter(pc.is_valid(events[SPLIT])).select([*event_columns, SPLIT, ITEM_N, ITEM_POS])
     store = group.filter(is_store)
     joined = join_user(
-        {c: events[c].to_numpy() for c in (EVENT_ID, TS, LABEL, idx("item_id"))},
+        {c: examples[c].to_numpy() for c in (EVENT_ID, TS, ITEM_N, ITEM_POS)},
+        {c: events[c].to_numpy() for c in HISTORY},
         {
             EVENT_ID: store[EVENT_ID].to_numpy(),
             TS: store[TS].to_numpy(),
@@ -150,13 +193,16 @@ def join_group(group: pa.Table, spec: JoinSpec, event_columns: list[str]) -> pa.
             Z: codec.binary_to_rows(store[Z], spec.row_bytes),
         },
         spec,
+        vertical,
     )
-    hist_items = pa.FixedSizeListArray.from_arrays(pa.array(joined["hist_items"].ravel()), spec.raw_seq_len)
+    out = examples.drop_columns([ITEM_N, ITEM_POS])
+    for name in LIST_COLUMNS:
+        values = joined[name]
+        out = out.append_column(name, pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]))
     return (
-        events.append_column(HIST_ITEMS, hist_items)
-        .append_column(SEQ_Z, codec.rows_to_binary(joined["seq_z"]))
-        .append_column(SEQ_LEN_VALID, pa.array(joined["seq_len_valid"]))
-        .append_column(KD_LOGIT, pa.array(joined["kd_logit"]))
+        out.append_column(SEQ_Z, codec.rows_to_binary(joined[SEQ_Z]))
+        .append_column(SEQ_LEN_VALID, pa.array(joined[SEQ_LEN_VALID]))
+        .append_column(KD_LOGIT, pa.array(joined[KD_LOGIT]))
     )
 
 

@@ -23,6 +23,7 @@ from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
 from loopfm.fm.checkpoint import FMManifest, save_fm
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.training.checkpoint import state_bytes
+from loopfm.training.loop import ordered_data
 
 TRAIN, VALID, TEST = 0, 1, 2
 
@@ -53,22 +54,22 @@ def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs =
         return FMManifest.read(out)
     init_ray(cfg.ray)
     gpu = use_gpu(cfg.ray)
-    chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
-    datasets = {
-        "train": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((TRAIN,),)),
-        "eval": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((VALID, TEST),)),
-    }
-    vocab_sizes = {k: info.vocab_sizes[k] for k in ("item_id", "category")}
-    log.info("fm train: %d chunks of %d events, %d workers%s, fm %s", chunks.count(), cfg.fm.chunk_len,
-             cfg.fm.num_workers, " on GPU" if gpu else "", cfg.fm.model_dump())
-    started = time.time()
-    result = run_trainer(
-        fm_loop,
-        {"fm": cfg.fm.model_dump(mode="json"), "vocab_sizes": vocab_sizes, "num_surfaces": info.num_surfaces,
-         "seed": cfg.data.synthetic.seed},
-        datasets, name=f"fm-{fingerprint}", storage=str(run.ray_storage),
-        num_workers=cfg.fm.num_workers, use_gpu=gpu,
-    )
+    with ordered_data():  # the same chunks in the same order every run: the same FM bytes
+        chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
+        datasets = {
+            "train": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((TRAIN,),)),
+            "eval": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((VALID, TEST),)),
+        }
+        vocab_sizes = {k: info.vocab_sizes[k] for k in ("item_id", "category")}
+        log.info("fm train: %d chunks of %d events, %d workers%s, fm %s", chunks.count(), cfg.fm.chunk_len,
+                 cfg.fm.num_workers, " on GPU" if gpu else "", cfg.fm.model_dump())
+        started = time.time()
+        result = run_trainer(
+            fm_loop,
+            {"fm": cfg.fm.model_dump(mode="json"), "vocab_sizes": vocab_sizes, "num_surfaces": info.num_surfaces},
+            datasets, name=f"fm-{fingerprint}", storage=str(run.ray_storage),
+            num_workers=cfg.fm.num_workers, use_gpu=gpu,
+        )
     state = final_state(result)
     with atomic_output(out) as tmp:
         manifest = save_fm(tmp, state_bytes(state["best"]), FMManifest(
@@ -89,10 +90,10 @@ def fm_loop(config: dict) -> None:
     import ray.train.torch
 
     from loopfm.models.fm import CausalFM, fm_loss
-    from loopfm.training.loop import cpu_state, report_epoch, resume, say, seed_everything
+    from loopfm.training.loop import cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed
 
     cfg = FMConfig.model_validate(config["fm"])
-    seed_everything(config["seed"])
+    seed_everything(cfg.seed)
     model = CausalFM(cfg, config["vocab_sizes"], config["num_surfaces"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = resume(model, optimizer, cfg.patience)
@@ -105,7 +106,9 @@ def fm_loop(config: dict) -> None:
             break
         model.train()
         losses = []
-        for batch in train.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=256):
+        batches = train.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=256,
+                                           local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
+        for batch in batches:
             loss = fm_loss(model(_tokens(batch))["logit"], batch["label"].float(), batch["out"] & (batch["split"] == TRAIN))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,7 +17,10 @@ from typing import Any, Optional
 
 import torch
 
+from loopfm.config import TrainConfig, VMConfig
 from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.models.inputs import InputSpec
+from loopfm.models.vm import build_vm
 from loopfm.rundir import from_manifest
 
 MODEL_FILE = "model.pt"
@@ -39,6 +42,9 @@ class VMManifest:
     seq_len: int
     seq_width: Optional[int]  # None when the VM does not read the LoopFM sequence
     raw_seq_len: int
+    rawseq: bool = False  # reads the rawseq control's raw-token sequence
+    dense_names: list[str] = field(default_factory=list)  # counters read (empty: none)
+    num_surfaces: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)  # {"valid": {...}, "test": {...}, "epochs": n}
 
     @classmethod
@@ -71,18 +77,17 @@ def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> None:
     (directory / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
 
 
-def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
-    from loopfm.config import TrainConfig, VMConfig
-    from loopfm.models.vm import build_vm
+def input_spec(manifest: VMManifest) -> InputSpec:
+    """The VM's inputs as its manifest pins them."""
+    vm = VMConfig.model_validate(manifest.vm)
+    return InputSpec(vocab_sizes=dict(manifest.vocab_sizes), context_sizes=tuple(manifest.context_sizes),
+                     seq_width=manifest.seq_width, rawseq=manifest.rawseq, history="history" in vm.features,
+                     n_dense=len(manifest.dense_names), num_surfaces=manifest.num_surfaces, pooling=vm.pooling)
 
+
+def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
     train = TrainConfig.model_validate(manifest.train)
-    return build_vm(
-        VMConfig.model_validate(manifest.vm),
-        vocab_sizes=manifest.vocab_sizes,
-        context_sizes=manifest.context_sizes,
-        seq_width=manifest.seq_width,
-        aux_head=train.use_kd and train.aux_head,
-    )
+    return build_vm(VMConfig.model_validate(manifest.vm), input_spec(manifest), aux_head=train.use_kd and train.aux_head)
 
 
 def verified_bytes(directory: Path, version: str) -> bytes:

@@ -17,25 +17,24 @@ import time
 import numpy as np
 import torch
 
-from loopfm.config import ARMS, LoopFMConfig, TrainConfig, stable_hash
+from loopfm.config import ARM_CHANNELS, ARMS, LoopFMConfig, TrainConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
-from loopfm.features.reader import LABEL, SEQ_Z, FeaturesManifest, read_features
+from loopfm.features.reader import LABEL, RAW_COLUMNS, SEQ_Z, FeaturesManifest, read_features
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes
-
-ARM_CHANNELS = {"base": (False, False), "kd": (True, False), "loopfm": (False, True), "kd_loopfm": (True, True)}
 
 
 def arm_config(cfg: LoopFMConfig, arm: str, seed: int) -> LoopFMConfig:
     """The config of one arm and seed: the channels switched on or off, the seed set."""
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
-    use_kd, use_loopfm = ARM_CHANNELS[arm]
-    return cfg.updated({"train.use_kd": use_kd, "train.use_loopfm": use_loopfm, "train.seed": seed})
+    use_kd, use_loopfm, use_rawseq = ARM_CHANNELS[arm]
+    return cfg.updated({"train.use_kd": use_kd, "train.use_loopfm": use_loopfm, "train.use_rawseq": use_rawseq,
+                        "train.seed": seed})
 
 
 def arm_of(train: TrainConfig) -> str:
-    return {v: k for k, v in ARM_CHANNELS.items()}[(train.use_kd, train.use_loopfm)]
+    return {v: k for k, v in ARM_CHANNELS.items()}[(train.use_kd, train.use_loopfm, train.use_rawseq)]
 
 
 def seq_width(cfg: LoopFMConfig, features: FeaturesManifest):
@@ -72,7 +71,7 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     init_ray(cfg.ray)
     info = SplitInfo.load(run)
     width = seq_width(cfg, features)
-    columns = None if width else _columns_without_seq(run, features)
+    columns = feature_columns(run, features, loopfm=width is not None, rawseq=cfg.train.use_rawseq)
     datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid", "test")}
     keep = keep_shards(cfg.train.data_cache, run, features)
     for split in ("train", "valid", "test") if keep else ("valid", "test"):  # read once, not once per epoch
@@ -85,6 +84,8 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
         context_columns=list(features.context_columns),
         context_sizes=[info.vocab_sizes[c] for c in info.categorical],
         seq_len=features.seq_len, seq_width=width, raw_seq_len=features.raw_seq_len,
+        rawseq=cfg.train.use_rawseq, num_surfaces=info.num_surfaces,
+        dense_names=list(features.dense_names) if "counters" in cfg.vm.features else [],
     )
     started = time.time()
     result = run_trainer(
@@ -127,11 +128,13 @@ def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
     return 3 * sum(f.stat().st_size for f in files) < psutil.virtual_memory().available / 4
 
 
-def _columns_without_seq(run: RunDir, features: FeaturesManifest) -> list[str]:
+def feature_columns(run: RunDir, features: FeaturesManifest, loopfm: bool, rawseq: bool) -> list[str]:
+    """The feature columns an arm reads: the sequence slots of the other arms are never decoded."""
     import pyarrow.dataset as pads
 
     names = pads.dataset(str(run.features(features.fingerprint) / "train"), format="parquet").schema.names
-    return [n for n in names if n != SEQ_Z]
+    skip = ({SEQ_Z} if not loopfm else set()) | (set(RAW_COLUMNS) if not rawseq else set())
+    return [n for n in names if n not in skip]
 
 
 def vm_loop(config: dict) -> None:
@@ -152,11 +155,12 @@ def vm_loop(config: dict) -> None:
     train_cfg = TrainConfig.model_validate(manifest.train)
     seed_everything(train_cfg.seed)
     model = build_from_manifest(manifest)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = vm_optimizer(model, train_cfg)
     state = resume(model, optimizer, train_cfg.patience)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None)
+    collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None,
+                             with_raw=manifest.rawseq)
     keep, size = config.get("keep_shards", False), train_cfg.batch_size
     splits = {name: ShardBatches(ray.train.get_dataset_shard(name), collate, size, keep,
                                  shuffle_seed=train_cfg.seed if name == "train" else None)
@@ -182,7 +186,7 @@ def vm_loop(config: dict) -> None:
                    "valid": evaluate_vm(model, splits["valid"].epoch()),
                    "test": evaluate_vm(model, splits["test"].epoch())}
         timer.evaluated()
-        if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
+        if state.stopper.update(epoch, selection_value(metrics["valid"], train_cfg.select_by), metrics):
             state.best_state = cpu_state(model)
         if rank == 0:
             v = metrics["valid"]
@@ -190,6 +194,24 @@ def vm_loop(config: dict) -> None:
                   f"{v['auc']:.4f} gauc {v['gauc']:.4f} ne {v['ne']:.4f}")
         report_epoch(epoch, metrics, model, optimizer, state)
         timer.epoch_done(epoch)
+
+
+def vm_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with L2 on the id tables (`embedding_l2`) apart from the dense layers' (`weight_decay`).
+
+    Coupled L2 under Adam pulls every row of a table toward zero at each step, so ids seen a few
+    times shrink instead of memorizing their labels: the embedding regularizer of CTR libraries.
+    """
+    tables = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    embeddings = [p for p in model.parameters() if id(p) in tables]
+    dense = [p for p in model.parameters() if id(p) not in tables]
+    return torch.optim.Adam([{"params": embeddings, "weight_decay": train_cfg.embedding_l2},
+                             {"params": dense, "weight_decay": train_cfg.weight_decay}], lr=train_cfg.lr)
+
+
+def selection_value(metrics: dict, select_by: str) -> float:
+    """The valid metric that picks the kept epoch, signed so that higher is better."""
+    return -metrics["logloss"] if select_by == "logloss" else metrics["auc"]
 
 
 @torch.no_grad()
@@ -200,7 +222,7 @@ def predict(model, batches) -> dict[str, np.ndarray]:
     for batch in batches:
         parts["logit"].append(model(batch)["logit"].float().cpu().numpy())
         parts["label"].append(batch[LABEL].cpu().numpy())
-        parts["user"].append(batch["user"].cpu().numpy())
+        parts["user"].append(batch["uid"].cpu().numpy())  # the raw id: every new user is a user of their own
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
 
 
