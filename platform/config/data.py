@@ -81,8 +81,9 @@ class SplitConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "events", "taobao_ad", "kuaivideo", "amazon_electronics"] = "synthetic"
-    path: Optional[str] = Field(None, description="file, directory or glob of the source log")
+    source: Literal["synthetic", "events", "taobao_ad", "kuaivideo", "amazon_electronics", "movielens100k"] = "synthetic"
+    path: Optional[str] = Field(None, description="file, directory or glob of the source log "
+                                "(movielens100k: default = the copy in the recbole wheel)")
     format: Literal["auto", "parquet", "csv"] = "auto"
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -97,6 +98,6 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path_when_not_synthetic(self) -> "DataConfig":
-        if self.source != "synthetic" and not self.path:
+        if self.source not in ("synthetic", "movielens100k") and not self.path:
             raise ValueError(f"source '{self.source}' needs data.path")
         return self

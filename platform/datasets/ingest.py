@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from loopfm.config import DataConfig, LoopFMConfig, stable_hash
-from loopfm.datasets import bars
+from loopfm.datasets import bars, movielens
 from loopfm.datasets.readers import FILE_SHIFT, Source, generic_layout, open_source
 from loopfm.datasets.schema import event_schema
 from loopfm.datasets.validate import BIT, CheckedSink, audit, check_batch, fail_if_invalid, keep_batch, num_surfaces
@@ -43,6 +43,8 @@ def open_configured_source(data: DataConfig, run: RunDir) -> tuple[Source, objec
             raise MissingInputError(f"no log in {run.source}: run `loopfm data generate` first")
         layout = generic_layout(data.columns, generated.get("categorical", []), bool(data.sorted_by_ts))
         return open_source(str(run.source), "parquet", layout), generated["fingerprint"]
+    if data.source == movielens.SOURCE:  # converted once into run.source, then read as parquet
+        return movielens.open_movielens(data, run.source)
     if data.source == "events":
         source = open_source(data.path, data.format, generic_layout(data.columns, sorted_by_ts=bool(data.sorted_by_ts)))
     else:
