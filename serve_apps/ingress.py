@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
@@ -46,7 +46,7 @@ from loopfm.serve_apps.schemas import (
 logger = logging.getLogger("ray.serve")
 
 STALE_RETRY_S, STALE_WAIT_S = 30.0, 0.05  # longer than a rolling update of the lookup takes
-REPLICA_GONE = (ActorDiedError, ActorUnavailableError, ReplicaUnavailableError)
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)  # died or unreachable (ActorDiedError, ...)
 REPLICA_TRIES = 4  # the router may pick the dead replica again before it learns of the death
 OVERLOADED = (BackPressureError, RequestCancelledError, GetTimeoutError, asyncio.TimeoutError)
 REQUEST_ID = "x-request-id"

@@ -2,8 +2,10 @@
 
 Ids are raw ids as logged (the same `user_id` / `item_id` / categorical values as the event log),
 never vocabulary indices: the service maps them (unknown -> the out-of-vocabulary index).
-Integers are strict (no "12", no 12.0, no true) and bounded to int64, so a request that would
-overflow numpy is a 422 naming the field, not a 500.
+Integers are JSON numbers with no fraction (no "12", no true, no 12.5) and bounded to int64, so a
+request that would overflow numpy is a 422 naming the field, not a 500. `12.0` is the integer 12, as
+JSON Schema's `integer` says; a number written with a fraction or an exponent above 2**53 is
+refused, since the parsed double may no longer be the integer the client meant.
 
 The request schema says exactly what the server accepts, so a client (or a fuzzer) generating
 from `/openapi.json` never sends a schema-valid request that is then refused: `items` carries
@@ -16,13 +18,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TS_LIMIT = 2**62  # keeps t - lag and t - retention inside int64
 
-Id = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+EXACT_FLOAT = 2**53  # every integer up to here is exactly a double
+
+
+def _whole(value: Any) -> Any:
+    """A float with no fraction is the integer it spells (JSON Schema's `integer`), when exact."""
+    if isinstance(value, float) and value.is_integer():
+        if abs(value) > EXACT_FLOAT:
+            raise PydanticCustomError("int_inexact", "an integer above 2**53 must be written without a fraction "
+                                                     "or exponent, got {value}", {"value": value})
+        return int(value)
+    return value
+
+
+Id = Annotated[StrictInt, BeforeValidator(_whole), Field(ge=INT64_MIN, le=INT64_MAX)]
 TS = "ts"
 DEFAULT_MAX_ITEMS = 1000
 INT64_BOUNDS = {"minimum": INT64_MIN, "maximum": INT64_MAX}

@@ -266,7 +266,7 @@ def test_schemathesis_fuzz_of_the_live_openapi_schema(server):
     """Schemathesis generates requests from the served /openapi.json, valid ones and invalid ones,
     and checks each answer: never a 5xx, every status and body as the schema declares, every
     schema-valid request accepted (the schema says exactly what the server takes) and every
-    schema-invalid one refused with a 4xx. Bounded: 75 valid + 75 invalid scoring requests."""
+    schema-invalid one refused with a 4xx. Bounded: 50 valid + 50 invalid scoring requests."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis import checks
@@ -278,7 +278,7 @@ def test_schemathesis_fuzz_of_the_live_openapi_schema(server):
     verdicts = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
                 checks.response_schema_conformance, checks.negative_data_rejection, checks.positive_data_acceptance]
     statuses = []
-    for path, method, examples in (("/v1/score", "POST", 75), ("/healthz", "GET", 2), ("/v1/models", "GET", 2)):
+    for path, method, examples in (("/v1/score", "POST", 50), ("/healthz", "GET", 2), ("/v1/models", "GET", 2)):
         operation = schema[path][method]
         modes = list(GenerationMode) if method == "POST" else [GenerationMode.POSITIVE]  # a GET has no input to break
         for mode in modes:
@@ -291,7 +291,7 @@ def test_schemathesis_fuzz_of_the_live_openapi_schema(server):
 
             call()
     scored = [s for p, m, s in statuses if p == "/v1/score"]
-    assert len(scored) >= 100 and 200 in scored and 422 in scored, statuses
+    assert len(scored) >= 60 and 200 in scored and 422 in scored, statuses
 
 
 def test_cold_start_unknown_items_and_metadata_routes(server, served_run):

@@ -5,8 +5,9 @@ the test Ray's 4 logical CPUs, so the replacement replica can start beside the s
 closed-loop client threads fire a steady, bounded load of real `POST /v1/score` requests at the
 loopback port; mid-load the test SIGKILLs one VMModel replica's worker process, the way the OOM
 killer or a crash ends it. It then checks that
-- fewer than 1% of all requests failed, and every request sent after Serve reported 2 running VM
-  replicas again succeeded;
+- no request failed: those in flight on the killed replica, and those the router still sent to it
+  before it learned of the death, are retried on the survivor by the ingress (scoring is
+  idempotent); without that retry they fail, so this test fails too;
 - the survivor kept answering while the replacement started (the reason for 2 replicas);
 - Serve replaced the killed replica (2 RUNNING, a new actor, the killed one DEAD);
 - every answer, before and after the kill, carries the same scores for the same input.
@@ -47,7 +48,7 @@ CLIENTS = 4
 CANDIDATES = 200
 PACE_S = 0.04            # a client sends at most one request per PACE_S: a steady, bounded load
 WARM_S, AFTER_S = 3.0, 5.0
-MIN_REQUESTS = 500       # > 100 x CLIENTS: 1% is more than every request in flight at the kill
+MIN_REQUESTS = 500
 RECOVER_S = 120.0        # Serve notices the death and starts a replica (5-25 s on the busy 2-core box)
 
 
@@ -135,7 +136,7 @@ class Load:
             t.join(timeout=90)
 
 
-def test_vm_replica_killed_under_load_loses_under_1pct_and_recovers(replicated_server, served_run):
+def test_vm_replica_killed_under_load_loses_no_request_and_recovers(replicated_server, served_run):
     client, args = replicated_server
     run, _, vm = served_run
     rows, offline_logits, _ = offline(run, Path(args["vm_dir"]), n=24)
@@ -174,15 +175,17 @@ def test_vm_replica_killed_under_load_loses_under_1pct_and_recovers(replicated_s
 
     failed = [r for r in results if r[3] != 200]
     t0 = results[0][0]
-    summary = (f"{len(results)} requests, {len(failed)} failed; kill at {killed - t0:.1f} s, "
+    in_flight = sum(1 for r in results if r[0] <= killed <= r[1])
+    summary = (f"{len(results)} requests, {len(failed)} failed, {in_flight} in flight at the kill; "
+               f"kill at {killed - t0:.1f} s, "
                f"recovered {recovered - killed:.1f} s later; first failures: "
                f"{[(round(r[0] - t0, 2), r[3], r[4]) for r in failed[:3]]}")
     print(summary)
     assert len(results) >= MIN_REQUESTS, f"the load barely ran: {summary}"
-    assert len(failed) / len(results) < 0.01, summary
-    # every request sent once Serve reported the replica replaced succeeded
+    assert in_flight >= 1, f"nothing was in flight at the kill: the retry went untested; {summary}"
+    assert not failed, summary
     later = [r for r in results if r[0] >= recovered]
-    assert len(later) >= 20 and all(r[3] == 200 for r in later), summary
+    assert len(later) >= 20, summary
     # the survivor kept serving while the replacement started: answers kept coming throughout
     done = sorted(r[1] for r in results if r[3] == 200 and killed <= r[1] <= recovered)
     gaps = np.diff([killed, *done, recovered])
