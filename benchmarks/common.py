@@ -92,7 +92,7 @@ def versions() -> dict:
 
 
 def start_ray(num_cpus: Optional[int]) -> dict:
-    """The local Ray as every command starts it (more logical CPUs than cores, DESIGN section 8)."""
+    """The local Ray as every command starts it (more logical CPUs than cores, docs/DESIGN.md, 'Ray facts')."""
     import ray
 
     from loopfm.config import LoopFMConfig

@@ -1,6 +1,6 @@
 """`loopfm run`: every stage in order, each skipped when its output is current.
 
-The stage list is the data path of DESIGN section 3. Each entry names a CLI command, so
+The stage list is the data path of docs/DESIGN.md, 'Data path'. Each entry names a CLI command, so
 `loopfm run` is exactly the sequence of commands a user could type (or `ray job submit`) alone.
 """
 

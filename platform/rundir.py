@@ -1,4 +1,4 @@
-"""The run directory (DESIGN section 3): where every stage reads its inputs and writes its outputs.
+"""The run directory (docs/DESIGN.md, 'Run directory and stage outputs'): where every stage reads its inputs and writes its outputs.
 
 Each stage output is a directory holding a `manifest.json` with the stage's fingerprint (a hash of
 the config sections and upstream versions it depends on). A stage whose output exists with the same

@@ -2,7 +2,7 @@
 
 Commands connect to a cluster when one is named (`ray.address`, or RAY_ADDRESS, which
 `ray job submit` sets), and otherwise start an embedded local Ray. On small machines the local
-Ray gets more logical CPUs than cores (DESIGN section 8): an actor pool or a Train worker that
+Ray gets more logical CPUs than cores (docs/DESIGN.md, 'Ray facts'): an actor pool or a Train worker that
 reserves every CPU would otherwise starve Ray Data's read tasks and hang the pipeline.
 """
 

@@ -5,7 +5,7 @@ requests in one forward: each request's user row is repeated once per candidate,
 through `decode_batch`, the very function the training loop's collate step runs, so serving sees
 the tensors training saw. `VMModel` is the Serve deployment: `@serve.batch` on its async `score`
 gathers concurrent requests (up to `serve.max_batch_size`, waiting at most
-`serve.batch_wait_timeout_s`) into one call (DESIGN section 8: batching on the model deployment,
+`serve.batch_wait_timeout_s`) into one call (docs/DESIGN.md, 'Ray facts': batching on the model deployment,
 never on FastAPI routes).
 """
 

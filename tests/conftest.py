@@ -18,7 +18,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (DESIGN section 8)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (docs/DESIGN.md, 'Ray facts')
 
 _state = {"local": False}
 
@@ -43,7 +43,7 @@ def one_torch_thread():
 
 
 def ensure_local_ray():
-    """The shared local Ray (4 logical CPUs on 2 cores; DESIGN section 8), started on first use."""
+    """The shared local Ray (4 logical CPUs on 2 cores; docs/DESIGN.md, 'Ray facts'), started on first use."""
     import ray
 
     from loopfm.runtime import start_local_ray

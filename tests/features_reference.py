@@ -1,4 +1,4 @@
-"""Brute-force references for the feature join tests: the rule of DESIGN 1.3 written as plainly
+"""Brute-force references for the feature join tests: docs/DESIGN.md's 'Point-in-time rule' written as plainly
 as possible (one event at a time, a filter and a sort), plus stored z that name their event.
 
 `tagged_z` writes each row's tag into the first coordinates of z as base-16 digits; every digit is

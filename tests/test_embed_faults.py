@@ -1,4 +1,4 @@
-"""Fault tolerance of `loopfm embed` (DESIGN section 3: "a crashed job leaves no half store").
+"""Fault tolerance of `loopfm embed` (docs/DESIGN.md, 'Run directory and stage outputs': no half store after a crash).
 
 1. An extractor actor SIGKILLed during the store pass: Ray Data restarts the actor and retries its
    batch (it sets max_restarts=-1, max_task_retries=-1 on actor pools by default), and the sealed
@@ -32,7 +32,7 @@ from loopfm.rundir import MANIFEST, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Many small batches, a two-actor pool that leaves CPUs to Ray Data's own tasks (DESIGN section 8),
+# Many small batches, a two-actor pool that leaves CPUs to Ray Data's own tasks (docs/DESIGN.md, 'Ray facts'),
 # a cheap compressor. The same overrides go to the subprocess in test 2 (the store version
 # hashes the embed section, so the re-run must use the same ones).
 OVERRIDES = {

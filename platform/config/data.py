@@ -10,7 +10,7 @@ from .base import Section
 
 
 class ColumnMapping(Section):
-    """Names of the contract's columns in the source log (DESIGN section 3)."""
+    """Names of the contract's columns in the source log (docs/DESIGN.md, 'Events')."""
 
     user_id: str = "user_id"
     item_id: str = "item_id"

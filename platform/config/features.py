@@ -10,7 +10,7 @@ from .base import Section
 
 
 class FeaturesConfig(Section):
-    """Point-in-time join rule of DESIGN section 1.3 (docs/ARCHITECTURE.md, "Features")."""
+    """Point-in-time join rule of docs/DESIGN.md, 'Point-in-time rule' (docs/ARCHITECTURE.md, "Features")."""
 
     seq_len: PositiveInt = Field(32, description="L: stored FM embeddings per example")
     raw_seq_len: PositiveInt = Field(10, description="L_raw: the vertical's own last events (item, category, label)")

@@ -1,6 +1,6 @@
 """Reading event logs through Ray Data: files in, typed contract columns out, one fixed schema.
 
-A `Layout` says how a log format maps onto the event contract (DESIGN section 3): which source
+A `Layout` says how a log format maps onto the event contract (docs/DESIGN.md, 'Events'): which source
 column holds each contract column, which columns are categorical context, and how a column the
 format lacks is derived (bars.py). `open_source` lists the files and looks at each file's header
 on the driver, so a missing required column is known, per file, before any row is read.

@@ -1,4 +1,4 @@
-"""Column names of the event contract (DESIGN section 3), shared by every stage.
+"""Column names of the event contract (docs/DESIGN.md, 'Events'), shared by every stage.
 
 A normalized event row: `event_id` (unique int64), `user_id`, `item_id`, `category`, `surface`,
 `ts` (int64 seconds or order), `label` (0/1), plus optional categorical context columns listed in

@@ -1,4 +1,4 @@
-"""The seeded multi-surface log generator (DESIGN section 4; docs/SYNTHETIC.md tells the story).
+"""The seeded multi-surface log generator (docs/DESIGN.md, 'Synthetic default'; docs/SYNTHETIC.md tells the story).
 
 Generative process, per user u and event n:
 

@@ -1,4 +1,4 @@
-"""VM examples by point-in-time join (`loopfm features`): DESIGN section 1.3, docs/ARCHITECTURE.md.
+"""VM examples by point-in-time join (`loopfm features`): docs/DESIGN.md, 'Point-in-time rule'; docs/ARCHITECTURE.md.
 
 - `join`: the rule itself, one user at a time, in numpy;
 - `stage`: the streaming Ray Data job that applies it to every user and writes the splits;

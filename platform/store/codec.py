@@ -2,7 +2,7 @@
 
 INT4: q = clamp(floor(8 z), -8, 7), stored as the nibble q + 8, decoded as (q + 0.5) / 8: sixteen
 levels at the centres of equal bins over [-1, 1], so the round-trip error is at most 1/16 per
-coordinate everywhere. (DESIGN's round(8 z) clamped to [-8, 7] has no level above 7/8 and errs by
+coordinate everywhere (docs/DESIGN.md, 'Compression'). (A round(8 z) clamped to [-8, 7] has no level above 7/8 and errs by
 up to 1/8 near z = 1, where saturated tanh units put many values.)
 """
 

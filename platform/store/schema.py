@@ -1,4 +1,4 @@
-"""The store's data contract (DESIGN section 3): row columns and the manifest.
+"""The store's data contract (docs/DESIGN.md, 'Store'): row columns and the manifest.
 
 A store version is a directory of parquet files with one row per event and a `manifest.json`.
 Readers state what they expect (FM version, layer set, width, dtype) and are refused, with the
