@@ -5,8 +5,8 @@ the config sections and upstream versions it depends on). A stage whose output e
 fingerprint is skipped. Outputs are written to a hidden temp directory and renamed into place, so a
 crashed job leaves no half-written output under the final name.
 
-Writers of one output take its lock (`.<name>.lock` beside it, `filelock`) for the whole write, so
-two processes never interleave; a temp directory names its owner (host, pid and the pid's start
+Writers of one output take its lock (`filelock`, see `output_lock`) for the whole write, so two
+processes never interleave; a temp directory names its owner (host, pid and the pid's start
 time), so a writer reaps only the leftovers of dead processes, never a live writer's. Replacing an
 existing output is one atomic exchange of the two directories (`renameat2(RENAME_EXCHANGE)`):
 a reader sees the old output or the new one, never none.
@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +34,7 @@ from filelock import FileLock
 from loopfm.errors import VersionMismatchError
 
 MANIFEST = "manifest.json"
+LOCK_DIR = Path(tempfile.gettempdir()) / "loopfm-locks"
 OWNER = ".owner"  # in a temp dir: {"host", "pid", "start"} of the writing process
 RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
@@ -207,9 +210,15 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def output_lock(final: Path) -> FileLock:
-    """The lock every writer of `final` holds while it writes (a hidden file beside it)."""
-    final = Path(final)
-    return FileLock(str(final.parent / f".{final.name}.lock"))
+    """The lock every writer of `final` holds while it writes.
+
+    The lock file lives in the machine's temp dir, named by a hash of the output's absolute path,
+    not beside the output: readers list output folders, and a lock file can never be removed
+    safely (a waiter may hold it open). Writers on one machine exclude each other.
+    """
+    key = hashlib.sha256(str(Path(final).resolve()).encode()).hexdigest()[:32]
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(LOCK_DIR / f"{key}.lock"))
 
 
 @contextlib.contextmanager
