@@ -7,7 +7,7 @@ crashed job leaves no half-written output under the final name.
 
 Writers of one output take its lock (`filelock`, see `output_lock`) for the whole write, so two
 processes never interleave; a temp directory names its owner (host, pid and the pid's start
-time), so a writer reaps only the leftovers of dead processes, never a live writer's. Replacing an
+time, in its name), so a writer reaps only the leftovers of dead processes, never a live writer's. Replacing an
 existing output is one atomic exchange of the two directories (`renameat2(RENAME_EXCHANGE)`):
 a reader sees the old output or the new one, never none.
 """
@@ -35,10 +35,9 @@ from loopfm.errors import VersionMismatchError
 
 MANIFEST = "manifest.json"
 LOCK_DIR = Path(tempfile.gettempdir()) / "loopfm-locks"
-OWNER = ".owner"  # in a temp dir: {"host", "pid", "start"} of the writing process
 RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
-_TMP_NAME = re.compile(r"\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+_TMP_NAME = re.compile(r"\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one path component, never "." / ".." / hidden
 
 
@@ -168,18 +167,24 @@ def _process_start(pid: int) -> Optional[str]:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_name(final: Path) -> str:
+    """`.<name>.tmp-<host>-<pid>-<start>-<random>`: the owner is in the name, so the output holds no
+    bookkeeping file and a dead owner's leftover can be told from a live writer's."""
+    return f".{final.name}.tmp-{_host()}-{os.getpid()}-{_process_start(os.getpid()) or 0}-{uuid.uuid4().hex[:8]}"
+
+
 def _owned_by_live_process(tmp: Path) -> bool:
     """Whether the writer that made temp dir `tmp` still runs (then it must not be touched)."""
-    try:
-        owner = json.loads((tmp / OWNER).read_text())
-    except (OSError, ValueError):  # no owner file yet (just created) or from an older writer
-        match = _TMP_NAME.search(tmp.name)
-        if match is None:
-            return False
-        return _process_start(int(match["pid"])) is not None and time.time() - tmp.stat().st_mtime < 60
-    if owner.get("host") != socket.gethostname():
+    match = _TMP_NAME.search(tmp.name)
+    if match is None:
+        return False  # a name from before owners were recorded: its writer is long gone
+    if match["host"] != _host():
         return True  # another machine's process: its liveness cannot be seen from here
-    return _process_start(int(owner["pid"])) == owner.get("start")
+    return _process_start(int(match["pid"])) == match["start"]
 
 
 def reap_stale(final: Path) -> list[Path]:
@@ -227,7 +232,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
 
     The writer holds the output's lock throughout, so a second writer of the same output waits and
     then writes whole (the kernel frees the lock of a killed process). A killed process leaves only
-    a `.<name>.tmp-<pid>-*` directory, which readers never look at and the next writer removes once
+    a `.<name>.tmp-<host>-<pid>-<start>-*` directory, which readers never look at and the next writer removes once
     its owner is dead. An existing output is replaced by exchanging it with the temp dir, so it
     never goes missing; the old content then sits under the temp dir's name and is removed.
     """
@@ -235,16 +240,13 @@ def atomic_output(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(final):
         reap_stale(final)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / _temp_name(final)
         tmp.mkdir()
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
-        (tmp / OWNER).write_text(json.dumps(owner))
         try:
             yield tmp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        (tmp / OWNER).unlink()
         if final.exists() and _exchange(tmp, final):
             shutil.rmtree(tmp, ignore_errors=True)  # now the old output
         elif final.exists():  # no atomic exchange here: two renames, the old kept until the new is in
