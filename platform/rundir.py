@@ -6,9 +6,9 @@ fingerprint is skipped. Outputs are written to a hidden temp directory and renam
 crashed job leaves no half-written output under the final name.
 
 Writers of one output take its lock (`filelock`, see `output_lock`) for the whole write, so two
-processes never interleave; a temp directory names its owner (host, pid and the pid's start
-time, in its name), so a writer reaps only the leftovers of dead processes, never a live writer's. Replacing an
-existing output is one atomic exchange of the two directories (`renameat2(RENAME_EXCHANGE)`):
+processes never interleave; a temp directory's name says its owner (host, pid and the pid's start
+time), so a writer reaps only the leftovers of dead processes, never a live writer's. Replacing
+an existing output is one atomic exchange of the two directories (`renameat2(RENAME_EXCHANGE)`):
 a reader sees the old output or the new one, never none.
 """
 
