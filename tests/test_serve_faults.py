@@ -5,9 +5,10 @@ the test Ray's 4 logical CPUs, so the replacement replica can start beside the s
 closed-loop client threads fire a steady, bounded load of real `POST /v1/score` requests at the
 loopback port; mid-load the test SIGKILLs one VMModel replica's worker process, the way the OOM
 killer or a crash ends it. It then checks that
-- no request failed: those in flight on the killed replica, and those the router still sent to it
-  before it learned of the death, are retried on the survivor by the ingress (scoring is
-  idempotent); without that retry they fail, so this test fails too;
+- no request failed: those inside the killed replica (each request waits there `BATCH_WAIT_S` for
+  its batch, so the kill always finds some), and those the router still sent to it before it
+  learned of the death, are retried on the survivor by the ingress (scoring is idempotent);
+  without that retry they fail, so this test fails too;
 - the survivor kept answering while the replacement started (the reason for 2 replicas);
 - Serve replaced the killed replica (2 RUNNING, a new actor, the killed one DEAD);
 - every answer, before and after the kill, carries the same scores for the same input.
@@ -48,7 +49,11 @@ CLIENTS = 4
 CANDIDATES = 200
 PACE_S = 0.04            # a client sends at most one request per PACE_S: a steady, bounded load
 WARM_S, AFTER_S = 3.0, 5.0
-MIN_REQUESTS = 500
+MIN_REQUESTS = 200
+# Each request waits this long inside its VM replica for a batch to fill (@serve.batch; 4 clients
+# never fill one), so at any instant every VM replica holds requests: the kill always lands on some,
+# and only the ingress's retry on the survivor saves them.
+BATCH_WAIT_S = 0.25
 RECOVER_S = 120.0        # Serve notices the death and starts a replica (5-25 s on the busy 2-core box)
 
 
@@ -83,7 +88,8 @@ def replicated_server(served_run, smoke_config):
     from loopfm.serve_apps.stage import deploy
     from ray import serve
 
-    serving = smoke_config.serve.model_copy(update={"replicas": REPLICAS, "num_cpus": 0.5, "frontend_cpus": 0.25})
+    serving = smoke_config.serve.model_copy(update={"replicas": REPLICAS, "num_cpus": 0.5, "frontend_cpus": 0.25,
+                                                    "batch_wait_timeout_s": BATCH_WAIT_S})
     cfg = smoke_config.model_copy(update={"serve": serving})
     run, _, _ = served_run
     ensure_local_ray()  # the session's 4-CPU Ray, should an earlier module have shut it down
