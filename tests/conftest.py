@@ -23,6 +23,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster
 _state = {"local": False}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: one of the long end-to-end tests; deselect with -m 'not slow'")
+
+
 def _data_context_for_tests() -> None:
     from ray.data import DataContext
 

@@ -39,6 +39,16 @@ def test_every_event_is_output_once_with_its_context_before_it(n, chunk_len, con
     assert len(chunks["event_id"]) == chunk_counts(np.array([n]), chunk_len, context)[0]
 
 
+def plain_prev_label(ts: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """The token written plainly for one user's events in (ts, event_id) order: 1 + the label of the
+    last event with a strictly smaller ts, 0 when there is none."""
+    out = []
+    for t in ts:
+        earlier = np.flatnonzero(ts < t)
+        out.append(label[earlier[-1]] + 1 if len(earlier) else 0)
+    return np.array(out, np.int64)
+
+
 def test_tokens_carry_the_previous_label_never_the_own_one():
     events = user_events(30, seed=3)
     chunks = block_chunks(events, 64, 5, valid_start=30, test_start=40)
@@ -46,8 +56,35 @@ def test_tokens_carry_the_previous_label_never_the_own_one():
     labels = events[LABEL][order]
     row = chunks["prev_label"][0][:30]
     assert row[0] == 0
-    np.testing.assert_array_equal(row[1:], labels[:-1] + 1)
+    np.testing.assert_array_equal(row, plain_prev_label(events[TS][order], labels))
     np.testing.assert_array_equal(chunks["label"][0][:30], labels)
+
+
+def test_an_event_never_sees_the_label_of_another_event_at_the_same_timestamp():
+    """Two events of one user logged at the same ts with different labels: the second one's token
+    is the label of the last event strictly before that ts, not the first one's (issue 18)."""
+    events = {EVENT_ID: np.array([10, 11, 12, 13, 14]), USER_ID: np.full(5, 3), TS: np.array([100, 200, 200, 200, 300]),
+              LABEL: np.array([0, 1, 0, 1, 0]), SURFACE: np.zeros(5, np.int64),
+              idx(ITEM_ID): np.arange(5) + 2, idx(CATEGORY): np.full(5, 2)}
+    chunks = block_chunks(events, 8, 3, valid_start=1000, test_start=2000)
+    # 100 has no predecessor; 200 x3 all see event 10 (label 0 -> 1); 300 sees the last of the ties (label 1 -> 2)
+    np.testing.assert_array_equal(chunks["prev_label"][0][:5], [0, 1, 1, 1, 2])
+    assert chunks["prev_label"][0][2] != events[LABEL][1] + 1  # event 12 does not carry event 11's click
+    # Only ties from its first event: nothing strictly earlier, so blank.
+    tied = {k: v[1:4] for k, v in events.items()}
+    np.testing.assert_array_equal(block_chunks(tied, 8, 3, 1000, 2000)["prev_label"][0][:3], [0, 0, 0])
+
+
+def test_prev_labels_is_computed_per_user_on_a_block_of_many_users():
+    from loopfm.fm.chunks import prev_labels
+
+    block = block_of_users(SIZES, seed=2)
+    order = np.lexsort((block[EVENT_ID], block[TS], block[USER_ID]))
+    got = prev_labels(block[USER_ID][order], block[TS][order], block[LABEL][order])
+    user, ts, label = block[USER_ID][order], block[TS][order], block[LABEL][order]
+    want = np.concatenate([plain_prev_label(ts[user == u], label[user == u]) for u in np.unique(user)])
+    np.testing.assert_array_equal(got, want)
+    assert prev_labels(np.zeros(0), np.zeros(0), np.zeros(0)).shape == (0,)
 
 
 def test_split_tags_follow_the_time_boundaries():
@@ -66,7 +103,7 @@ def reference_user_chunks(events: dict, chunk_len: int, context: int, valid_star
     label = events[LABEL][order]
     tokens = {"event_id": events[EVENT_ID][order], "ts": events[TS][order], "item": events[idx(ITEM_ID)][order],
               "category": events[idx(CATEGORY)][order], "surface": events[SURFACE][order],
-              "prev_label": np.r_[0, label[:-1] + 1], "label": label,
+              "prev_label": plain_prev_label(events[TS][order], label), "label": label,
               "split": split_of(events[TS][order], valid_start, test_start)}
     starts = [0] if n <= chunk_len else list(range(0, n - context, stride))
     rows = {name: [] for name in (*CHUNK_COLUMNS, "user_id")}

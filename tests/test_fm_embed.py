@@ -11,6 +11,7 @@ import torch
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo
 from loopfm.fm.checkpoint import load_fm
+from loopfm.fm.chunks import prev_labels
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import RunDir
@@ -66,7 +67,7 @@ def test_stored_rows_equal_one_causal_pass_over_each_whole_history(embedded, smo
             "item": torch.tensor(u[idx(ITEM_ID)].to_numpy())[None],
             "category": torch.tensor(u[idx(CATEGORY)].to_numpy())[None],
             "surface": torch.tensor(u[SURFACE].to_numpy())[None],
-            "prev_label": torch.tensor(np.concatenate([[0], label[:-1] + 1]))[None],
+            "prev_label": torch.tensor(prev_labels(u[USER_ID].to_numpy(), u[TS].to_numpy(), label))[None],
         }
         with torch.no_grad():
             logit, emb = model.extract(tokens, smoke_config.embed.layers)

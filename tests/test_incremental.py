@@ -171,6 +171,42 @@ def test_block_trim_keeps_each_users_last_old_events_and_every_new_one():
     assert len(kept) < n / 2  # the trim does drop rows
 
 
+def _receptive_fields(chunks: dict, context: int) -> dict[int, tuple]:
+    """event id -> the tokens its FM output depends on: its own and its `context` predecessors'."""
+    from loopfm.fm.chunks import TOKENS
+
+    fields = {}
+    for row, j in zip(*np.nonzero(chunks["out"])):
+        lo = max(0, j - context)
+        fields[int(chunks["event_id"][row, j])] = tuple(tuple(chunks[t][row, lo:j + 1]) for t in TOKENS)
+    return fields
+
+
+def test_continued_chunks_give_new_events_the_full_pass_tokens_despite_timestamp_ties():
+    """Trim per block, shuffle, continue: each new event's receptive field, `prev_label` tokens
+    included, is the full pass's, even when the oldest position it needs sits in a run of tied
+    timestamps (its label comes from before the whole run)."""
+    from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SURFACE, idx
+    from loopfm.fm.chunks import block_chunks
+    from loopfm.fm.incremental import continued_chunks, tail_of_users
+
+    rng = np.random.default_rng(4)
+    n, context, chunk_len, since = 4000, 5, 12, 170
+    batch = {"event_id": rng.permutation(n).astype(np.int64), "user_id": rng.integers(0, 30, n),
+             "ts": rng.integers(0, 200, n) // 4 * 4, LABEL: rng.integers(0, 2, n), SURFACE: rng.integers(0, 3, n),
+             idx(ITEM_ID): rng.integers(2, 50, n), idx(CATEGORY): rng.integers(2, 9, n)}  # ts in steps of 4: ties
+    users = np.arange(0, 30, 2)
+    full = _receptive_fields(block_chunks(batch, chunk_len, context, 10_000, 20_000), context)
+    trimmed = [tail_of_users({k: v[b] for k, v in batch.items()}, users, since, context + 1)
+               for b in np.array_split(np.arange(n), 3)]
+    union = {k: np.concatenate([t[k] for t in trimmed]) for k in batch}
+    got = _receptive_fields(continued_chunks(union, chunk_len, context, since, (10_000, 20_000)), context)
+    new = batch["event_id"][np.isin(batch["user_id"], users) & (batch["ts"] > since)]
+    assert sorted(got) == sorted(new.tolist())
+    assert all(got[e] == full[e] for e in got)
+    assert len(union["event_id"]) < n / 2
+
+
 @pytest.mark.timeout(120)
 def test_a_changed_compressor_is_refused(grown_run):
     from loopfm.errors import VersionMismatchError

@@ -6,15 +6,21 @@ positions past its first `context` ones (the first chunk outputs all of its own)
 is output by exactly one chunk, and it is output with its full receptive field in view: the FM's
 windowed causal attention makes that output equal to the single-pass one (tests/test_fm_model.py).
 
-Token of position i: item, category, surface of event i and the label of event i - 1 (the FM
-predicts event i's click without seeing it). Columns of a chunk row, each (chunk_len,) but
-`user_id`: `event_id` (-1 pad), `ts`, `item`, `category`, `surface`, `prev_label` (0 none,
-1 not clicked, 2 clicked), `label`, `split` (0 train, 1 valid, 2 test, -1 pad), `out` (bool).
+Token of position i: item, category, surface of event i and the label of the user's last event
+strictly earlier in time (`prev_labels`): the FM predicts event i's click without seeing it, nor
+the label of any event logged at the same timestamp, which a server would not know yet either.
+Columns of a chunk row, each (chunk_len,) but `user_id`: `event_id` (-1 pad), `ts`, `item`,
+`category`, `surface`, `prev_label` (0 none, 1 not clicked, 2 clicked), `label`, `split`
+(0 train, 1 valid, 2 test, -1 pad), `out` (bool).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
+import pyarrow.dataset as pads
 
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import split_of
@@ -22,6 +28,7 @@ from loopfm.datasets.splits import split_of
 TOKENS = ("item", "category", "surface", "prev_label")
 CHUNK_COLUMNS = ("event_id", "ts", *TOKENS, "label", "split", "out")
 EVENT_COLUMNS = [EVENT_ID, USER_ID, TS, LABEL, SURFACE, idx(ITEM_ID), idx(CATEGORY)]
+ROWS_PER_PARTITION = 1 << 16  # events per sort partition: far below a block's size limit, so none is split
 
 
 def chunk_counts(n: np.ndarray, chunk_len: int, context: int) -> np.ndarray:
@@ -37,6 +44,25 @@ def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return first, counts, np.arange(len(keys)) - np.repeat(first, counts)
 
 
+def prev_labels(user: np.ndarray, ts: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """`prev_label` token of every row of events sorted by (user, ts, event_id): 1 + the label of
+    the user's last event with a strictly earlier ts, 0 when there is none.
+
+    Every row of a run of equal (user, ts) gets the same value, from the row just before the run:
+    with the previous *row* instead, an event would see the label of another event logged at the
+    same instant (coarse timestamps make those common). The one place the token is computed, so
+    training, extraction, incremental embedding and freshness cannot disagree on it.
+    """
+    label = np.asarray(label, dtype=np.int64)
+    if not len(label):
+        return np.zeros(0, np.int64)
+    user, ts = np.asarray(user), np.asarray(ts)
+    first = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])])
+    before = np.maximum(first - 1, 0)
+    value = np.where((first > 0) & (user[before] == user[first]), label[before] + 1, 0)
+    return np.repeat(value, np.diff(np.r_[first, len(label)]))
+
+
 def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
                  valid_start: int, test_start: int) -> dict[str, np.ndarray]:
     """Every user's chunks from a block of event rows holding each of its users whole.
@@ -44,6 +70,9 @@ def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
     One vectorized pass over the block (users in id order, each user's chunks in order), where a
     `map_groups` call per user cost ~1 ms each and left blocks of one Arrow chunk per user, which
     every later batch had to stitch together again (tests/test_fm_chunks.py).
+
+    A `prev_label` column in `events`, when present, is taken as is: incremental embedding computes
+    it over more of a user's history than the rows it chunks.
     """
     order = np.lexsort((events[EVENT_ID], events[TS], events[USER_ID]))
     user = np.asarray(events[USER_ID])[order]
@@ -56,17 +85,18 @@ def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
     take = np.where(real, first[owner][:, None] + local, 0)
 
     label = np.asarray(events[LABEL], dtype=np.int64)[order]
-    prev_label = np.r_[0, label[:-1] + 1] if len(label) else label
-    prev_label[first] = 0  # a user's first event has no previous label
+    ts = np.asarray(events[TS], dtype=np.int64)[order]
+    prev_label = (np.asarray(events["prev_label"], dtype=np.int64)[order] if "prev_label" in events
+                  else prev_labels(user, ts, label))
     per_event = {
         "event_id": np.asarray(events[EVENT_ID], dtype=np.int64)[order],
-        "ts": np.asarray(events[TS], dtype=np.int64)[order],
+        "ts": ts,
         "item": np.asarray(events[idx(ITEM_ID)], dtype=np.int64)[order],
         "category": np.asarray(events[idx(CATEGORY)], dtype=np.int64)[order],
         "surface": np.asarray(events[SURFACE], dtype=np.int64)[order],
         "prev_label": prev_label,
         "label": label,
-        "split": split_of(np.asarray(events[TS])[order], valid_start, test_start).astype(np.int64),
+        "split": split_of(ts, valid_start, test_start).astype(np.int64),
     }
     chunks = {}
     for name, values in per_event.items():
@@ -78,17 +108,45 @@ def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
     return chunks
 
 
-def chunk_users(events, fn, **fn_kwargs):
+def user_boundaries(users: np.ndarray, rows_per_partition: int = ROWS_PER_PARTITION) -> list[int]:
+    """Sort boundaries for `chunk_users`, from the user id of every event to be sorted.
+
+    User ids at equal-event quantiles, so partitions hold about `rows_per_partition` events each
+    and the partitioning is a function of the data alone. Ray Data's own boundaries are sampled
+    at random, and partitions decide blocks, blocks decide which chunks share a batch, and batches
+    decide the FM's gradient steps and the local shuffle. One boundary above every id when one
+    partition holds everything: without any, Ray would sample again.
+    """
+    users = np.asarray(users)
+    if not len(users):
+        return [0]
+    parts = -(-len(users) // rows_per_partition)
+    inner = np.quantile(users, np.arange(1, parts) / parts, method="higher") if parts > 1 else []
+    return sorted({int(b) for b in inner} - {int(users.min())}) or [int(users.max()) + 1]
+
+
+def file_boundaries(paths: list[str], rows_per_partition: int = ROWS_PER_PARTITION) -> list[int]:
+    """`user_boundaries` of the events in these parquet files or folders (reads the user column only)."""
+    files = [str(f) for p in map(Path, paths) for f in (sorted(p.rglob("*.parquet")) if p.is_dir() else [p])]
+    users = pads.dataset(files, format="parquet").to_table(columns=[USER_ID])[USER_ID].to_numpy()
+    return user_boundaries(users, rows_per_partition)
+
+
+def chunk_users(events, fn, boundaries: Optional[list[int]] = None, **fn_kwargs):
     """Ray Dataset of event rows -> Dataset of chunks: sort by user, then `fn` over whole blocks.
 
     The sort's reduce writes one block per key range, so no user straddles two blocks (what Ray
-    Data's own `map_groups` relies on); `batch_size=None` hands `fn` each block whole.
+    Data's own `map_groups` relies on); `batch_size=None` hands `fn` each block whole. The reduce
+    splits a partition past `target_max_block_size`, so `boundaries` (`user_boundaries`) keep
+    partitions far smaller, and make them the same on every run; without them Ray samples its own.
     """
-    return events.sort(USER_ID).map_batches(fn, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs)
+    return events.sort(USER_ID, boundaries=boundaries).map_batches(
+        fn, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs)
 
 
 def build_chunks(run, cfg, cutoffs: tuple[int, int]):
-    """All users' chunks over every split, as a lazy Ray Dataset (one shuffle by user).
+    """All users' chunks over every split, as a lazy Ray Dataset (one shuffle by user), in the
+    same blocks on every run (create it inside `training.loop.ordered_data` to keep their order too).
 
     `cutoffs` = (valid_start, test_start) tag each position's split: the run's own boundaries,
     or earlier ones for an FM that may only see older events (`loopfm freshness`).
@@ -99,7 +157,7 @@ def build_chunks(run, cfg, cutoffs: tuple[int, int]):
     from loopfm.datasets.splits import split_paths
 
     paths = [str(split_paths(run, name)) for name in SPLITS]
-    return chunk_users(ray.data.read_parquet(paths, columns=EVENT_COLUMNS), block_chunks,
+    return chunk_users(ray.data.read_parquet(paths, columns=EVENT_COLUMNS), block_chunks, file_boundaries(paths),
                        chunk_len=cfg.fm.chunk_len, context=cfg.fm.context,
                        valid_start=cutoffs[0], test_start=cutoffs[1])
 

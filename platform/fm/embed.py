@@ -24,13 +24,15 @@ from loopfm.errors import MissingInputError
 from loopfm.features.resolve import store_version
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
+from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.rundir import RunDir, atomic_output, is_complete
-from loopfm.actors.extractor import ChunkExtractor, pool_args
+from loopfm.actors.extractor import ChunkExtractor
 from loopfm.store import codec
 from loopfm.store.parquet import file_hash, seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
-from loopfm.training.checkpoint import MODEL_FILE, verified_bytes
+from loopfm.training.checkpoint import MODEL_FILE
+from loopfm.training.loop import ordered_data
 
 
 def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> StoreManifest:
@@ -55,7 +57,8 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
     init_ray(cfg.ray)
     started = time.time()
     fm_args = extractor_args(fm_dir, fm, cfg)
-    chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
+    with ordered_data():  # the same sample, and the same chunks in every extractor call, on every run
+        chunks = build_chunks(run, cfg, split_cutoffs(info, cutoffs)).materialize()
 
     sample = _raw_sample(chunks, cfg, ChunkExtractor(**fm_args, mode="raw"))
     compressor, stats = _train_compressor(sample, cfg, log)
@@ -79,22 +82,6 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
     return manifest
 
 
-def extractor_args(fm_dir, fm: FMManifest, cfg: LoopFMConfig) -> dict:
-    """ChunkExtractor's constructor arguments for this FM: its verified weights as bytes."""
-    return {"fm_weights": verified_bytes(fm_dir, fm.fm_version),
-            "fm_manifest": {"fm": fm.fm, "vocab_sizes": fm.vocab_sizes, "num_surfaces": fm.num_surfaces},
-            "layers": cfg.embed.layers}
-
-
-def extract_rows(chunks, cfg: LoopFMConfig, fm_args: dict, compressor: dict):
-    """Store rows of every output position of `chunks`, through the extractor actor pool (lazy)."""
-    from loopfm.runtime import use_gpu
-
-    args = pool_args(cfg.embed.num_actors, cfg.embed.actor_num_cpus, 1 if use_gpu(cfg.ray) else 0, cfg.embed.batch_size)
-    args["fn_constructor_kwargs"].update(fm_args, compressor=compressor, dtype=cfg.embed.compress.dtype)
-    return chunks.map_batches(ChunkExtractor, **args)
-
-
 def _raw_sample(chunks, cfg: LoopFMConfig, extractor) -> np.ndarray:
     """Uncompressed e of about `compress.sample_events` train events (whole chunks, first ones).
 
@@ -112,12 +99,15 @@ def _raw_sample(chunks, cfg: LoopFMConfig, extractor) -> np.ndarray:
 
 
 def _train_compressor(sample: np.ndarray, cfg: LoopFMConfig, log) -> tuple[dict, dict]:
-    """Fit the autoencoder; measure reconstruction by prefix and the storage codec's error."""
+    """Fit the autoencoder; measure reconstruction by prefix and the storage codec's error.
+
+    Seeded by `fm.seed`: the store version names the FM version, which that seed already changes,
+    so a store's version covers its compressor's initialisation and shuffles too."""
     from loopfm.models.autoencoder import train_autoencoder
 
     compress = cfg.embed.compress
     e = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
-    ae, stats = train_autoencoder(e, compress, seed=cfg.data.synthetic.seed, log=lambda line: log.info("embed: %s", line))
+    ae, stats = train_autoencoder(e, compress, seed=cfg.fm.seed, log=lambda line: log.info("embed: %s", line))
     with torch.no_grad():
         z = ae.encode(e).numpy()
         quant = {}

@@ -2,10 +2,11 @@
 
 The same fixed FM checkpoint and the same compressor as the full store (the paper: a consistent
 embedding space beats a fresher, drifting one). A user's causal state is continued, not
-recomputed: each user with new events gets chunks that start `fm.context + 1` events before the
-first new one (the FM's whole receptive field) and output only the new events, so every new
-event's z equals what a full re-embed of the union would give it (tests/test_incremental.py),
-at the cost of the increment plus one receptive field per active user.
+recomputed: each user with new events gets chunks that start `fm.context` events before the
+first new one (the FM's whole receptive field; their `prev_label` tokens come from the events
+before them) and output only the new events, so every new event's z equals what a full re-embed
+of the union would give it (tests/test_incremental.py), at the cost of the increment plus one
+receptive field per active user.
 
     store/<version>/ (full)  <-  store_deltas/<version>/0000-<hash>/  <-  0001-<hash>/ ...
 
@@ -22,19 +23,21 @@ import numpy as np
 
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.append import appended_batches
-from loopfm.datasets.schema import CATEGORY, ITEM_ID, SPLITS, TS, USER_ID, idx
+from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
-from loopfm.fm.chunks import EVENT_COLUMNS, block_chunks, chunk_users, runs
-from loopfm.fm.embed import extract_rows, extractor_args
+from loopfm.fm.chunks import (EVENT_COLUMNS, ROWS_PER_PARTITION, block_chunks, chunk_users, file_boundaries,
+                              prev_labels, runs, user_boundaries)
+from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import RunDir, atomic_output
 from loopfm.store.deltas import chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.training.checkpoint import load_weights
+from loopfm.training.loop import ordered_data
 
 
 def log_events(run: RunDir, info: SplitInfo):
@@ -58,18 +61,21 @@ def _index(batch: dict, vocabs: dict) -> dict:
 
 def continued_chunks(batch: dict[str, np.ndarray], chunk_len: int, context: int, since: int,
                      cutoffs: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Block fn over whole users' events: chunks that output only the events after `since`.
+    """Block fn over whole users' (trimmed) events: chunks that output only the events after `since`.
 
-    Each user's input starts `context + 1` events before its first new one: the `context`
-    predecessors a new event's FM output depends on, and one more whose label is the first one's
-    `prev_label` token, so the output equals the full pass's.
+    `prev_label` is computed over every row the trim kept, then each user's input starts `context`
+    events before its first new one (the predecessors a new event's FM output depends on), so
+    the output equals the full pass's: the oldest of those needs the label of the last event
+    strictly before its timestamp, which may lie behind a run of ties (`tail_of_users` keeps it).
     """
     order = np.lexsort((batch["event_id"], batch[TS], batch[USER_ID]))
-    user, ts = batch[USER_ID][order], batch[TS][order]
+    rows = {k: np.asarray(v)[order] for k, v in batch.items()}
+    user, ts = rows[USER_ID], rows[TS]
+    rows["prev_label"] = prev_labels(user, ts, rows[LABEL])
     first, counts, rank = runs(user)
     old = np.add.reduceat((ts <= since).astype(np.int64), first) if len(user) else first
-    keep = order[rank >= np.repeat(old - context - 1, counts)]
-    chunks = block_chunks({k: v[keep] for k, v in batch.items()}, chunk_len, context, *cutoffs)
+    keep = rank >= np.repeat(old - context, counts)
+    chunks = block_chunks({k: v[keep] for k, v in rows.items()}, chunk_len, context, *cutoffs)
     chunks["out"] &= chunks["ts"] > since
     return chunks
 
@@ -93,15 +99,16 @@ def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last")
     if not expected:
         raise MissingInputError(f"the log holds no events after ts {since_ts}: run `loopfm logs append` first")
     trim = functools.partial(tail_of_users, users=new_users, since=since_ts, tail=cfg.fm.context + 1)
-    chunks = chunk_users(log_events(run, info).map_batches(trim, batch_format="numpy"), continued_chunks,
-                         chunk_len=cfg.fm.chunk_len, context=cfg.fm.context, since=since_ts,
-                         cutoffs=(info.valid_start_ts, info.test_start_ts))
-
     deltas = chain[1:]
     parent = deltas[-1][1].store_version if deltas else base.store_version
     version = stable_hash(base.store_version, parent, since_ts, expected)
     out = run.store_deltas(base.store_version) / f"{len(deltas):04d}-{version}"
-    with atomic_output(out) as tmp:
+    with ordered_data(), atomic_output(out) as tmp:
+        per_user = cfg.fm.context + 2  # a trimmed user: its receptive field, the label before it, a new event
+        chunks = chunk_users(log_events(run, info).map_batches(trim, batch_format="numpy"), continued_chunks,
+                             user_boundaries(new_users, max(1, ROWS_PER_PARTITION // per_user)),
+                             chunk_len=cfg.fm.chunk_len, context=cfg.fm.context, since=since_ts,
+                             cutoffs=(info.valid_start_ts, info.test_start_ts))
         extract_rows(chunks, cfg, fm_args, compressor).write_parquet(str(tmp))
         manifest = seal(tmp, StoreManifest(
             store_version=version, fm_version=base.fm_version, checkpoint_hash=base.checkpoint_hash,
@@ -120,10 +127,13 @@ def union_rows(cfg: LoopFMConfig, run: RunDir, context: int | None = None):
     re-embed costs. A `context` below the FM's receptive field exists only to show that it matters."""
     base_path, base = resolve_store(cfg, run)
     info, fm_args, compressor = _same_space(cfg, run, base_path, base)
-    chunks = chunk_users(log_events(run, info), block_chunks, chunk_len=cfg.fm.chunk_len,
-                         context=cfg.fm.context if context is None else context,
-                         valid_start=info.valid_start_ts, test_start=info.test_start_ts)
-    return extract_rows(chunks, cfg, fm_args, compressor)
+    files = [str(split_paths(run, s)) for s in SPLITS]
+    files += [str(f) for batch in appended_batches(run) for f in sorted(batch.glob("*.parquet"))]
+    with ordered_data():
+        chunks = chunk_users(log_events(run, info), block_chunks, file_boundaries(files), chunk_len=cfg.fm.chunk_len,
+                             context=cfg.fm.context if context is None else context,
+                             valid_start=info.valid_start_ts, test_start=info.test_start_ts)
+        return extract_rows(chunks, cfg, fm_args, compressor)
 
 
 def _same_space(cfg: LoopFMConfig, run: RunDir, base_path, base: StoreManifest):
@@ -152,15 +162,23 @@ def _new_events(run: RunDir, since: int) -> tuple[np.ndarray, int]:
 
 
 def tail_of_users(batch: dict, users: np.ndarray, since: int, tail: int) -> dict:
-    """map_batches fn: rows of `users` that are new (ts > since) or among each user's last `tail`
-    old rows in this block, by (ts, event_id). Each user's last `tail` old events overall are
-    among the union of every block's, so the trim is exact, and the shuffle carries at most
-    `tail` old rows per user per block instead of whole histories."""
+    """map_batches fn: rows of `users` that are new (ts > since), or among each user's last `tail`
+    old rows in this block by (ts, event_id), or at the latest timestamp before the oldest of those
+    (whose label is its `prev_label`, however many rows tie with it). `tail` >= 1.
+
+    Exact across blocks: a block holds a subset of a user's old rows, so its `tail`-th newest row
+    is no newer than the user's overall one, and the block keeps every row the user's overall trim
+    would. The shuffle carries a few old rows per user per block instead of whole histories.
+    """
     keep = np.isin(batch[USER_ID], users)
     old = keep & (batch[TS] <= since)
     rows = np.flatnonzero(old)
     order = rows[np.lexsort((-batch["event_id"][rows], -batch[TS][rows], batch[USER_ID][rows]))]  # newest first per user
-    _, _, rank = runs(batch[USER_ID][order])
+    user, ts = batch[USER_ID][order], batch[TS][order]
+    first, counts, _ = runs(user)
+    distinct = np.cumsum(np.r_[True, (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])]) if len(user) else first
+    newness = distinct - np.repeat(distinct[first], counts)  # 0 at a user's newest ts, 1 at the next older, ...
+    oldest = first + np.minimum(counts, tail) - 1  # the user's tail-th newest row (or its oldest)
     keep &= ~old
-    keep[order[rank < tail]] = True
+    keep[order[newness <= np.repeat(newness[oldest] + 1, counts)]] = True
     return {k: v[keep] for k, v in batch.items()}

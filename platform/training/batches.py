@@ -19,13 +19,17 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from loopfm.features.collate import VMBatchCollate
 from loopfm.features.reader import arrow_columns
+from loopfm.training.loop import shuffle_seed
 
 
 class ShardBatches:
     """Batches of `shard` (a `DataIterator`): streamed every epoch, or streamed once and kept.
 
     `shuffle_seed`: None keeps the shard's order (evaluation); otherwise epoch k is shuffled with
-    seed `shuffle_seed + k` (Ray Data's local shuffle buffer while streaming, a permutation after).
+    `loop.shuffle_seed(shuffle_seed, k)` (Ray Data's local shuffle buffer while streaming, a
+    permutation after): `shuffle_seed + k` gave VM seed s in epoch k+1 the order of seed s+1 in
+    epoch k, so "independent" seeds shared their data orders. The shard's own order must be the
+    same every run for the shuffle to be (`loop.ordered_data` around reading and training).
     """
 
     def __init__(self, shard, collate: VMBatchCollate, batch_size: int, keep: bool,
@@ -42,7 +46,8 @@ class ShardBatches:
     def _streamed(self, epoch: int) -> Iterator[dict]:
         keeper = _Keeping(self.collate) if self.keep else self.collate
         shuffle = {} if self.shuffle_seed is None else {
-            "local_shuffle_buffer_size": 4 * self.batch_size, "local_shuffle_seed": self.shuffle_seed + epoch}
+            "local_shuffle_buffer_size": 4 * self.batch_size,
+            "local_shuffle_seed": shuffle_seed(self.shuffle_seed, epoch)}
         yield from self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=keeper, **shuffle)
         if self.keep:  # reached only when the epoch ran to its end: a partial shard is never kept
             tables = keeper.tables
@@ -51,7 +56,7 @@ class ShardBatches:
     def _from_memory(self, epoch: int) -> Iterator[dict]:
         rows = len(next(iter(self.columns.values()))) if self.columns else 0
         order = (np.arange(rows) if self.shuffle_seed is None
-                 else np.random.default_rng(self.shuffle_seed + epoch).permutation(rows))
+                 else np.random.default_rng(shuffle_seed(self.shuffle_seed, epoch)).permutation(rows))
         for start in range(0, rows, self.batch_size):
             take = order[start : start + self.batch_size]
             yield self.collate.tensors({name: column[take] for name, column in self.columns.items()})

@@ -9,17 +9,20 @@ numbers every worker has gathered, so all workers stop on the same epoch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from ray.data import DataContext
 
 STATE_FILE = "state.pt"
 
@@ -225,9 +228,40 @@ def _scalars(metrics: dict) -> dict:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
+    """Seed Python, NumPy and torch, and ask torch for its deterministic kernels: the same config
+    and data then give the same weights (the FM version is their hash). `warn_only`: an op
+    without a deterministic kernel warns instead of failing the run. cuBLAS needs its workspace
+    setting before its first call to be deterministic; set here unless the environment chose one."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
+
+def shuffle_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one worker's local shuffle in one epoch: its own stream per (seed, epoch, rank),
+    so a resumed run shuffles epoch k as the uninterrupted one did, and seeds never collide as
+    `seed + epoch` would (seed 0's epoch 1 is not seed 1's epoch 0)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def ordered_data() -> Iterator[None]:
+    """Ray Datasets created, and Train runs started, inside keep their blocks in order.
+
+    Ray Data otherwise hands on blocks as their tasks finish, so the order of examples (hence
+    the batches, a seeded local shuffle's output, a kept shard's permutation, the compressor's
+    sample) would change from run to run, and the weights with it.
+
+    Each Dataset copies the current DataContext when it is read, and Ray Train copies it when
+    the trainer is made, so setting it for the stage's duration reaches both without changing
+    other stages of the same process.
+    """
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before

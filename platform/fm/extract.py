@@ -1,0 +1,27 @@
+"""The extractor pool over user chunks, shared by `loopfm embed` and `embed --incremental`.
+
+A module of its own so that embed.py (which hands `--incremental` to incremental.py) and
+incremental.py can both use it without importing each other.
+"""
+
+from __future__ import annotations
+
+from loopfm.actors.extractor import ChunkExtractor, pool_args
+from loopfm.config import LoopFMConfig
+from loopfm.fm.checkpoint import FMManifest
+from loopfm.runtime import use_gpu
+from loopfm.training.checkpoint import verified_bytes
+
+
+def extractor_args(fm_dir, fm: FMManifest, cfg: LoopFMConfig) -> dict:
+    """ChunkExtractor's constructor arguments for this FM: its verified weights as bytes."""
+    return {"fm_weights": verified_bytes(fm_dir, fm.fm_version),
+            "fm_manifest": {"fm": fm.fm, "vocab_sizes": fm.vocab_sizes, "num_surfaces": fm.num_surfaces},
+            "layers": cfg.embed.layers}
+
+
+def extract_rows(chunks, cfg: LoopFMConfig, fm_args: dict, compressor: dict):
+    """Store rows of every output position of `chunks`, through the extractor actor pool (lazy)."""
+    args = pool_args(cfg.embed.num_actors, cfg.embed.actor_num_cpus, 1 if use_gpu(cfg.ray) else 0, cfg.embed.batch_size)
+    args["fn_constructor_kwargs"].update(fm_args, compressor=compressor, dtype=cfg.embed.compress.dtype)
+    return chunks.map_batches(ChunkExtractor, **args)
