@@ -50,12 +50,12 @@ REPLICA_GONE = (RayActorError, ReplicaUnavailableError)  # died or unreachable (
 REPLICA_TRIES = 4  # the router may pick the dead replica again before it learns of the death
 OVERLOADED = (BackPressureError, RequestCancelledError, GetTimeoutError, asyncio.TimeoutError)
 REQUEST_ID = "x-request-id"
-BODY_BYTES_PER_ITEM = 64  # an int64 id is at most 20 characters; room for whitespace and context
+BODY_BYTES_PER_ITEM = 64  # an int64 id is at most 20 characters: room for separators and spacing
 MIN_BODY_BYTES = 64 << 10
 
 
 def default_body_limit(max_items: int) -> int:
-    """A body cap that any request within `max_items` fits, however it is formatted."""
+    """A body cap that a request of `max_items` full-width ids fits with room to spare."""
     return max(MIN_BODY_BYTES, max_items * BODY_BYTES_PER_ITEM)
 
 
