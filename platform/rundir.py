@@ -156,7 +156,8 @@ def is_complete(path: Path, fingerprint: Optional[str] = None) -> bool:
 
 
 def _process_start(pid: int) -> Optional[str]:
-    """The start time of `pid` (clock ticks since boot, /proc), or None when no such process runs.
+    """The start time of `pid` (clock ticks since boot, /proc), or None when no such process runs
+    (a zombie, killed but not yet waited for, has ended).
 
     With the pid it names one process: a pid reused after its owner died has another start time.
     """
@@ -164,7 +165,8 @@ def _process_start(pid: int) -> Optional[str]:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5), after the command name
+    return None if fields[0] in "ZX" else fields[19]  # a zombie has ended; [19] is field 22, starttime
 
 
 def _host() -> str:

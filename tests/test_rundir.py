@@ -73,6 +73,10 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def leftovers(final: Path) -> list[str]:
     return sorted(p.name for p in final.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
@@ -102,10 +106,12 @@ def test_a_writer_killed_half_way_loses_nothing_and_its_leftovers_are_reaped(tmp
     wait_for(gate / "victim.ready", victim)
     victim_tmp = Path((gate / "victim.ready").read_text())
     os.kill(victim.pid, signal.SIGKILL)  # half written, lock held
-    victim.wait(30)
+    while not _zombie(victim.pid):  # dead, not yet waited for: how a killed writer often lingers
+        time.sleep(0.02)
     assert whole(final) == "v0" and victim_tmp.is_dir()
     write(final, "v1")  # the kernel freed the dead writer's lock; its temp dir is reaped
     assert whole(final) == "v1" and leftovers(final) == []
+    victim.wait(30)
 
 
 def test_replacing_an_output_leaves_no_moment_without_it(tmp_path):
