@@ -17,13 +17,13 @@ from conftest import ensure_local_ray
 
 from loopfm.datasets.schema import USER_ID
 from loopfm.datasets.splits import SplitInfo
-from loopfm.fm.chunks import chunk_users, block_chunks, user_boundaries
+from loopfm.fm.chunks import block_chunks, chunk_users
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_fingerprint, fm_train_stage
 from loopfm.rundir import RunDir
 from loopfm.store.parquet import data_files
 from loopfm.training.checkpoint import MODEL_FILE
-from loopfm.training.loop import ordered_data, shuffle_seed
+from loopfm.training.loop import ordered_data, shuffle_seed, sort_boundaries
 
 
 def _store_rows(run: RunDir, version: str) -> dict[str, np.ndarray]:
@@ -56,17 +56,17 @@ def test_two_fresh_runs_train_the_same_fm_bytes_and_embed_the_same_store(tmp_pat
         np.testing.assert_array_equal(rows_a[column], rows_b[column], err_msg=column)
 
 
-def test_user_boundaries_depend_on_the_data_alone_and_keep_users_whole():
+def test_sort_boundaries_depend_on_the_data_alone_and_balance_partitions():
     rng = np.random.default_rng(0)
     users = rng.integers(0, 5000, 300_000)
-    bounds = user_boundaries(users, rows_per_partition=50_000)
-    assert bounds == user_boundaries(rng.permutation(users), rows_per_partition=50_000)  # not the row order
+    bounds = sort_boundaries(users, rows_per_partition=50_000)
+    assert bounds == sort_boundaries(rng.permutation(users), rows_per_partition=50_000)  # not the row order
     assert bounds == sorted(set(bounds)) and all(isinstance(b, int) for b in bounds)
     sizes = np.bincount(np.searchsorted(bounds, users, side="right"))
     assert len(sizes) == 6 and sizes.max() < 60_000  # about rows_per_partition each
     # One partition: a boundary above every id, since none at all would make Ray sample its own.
-    assert user_boundaries(np.array([4, 9, 9]), rows_per_partition=10) == [10]
-    assert user_boundaries(np.zeros(0, np.int64)) == [0]
+    assert sort_boundaries(np.array([4, 9, 9]), rows_per_partition=10) == [10]
+    assert sort_boundaries(np.zeros(0, np.int64), 10) == [0]
 
 
 @pytest.mark.timeout(120)
@@ -79,7 +79,7 @@ def test_chunk_users_gives_the_same_blocks_in_the_same_order_every_time(ray_sess
     from test_fm_chunks import SIZES, block_of_users
 
     events = block_of_users(SIZES * 4, seed=9)
-    bounds = user_boundaries(events[USER_ID], rows_per_partition=300)
+    bounds = sort_boundaries(events[USER_ID], rows_per_partition=300)
     assert len(bounds) > 2
 
     def blocks():

@@ -24,6 +24,7 @@ import pyarrow.dataset as pads
 
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import split_of
+from loopfm.training.loop import sort_boundaries
 
 TOKENS = ("item", "category", "surface", "prev_label")
 CHUNK_COLUMNS = ("event_id", "ts", *TOKENS, "label", "split", "out")
@@ -108,28 +109,12 @@ def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
     return chunks
 
 
-def user_boundaries(users: np.ndarray, rows_per_partition: int = ROWS_PER_PARTITION) -> list[int]:
-    """Sort boundaries for `chunk_users`, from the user id of every event to be sorted.
-
-    User ids at equal-event quantiles, so partitions hold about `rows_per_partition` events each
-    and the partitioning is a function of the data alone. Ray Data's own boundaries are sampled
-    at random, and partitions decide blocks, blocks decide which chunks share a batch, and batches
-    decide the FM's gradient steps and the local shuffle. One boundary above every id when one
-    partition holds everything: without any, Ray would sample again.
-    """
-    users = np.asarray(users)
-    if not len(users):
-        return [0]
-    parts = -(-len(users) // rows_per_partition)
-    inner = np.quantile(users, np.arange(1, parts) / parts, method="higher") if parts > 1 else []
-    return sorted({int(b) for b in inner} - {int(users.min())}) or [int(users.max()) + 1]
-
-
 def file_boundaries(paths: list[str], rows_per_partition: int = ROWS_PER_PARTITION) -> list[int]:
-    """`user_boundaries` of the events in these parquet files or folders (reads the user column only)."""
+    """Sort boundaries for `chunk_users` from the user id of every event in these parquet files or
+    folders (reads the user column only): partitions of about `rows_per_partition` events."""
     files = [str(f) for p in map(Path, paths) for f in (sorted(p.rglob("*.parquet")) if p.is_dir() else [p])]
     users = pads.dataset(files, format="parquet").to_table(columns=[USER_ID])[USER_ID].to_numpy()
-    return user_boundaries(users, rows_per_partition)
+    return sort_boundaries(users, rows_per_partition)
 
 
 def chunk_users(events, fn, boundaries: Optional[list[int]] = None, **fn_kwargs):
@@ -137,7 +122,7 @@ def chunk_users(events, fn, boundaries: Optional[list[int]] = None, **fn_kwargs)
 
     The sort's reduce writes one block per key range, so no user straddles two blocks (what Ray
     Data's own `map_groups` relies on); `batch_size=None` hands `fn` each block whole. The reduce
-    splits a partition past `target_max_block_size`, so `boundaries` (`user_boundaries`) keep
+    splits a partition past `target_max_block_size`, so `boundaries` (`loop.sort_boundaries`) keep
     partitions far smaller, and make them the same on every run; without them Ray samples its own.
     """
     return events.sort(USER_ID, boundaries=boundaries).map_batches(

@@ -29,7 +29,7 @@ from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import (EVENT_COLUMNS, ROWS_PER_PARTITION, block_chunks, chunk_users, file_boundaries,
-                              prev_labels, runs, user_boundaries)
+                              prev_labels, runs)
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import RunDir, atomic_output
@@ -37,7 +37,7 @@ from loopfm.store.deltas import chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.training.checkpoint import load_weights
-from loopfm.training.loop import ordered_data
+from loopfm.training.loop import ordered_data, sort_boundaries
 
 
 def log_events(run: RunDir, info: SplitInfo):
@@ -106,7 +106,7 @@ def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last")
     with ordered_data(), atomic_output(out) as tmp:
         per_user = cfg.fm.context + 2  # a trimmed user: its receptive field, the label before it, a new event
         chunks = chunk_users(log_events(run, info).map_batches(trim, batch_format="numpy"), continued_chunks,
-                             user_boundaries(new_users, max(1, ROWS_PER_PARTITION // per_user)),
+                             sort_boundaries(new_users, max(1, ROWS_PER_PARTITION // per_user)),
                              chunk_len=cfg.fm.chunk_len, context=cfg.fm.context, since=since_ts,
                              cutoffs=(info.valid_start_ts, info.test_start_ts))
         extract_rows(chunks, cfg, fm_args, compressor).write_parquet(str(tmp))

@@ -265,3 +265,20 @@ def ordered_data() -> Iterator[None]:
         yield
     finally:
         options.preserve_order = before
+
+
+def sort_boundaries(keys: np.ndarray, rows_per_partition: int) -> list[int]:
+    """`Dataset.sort(key, boundaries=...)` for integer `keys` (the key of every row to be sorted):
+    key values at equal-row quantiles, so partitions hold about `rows_per_partition` rows each and
+    the partitioning is a function of the data alone.
+
+    Ray Data samples its own boundaries at random, and partitions decide blocks: which rows share
+    a batch, what a local shuffle buffer holds when it shuffles, where a kept shard's order comes
+    from. One boundary above every key when one partition holds everything (with none, Ray samples).
+    """
+    keys = np.asarray(keys)
+    if not len(keys):
+        return [0]
+    parts = -(-len(keys) // rows_per_partition)
+    inner = np.quantile(keys, np.arange(1, parts) / parts, method="higher") if parts > 1 else []
+    return sorted({int(b) for b in inner} - {int(keys.min())}) or [int(keys.max()) + 1]
