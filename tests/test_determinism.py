@@ -33,7 +33,7 @@ def _store_rows(run: RunDir, version: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)  # two Train worker groups and two extractor pools, on a shared small machine
 def test_two_fresh_runs_train_the_same_fm_bytes_and_embed_the_same_store(tmp_path, smoke_config, smoke_splits):
     cfg = smoke_config.updated({"fm.epochs": 1, "fm.num_workers": 1, "embed.compress.epochs": 2})
     runs = []
