@@ -106,8 +106,10 @@ def fm_loop(config: dict) -> None:
             break
         model.train()
         losses = []
+        epoch_seed = shuffle_seed(cfg.seed, epoch, rank)
+        torch.manual_seed(epoch_seed)  # dropout too: a run resumed at this epoch draws what an unbroken one would
         batches = train.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=256,
-                                           local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
+                                           local_shuffle_seed=epoch_seed)
         for batch in batches:
             loss = fm_loss(model(_tokens(batch))["logit"], batch["label"].float(), batch["out"] & (batch["split"] == TRAIN))
             optimizer.zero_grad(set_to_none=True)
