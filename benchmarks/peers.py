@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["event_id", "user_id", "item_id", "category", "surface", "ts", "label",
            "user_id_idx", "item_id_idx", "category_idx"]
 MODELS = ("logreg", "deepfm", "din")
-C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 FUXI_GRID = [  # FuxiCTR's usual knobs: embedding size and the embedding L2 (its `embedding_regularizer`)
     {"embedding_dim": 16, "embedding_regularizer": 1e-5},
     {"embedding_dim": 16, "embedding_regularizer": 1e-3},
@@ -138,6 +138,8 @@ def fit_logreg(x: dict[str, sp.csr_matrix], y: dict[str, np.ndarray], train_rate
         if best is None or valid_auc > best[0]:
             best = (valid_auc, c, model)
     valid_auc, c, model = best
+    if c in (grid[0], grid[-1]) and len(grid) > 2:
+        print(f"peers: warning: C={c} is at the edge of the grid {grid}", flush=True)
     test = scores(y["test"], model.predict_proba(x["test"])[:, 1], train_rate)
     return {"settings": {"C": c}, "valid_auc": [valid_auc], "test": [test]}
 
@@ -353,7 +355,8 @@ def markdown(report: dict) -> str:
         "",
         f"Versions: scikit-learn {report['versions']['scikit-learn']}, fuxictr {report['versions']['fuxictr']}, "
         f"torch {report['versions']['torch']}, python {report['versions']['python']}; "
-        f"{report['versions']['cpus']} CPUs, {report['versions']['threads']} torch threads; total {report['wall_s']:.0f} s.",
+        f"{report['versions']['cpus']} CPUs, {report['versions']['threads']} torch threads; total {report['wall_s']:.0f} s wall, "
+        f"{report['cpu_s']:.0f} s CPU (1-minute load average at the end: {report['load_avg_1m']}).",
         "",
     ]
     return "\n".join(lines)
@@ -362,7 +365,7 @@ def markdown(report: dict) -> str:
 def run(cfg: LoopFMConfig, config_path: str, out: Path, seeds: int, quick: bool, threads: int,
         models: tuple[str, ...] = MODELS) -> dict:
     """Every peer on the run's splits; writes the JSON and the markdown table, returns the report."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(threads)
     run_dir = RunDir(out)
     info = SplitInfo.load(run_dir)
@@ -382,7 +385,7 @@ def run(cfg: LoopFMConfig, config_path: str, out: Path, seeds: int, quick: bool,
     rows.append(summarize("train positive rate", base, n_test, time.perf_counter() - t))
 
     if "logreg" in models:
-        grid = C_GRID[2:4] if quick else C_GRID
+        grid = C_GRID[4:6] if quick else C_GRID
         ids = {name: one_hot_ids(splits[name], sizes) for name in SPLITS}
         t = time.perf_counter()
         rows.append(summarize("logreg ids", fit_logreg(ids, y, train_rate, grid), n_test, time.perf_counter() - t))
@@ -417,6 +420,8 @@ def run(cfg: LoopFMConfig, config_path: str, out: Path, seeds: int, quick: bool,
                      "python": platform.python_version(), "cpus": os.cpu_count(), "threads": threads},
     }
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["cpu_s"] = round(time.process_time() - cpu_started, 1)
+    report["load_avg_1m"] = round(os.getloadavg()[0], 1)
     return report
 
 
