@@ -66,3 +66,19 @@ def test_ablate_trains_the_arm_for_each_value_and_writes_the_table(smoke_embedde
 
     assert main([*argv[:-4], "--param", "vm.poolin", "--values", "mean"]) == 1
     assert "vm.poolin: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(900)
+def test_fm_replicates_each_get_their_fm_store_and_features(smoke_embedded, tmp_path):
+    """`experiment.fm_seeds`: one FM, store and feature set per replicate, every VM seed trained under each."""
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(smoke_embedded[0].root, run.root)
+    argv = ["report", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false",
+            "--set", "experiment.fm_seeds=[0,1]", "--set", "experiment.arms=[base,loopfm]",
+            "--set", "experiment.seeds=1"]
+    assert main(argv) == 0
+    report = json.loads((run.report / "report.json").read_text())
+    assert len(list((run.root / "fm").iterdir())) == 2  # replicate 0's FM was current, replicate 1's trained
+    assert len(set(report["meta"]["store_versions"])) == 2 and len(set(report["meta"]["features"])) == 2
+    assert report["fm"]["auc"]["n"] == 2 and report["arms"]["loopfm"]["auc"]["n"] == 2
+    assert report["comparisons"]["loopfm_vs_base"]["auc"]["n"] == 2  # paired within each replicate

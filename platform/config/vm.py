@@ -50,16 +50,17 @@ class TrainConfig(Section):
     kd_lambda: float = Field(0.5, ge=0)
     kd_temperature: PositiveFloat = 1.0
     aux_head: bool = False
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 10
     batch_size: PositiveInt = 512
     lr: PositiveFloat = 2e-3
     weight_decay: float = Field(0.0, ge=0, description="L2 on the dense layers (Adam's coupled decay)")
-    embedding_l2: float = Field(1e-5, ge=0, description="L2 on the id embedding tables, as CTR libraries' "
+    embedding_l2: float = Field(1e-3, ge=0, description="L2 on the id embedding tables, as CTR libraries' "
                                 "embedding_regularizer: rare ids shrink instead of memorizing their few labels")
     select_by: Literal["logloss", "auc"] = Field(
         "logloss", description="valid metric that picks the kept epoch and drives early stopping")
     patience: PositiveInt = 2
-    num_workers: int = Field(1, ge=0)
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 = Train's local mode in the driver, which "
+                             "suits the report's many small VMs (no worker-group start-up per fit)")
     seed: int = 0
     # "memory": each Train worker keeps the shards it streamed in the first epoch and shuffles them
     # in its own memory after; "stream": every epoch streams through Ray Data again (memory flat

@@ -35,6 +35,8 @@ from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import MANIFEST, RunDir, atomic_output, is_complete, write_manifest
 from loopfm.store import codec
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, Z, StoreManifest
+from loopfm.fm.chunks import ROWS_PER_PARTITION
+from loopfm.training.loop import ordered_data, sort_boundaries
 
 SPLIT = "split"
 FROM_STORE = "from_store"
@@ -60,8 +62,9 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
     started = time.time()
     log.info("features: joining vertical %d with store %s (L=%d, lag=%d, retention=%s, surfaces=%s)",
              cfg.data.vertical, store.store_version, spec.seq_len, spec.lag, spec.retention, cfg.features.surfaces)
-    with atomic_output(out) as tmp:
-        examples = build_examples(run, store_path, spec, info, cfg.data.vertical)
+    boundaries = sort_boundaries(vertical_event_ids(run, cfg.data.vertical), ROWS_PER_PARTITION)
+    with ordered_data(), atomic_output(out) as tmp:  # the same rows in the same files on every run
+        examples = build_examples(run, store_path, spec, info, cfg.data.vertical).sort(EVENT_ID, boundaries=boundaries)
         examples.write_parquet(str(tmp), partition_cols=[SPLIT])
         rows = _finish_partitions(tmp, store, cfg.data.vertical)
         manifest = FeaturesManifest(
@@ -99,6 +102,14 @@ def configured_fm_version(cfg: LoopFMConfig, run: RunDir, info: SplitInfo) -> Op
     (a run directory may hold several FMs: replicates, ablations)."""
     fm_dir = run.fm(fm_fingerprint(cfg, info))
     return FMManifest.read(fm_dir).fm_version if (fm_dir / MANIFEST).is_file() else None
+
+
+def vertical_event_ids(run: RunDir, vertical: int) -> np.ndarray:
+    """Every example's event id: the output is sorted by it, on boundaries drawn from these (not
+    sampled at random), so a fresh run writes the same rows into the same files."""
+    parts = [pads.dataset(str(split_paths(run, name)), format="parquet").to_table(
+        columns=[EVENT_ID], filter=pc.field(SURFACE) == vertical)[EVENT_ID].to_numpy() for name in SPLITS]
+    return np.concatenate(parts)
 
 
 def vertical_label_rate(run: RunDir, vertical: int) -> float:

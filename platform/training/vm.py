@@ -3,8 +3,9 @@
 The arm decides the two channels: `kd` adds the distillation term on the stored FM logit,
 `loopfm` feeds the stored FM embeddings of the user's past as a sequence feature. Each worker
 streams its shard of the feature splits (`get_dataset_shard`) through `VMBatchCollate`, which
-decodes the packed sequences batch by batch. Valid AUC picks the epoch (early stopping); the
-test metrics of that epoch are the VM's result.
+decodes the packed sequences batch by batch. The valid metric of `train.select_by` picks the epoch
+(early stopping); the test metrics of that epoch's weights, computed once at the end, are the VM's
+result.
 
 Output (`vm/<arm>/seed<k>-<fingerprint>/`): `model.pt` + `manifest.json` (`VMManifest`).
 """
@@ -60,7 +61,7 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     `timing_log`: a file the workers append their wall-clock stamps to (`LoopTimer`; benchmarks).
     """
     from loopfm.runtime import init_ray, log, use_gpu
-    from loopfm.training.loop import final_state, run_trainer
+    from loopfm.training.loop import final_state, ordered_data, run_trainer
 
     arm, seed = arm_of(cfg.train), cfg.train.seed
     fingerprint = vm_fingerprint(cfg, features)
@@ -72,32 +73,36 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     info = SplitInfo.load(run)
     width = seq_width(cfg, features)
     columns = feature_columns(run, features, loopfm=width is not None, rawseq=cfg.train.use_rawseq)
-    datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid", "test")}
-    keep = keep_shards(cfg.train.data_cache, run, features)
-    for split in ("train", "valid", "test") if keep else ("valid", "test"):  # read once, not once per epoch
-        datasets[split] = datasets[split].materialize()
-    manifest = VMManifest(
-        fingerprint=fingerprint, model_version="", arm=arm, seed=seed, features_fingerprint=features.fingerprint,
-        store_version=features.store_version if width else None, vm=cfg.vm.model_dump(mode="json"),
-        train=cfg.train.model_dump(mode="json"),
-        vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
-        context_columns=list(features.context_columns),
-        context_sizes=[info.vocab_sizes[c] for c in info.categorical],
-        seq_len=features.seq_len, seq_width=width, raw_seq_len=features.raw_seq_len,
-        rawseq=cfg.train.use_rawseq, num_surfaces=info.num_surfaces,
-        dense_names=list(features.dense_names) if "counters" in cfg.vm.features else [],
-    )
-    started = time.time()
-    result = run_trainer(
-        vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict(),
-                  **({"stop_file": str(stop_file)} if stop_file else {}),
-                  **({"timing_log": str(timing_log)} if timing_log else {}),
-                  "keep_shards": keep}, datasets,
-        name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
-        num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray), callbacks=callbacks,
-    )
-    state = final_state(result)
-    manifest.metrics = {**state["stopper"]["best_metrics"], "best_epoch": state["stopper"]["best_epoch"] + 1,
+    with ordered_data():  # the same examples in the same order every run: the same VM for the same seed
+        datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid")}
+        test = read_features(run, features, "test", columns)
+        keep = keep_shards(cfg.train.data_cache, run, features)
+        for split in ("train", "valid") if keep else ("valid",):  # read once, not once per epoch
+            datasets[split] = datasets[split].materialize()
+        manifest = VMManifest(
+            fingerprint=fingerprint, model_version="", arm=arm, seed=seed, features_fingerprint=features.fingerprint,
+            store_version=features.store_version if width else None, vm=cfg.vm.model_dump(mode="json"),
+            train=cfg.train.model_dump(mode="json"),
+            vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
+            context_columns=list(features.context_columns),
+            context_sizes=[info.vocab_sizes[c] for c in info.categorical],
+            seq_len=features.seq_len, seq_width=width, raw_seq_len=features.raw_seq_len,
+            rawseq=cfg.train.use_rawseq, num_surfaces=info.num_surfaces,
+            dense_names=list(features.dense_names) if "counters" in cfg.vm.features else [],
+        )
+        started = time.time()
+        result = run_trainer(
+            vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict(),
+                      **({"stop_file": str(stop_file)} if stop_file else {}),
+                      **({"timing_log": str(timing_log)} if timing_log else {}),
+                      "keep_shards": keep}, datasets,
+            name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray), callbacks=callbacks,
+        )
+        state = final_state(result)
+        test_metrics = evaluate_state(state["best"], manifest, features, test)
+    manifest.metrics = {**state["stopper"]["best_metrics"], "test": test_metrics,
+                        "best_epoch": state["stopper"]["best_epoch"] + 1,
                         "history": state["history"], "seconds": round(time.time() - started, 1)}
     ran_out = len(state["history"]) >= cfg.train.epochs or state["stopper"]["bad_epochs"] >= cfg.train.patience
     if stop_file and os.path.exists(stop_file) and not ran_out:
@@ -111,6 +116,19 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     log.info("train: %s seed %d: test auc %.4f gauc %.4f ne %.4f (best epoch %d, %.0fs) -> %s", arm, seed,
              test["auc"], test["gauc"], test["ne"], manifest.metrics["best_epoch"], manifest.metrics["seconds"], out)
     return manifest
+
+
+def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest, test) -> dict:
+    """Test metrics of the kept epoch's weights, in the driver, once: the test split never takes
+    part in choosing anything, and is not scored every epoch for nothing."""
+    from loopfm.features.collate import VMBatchCollate
+    from loopfm.training.checkpoint import build_from_manifest
+
+    model = build_from_manifest(manifest)
+    model.load_state_dict(state)
+    collate = VMBatchCollate(features, manifest.seq_width, with_seq=manifest.seq_width is not None,
+                             with_raw=manifest.rawseq)
+    return evaluate_vm(model, test.iter_torch_batches(batch_size=4096, collate_fn=collate))
 
 
 def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
@@ -147,7 +165,7 @@ def vm_loop(config: dict) -> None:
     from loopfm.models.losses import vm_loss
     from loopfm.training.batches import ShardBatches
     from loopfm.training.checkpoint import build_from_manifest
-    from loopfm.training.loop import LoopTimer, cpu_state, report_epoch, resume, say, seed_everything
+    from loopfm.training.loop import LoopTimer, cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed
 
     timer = LoopTimer(config.get("timing_log"))
     manifest = VMManifest(**config["manifest"])
@@ -164,7 +182,7 @@ def vm_loop(config: dict) -> None:
     keep, size = config.get("keep_shards", False), train_cfg.batch_size
     splits = {name: ShardBatches(ray.train.get_dataset_shard(name), collate, size, keep,
                                  shuffle_seed=train_cfg.seed if name == "train" else None)
-              for name in ("train", "valid", "test")}
+              for name in ("train", "valid")}
     rank = ray.train.get_context().get_world_rank()
     tag = f"{manifest.arm} seed {manifest.seed}"
     stop_file = config.get("stop_file")
@@ -175,6 +193,7 @@ def vm_loop(config: dict) -> None:
         if stop_file and ray.train.collective.broadcast_from_rank_zero(os.path.exists(stop_file)):
             break  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
         model.train()
+        torch.manual_seed(shuffle_seed(train_cfg.seed, epoch, rank))  # dropout: a resumed epoch draws as the first run did
         losses = []
         for batch in timer.batches(splits["train"].epoch(epoch)):
             loss, _ = vm_loss(model(batch), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
@@ -183,8 +202,7 @@ def vm_loop(config: dict) -> None:
             optimizer.step()
             losses.append(loss.item())
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "valid": evaluate_vm(model, splits["valid"].epoch()),
-                   "test": evaluate_vm(model, splits["test"].epoch())}
+                   "valid": evaluate_vm(model, splits["valid"].epoch())}
         timer.evaluated()
         if state.stopper.update(epoch, selection_value(metrics["valid"], train_cfg.select_by), metrics):
             state.best_state = cpu_state(model)
