@@ -38,28 +38,8 @@ def tags_of(seq: np.ndarray) -> np.ndarray:
 def reference_sequences(events: pd.DataFrame, store: pd.DataFrame, seq_len: int, lag: int = 0,
                         retention: Optional[int] = None, surfaces=None, key: str = "tag") -> list[list[int]]:
     """For each event, `key` of the last seq_len store rows of its user with ts < t - lag, etc."""
-    by_user = {u: g.sort_values(["ts", "event_id"]) for u, g in store.groupby("user_id")}
-    out = []
-    for user, t in zip(events["user_id"], events["ts"]):
-        rows = by_user.get(user, store.iloc[:0])
-        ok = rows["ts"] < t - lag
-        if retention is not None:
-            ok &= rows["ts"] >= t - retention
-        if surfaces is not None:
-            ok &= rows["surface"].isin(surfaces)
-        out.append(rows.loc[ok, key].tolist()[-seq_len:])
-    return out
-
-
-def reference_history(events: pd.DataFrame, raw_seq_len: int) -> list[list[int]]:
-    """For each event, item_id_idx of the last raw_seq_len clicks of its user with ts < t."""
-    clicks = events[events["label"] == 1].sort_values(["ts", "event_id"])
-    by_user = {u: g for u, g in clicks.groupby("user_id")}
-    out = []
-    for user, t in zip(events["user_id"], events["ts"]):
-        rows = by_user.get(user, clicks.iloc[:0])
-        out.append(rows.loc[rows["ts"] < t, "item_id_idx"].tolist()[-raw_seq_len:])
-    return out
+    return [[row[0] for row in window] for window in
+            reference_window(events, store, seq_len, [key], lag, retention, surfaces)]
 
 
 def unpad(matrix: np.ndarray, lengths: np.ndarray) -> list[list[int]]:

@@ -250,6 +250,13 @@ def _ci(s: Mapping, nd: int = 4) -> str:
     return "n/a" if _nan(lo, hi) else f"[{_f(lo, nd)}, {_f(hi, nd)}]"
 
 
+def _comparison_row(key: str, ev: Mapping) -> str:
+    """'| arm vs other | ΔAUC | CI | p | ΔNE | CI | p |' of one paired comparison."""
+    a, b = COMPARISONS.get(key, (key, ""))
+    return (f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {_f(ev['auc']['mean'], 5)} | {_ci(ev['auc'], 5)} | "
+            f"{_pv(ev['auc']['p'])} | {_f(ev['ne']['mean'], 5)} | {_ci(ev['ne'], 5)} | {_pv(ev['ne']['p'])} |")
+
+
 def _markdown(r: Mapping) -> str:
     L = ["# LoopFM experiment report", ""]
     for k, v in r.get("meta", {}).items():
@@ -267,12 +274,7 @@ def _markdown(r: Mapping) -> str:
               "tokens the VM embeds itself: what the FM's embeddings add beyond access to the history.", "",
               "| comparison | ΔAUC | 95% CI | p | ΔNE (positive = better) | 95% CI | p | pairs |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for k, ev in r["fm_knowledge"].items():
-            a, b = COMPARISONS[k]
-            L.append(f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {_f(ev['auc']['mean'], 5)} | {_ci(ev['auc'], 5)} | "
-                     f"{_pv(ev['auc']['p'])} | {_f(ev['ne']['mean'], 5)} | {_ci(ev['ne'], 5)} | {_pv(ev['ne']['p'])} | "
-                     f"{ev['auc']['n']} |")
-        L.append("")
+        L += [_comparison_row(k, ev) + f" {ev['auc']['n']} |" for k, ev in r["fm_knowledge"].items()] + [""]
     if r["tr"]:
         L += ["## Transfer ratio", "",
               "TR = the channel's gain over the base VM / the FM's gain over the base VM (1 = all of the "
@@ -298,10 +300,7 @@ def _markdown(r: Mapping) -> str:
     if r["comparisons"]:
         L += ["## Paired comparisons (difference = arm minus the other, positive = better)", "",
               "| comparison | ΔAUC | 95% CI | p | ΔNE | 95% CI | p |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for k, ev in r["comparisons"].items():
-            a, b = COMPARISONS.get(k, (k, ""))
-            L.append(f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {_f(ev['auc']['mean'], 5)} | {_ci(ev['auc'], 5)} | "
-                     f"{_pv(ev['auc']['p'])} | {_f(ev['ne']['mean'], 5)} | {_ci(ev['ne'], 5)} | {_pv(ev['ne']['p'])} |")
+        L += [_comparison_row(k, ev) for k, ev in r["comparisons"].items()]
         L += ["", "p: two-sided paired t-test over the (FM replicate, VM seed) pairs; n/a below 2 pairs.", ""]
     L += ["## Claims", "",
           f"A claim holds only when its paired test gives p < {ALPHA} in the claimed direction; otherwise it is "
