@@ -94,6 +94,14 @@ def test_complementarity_is_a_test_of_the_interaction():
     assert c["KD and LoopFM are complementary"]["verdict"] == "not shown"
 
 
+def test_transfer_claims_need_an_fm_that_beats_the_base_vm():
+    """An FM worse than the base VM makes every TR's denominator negative: no TR claim is judged then."""
+    c = claims(build_report(arms(), dict(FM, auc=0.69, ne=0.95), META))
+    assert c["FM beats the base VM"]["verdict"] == "reversed"
+    tr = c["TR(+KD+LoopFM) >= 1.5 x TR(+KD) on NE"]
+    assert tr["verdict"] == "not computed" and "does not beat the base VM" in tr["evidence"]
+
+
 def test_a_significant_loss_reads_reversed():
     auc = dict(AUC, rawseq=[.730, .731, .729])  # raw history beats the FM's embeddings
     c = claims(build_report(arms(auc), FM, META))

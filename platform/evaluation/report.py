@@ -129,9 +129,12 @@ def _claims(r: dict) -> list[dict]:
                _claim(text, None, "not computed: needs base, kd, loopfm and kd_loopfm"))
 
     text = f"TR(+KD+LoopFM) >= {TR_DOUBLE_THRESHOLD} x TR(+KD) on NE (the paper: about twice)"
-    ev = r.get("tr_double")
+    ev, gap = r.get("tr_double"), r.get("fm_vs_base", {}).get("ne", {}).get("mean", NAN)
     if ev is None:
         out.append(_claim(text, None, "not computed: TR(+KD) or TR(+KD+LoopFM) undefined"))
+    elif _nan(gap) or gap <= 0:
+        out.append(_claim(text, None, f"not computed: the FM does not beat the base VM on NE (FM - base "
+                                      f"{-gap:+.4f}), so there is no advantage for a channel to transfer"))
     else:
         tr = r["tr_per_pair"]
         desc = (f"TR_NE +KD {_f(tr['kd']['ne']['mean'], 3)}, +KD+LoopFM {_f(tr['kd_loopfm']['ne']['mean'], 3)}; "
