@@ -133,7 +133,7 @@ def _claims(r: dict) -> list[dict]:
     if ev is None:
         out.append(_claim(text, None, "not computed: TR(+KD) or TR(+KD+LoopFM) undefined"))
     elif _nan(gap) or gap <= 0:
-        out.append(_claim(text, None, f"not computed: the FM does not beat the base VM on NE (FM - base "
+        out.append(_claim(text, None, f"not computed: the FM does not beat the base VM on NE (FM NE - base NE "
                                       f"{-gap:+.4f}), so there is no advantage for a channel to transfer"))
     else:
         tr = r["tr_per_pair"]
