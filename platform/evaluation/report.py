@@ -351,7 +351,7 @@ def _plot_arms(r: Mapping, path: Path) -> Path:
             lows.append(fm)
             highs.append(fm)
         _zoom(ax, lows, highs)
-        ax.set_xticks(x, [LABELS.get(a, a) for a in names])
+        ax.set_xticks(x, [LABELS.get(a, a) for a in names], rotation=20)
         ax.set_title(f"{m.upper()} ({'higher' if m == 'auc' else 'lower'} is better)")
     return _save(fig, path)
 
