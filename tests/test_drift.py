@@ -40,7 +40,7 @@ def test_a_new_fm_drifts_more_than_new_days(smoke_config, smoke_embedded, tmp_pa
     source, _, store = smoke_embedded
     run = RunDir(tmp_path / "run")
     shutil.copytree(source.root, run.root)
-    other_cfg = smoke_config.updated({"data.synthetic.seed": 1, "fm.num_workers": 0, "fm.epochs": 1})
+    other_cfg = smoke_config.updated({"fm.seed": 1, "fm.num_workers": 0, "fm.epochs": 1})  # another FM: its own seed
     fm_train_stage(other_cfg, run)
     other = embed_stage(other_cfg, run)
     assert other.fm_version != store.fm_version
