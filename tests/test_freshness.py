@@ -20,7 +20,7 @@ def store_rows(path) -> pd.DataFrame:
 
 
 @pytest.mark.timeout(900)
-def test_drifting_store_takes_each_slice_from_its_fm_and_drifts_more(smoke_embedded, tmp_path):
+def test_drifting_store_takes_each_slice_from_its_fm_and_drifts_more(smoke_embedded, smoke_config, tmp_path):
     run = RunDir(tmp_path / "run")
     shutil.copytree(smoke_embedded[0].root, run.root)
     argv = ["freshness", "--config", str(SMOKE), "--out", str(run.root), "--slices", "2",
@@ -31,7 +31,7 @@ def test_drifting_store_takes_each_slice_from_its_fm_and_drifts_more(smoke_embed
     fixed, drifting = table["rows"]
     assert (fixed["embeddings"], drifting["embeddings"]) == ("fixed", "drifting")
     assert drifting["centroid_drift"] > fixed["centroid_drift"]  # separate FMs, separate spaces
-    assert fixed["auc"]["n"] == drifting["auc"]["n"] == 3
+    assert fixed["auc"]["n"] == drifting["auc"]["n"] == smoke_config.experiment.seeds
 
     stores = {p.name: open_store(p) for p in (run.root / "store").iterdir() if not p.name.startswith(".")}
     [drift] = [m for m in stores.values() if m.fm_version.startswith("drift-")]
