@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from loopfm.config import DEFAULT_ARMS
 
 BIN = Path(sys.executable).parent
 EXCLUDES = ["runs", "wandb", "**/__pycache__", "*.egg-info", ".ruff_cache", ".pytest_cache"]
@@ -129,7 +130,7 @@ def test_job_submit_runs_the_smoke_pipeline(ray_head, tmp_path):
                                               "--set experiment.seeds=1")
     assert status == "SUCCEEDED", logs[-3000:]
     report = json.loads((out / "report" / "report.json").read_text())
-    assert set(report["arms"]) == {"base", "kd", "loopfm", "kd_loopfm"}
+    assert set(report["arms"]) == set(DEFAULT_ARMS)
     assert (out / "report" / "report.md").is_file() and (out / "report" / "arms.png").is_file()
     assert "run: finished" in logs
 
