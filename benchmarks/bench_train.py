@@ -69,9 +69,10 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
     from loopfm.evaluation.metrics import evaluate
     from loopfm.features.collate import VMBatchCollate
     from loopfm.models.losses import vm_loss
+    from loopfm.models.inputs import InputSpec
     from loopfm.models.vm import build_vm
     from loopfm.training.loop import seed_everything
-    from loopfm.training.vm import predict, seq_width
+    from loopfm.training.vm import predict, seq_width, vm_optimizer
 
     width = seq_width(cfg, features)
     with Timer() as load:
@@ -83,10 +84,14 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
         seed_everything(t.seed)
         info = SplitInfo.load(run)
         device = torch.device("cuda" if gpu() else "cpu")
-        model = build_vm(cfg.vm, {k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
-                         [info.vocab_sizes[c] for c in info.categorical], width, t.use_kd and t.aux_head).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        collate = VMBatchCollate(features, width, str(device), with_seq=width is not None)
+        spec = InputSpec(vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
+                         context_sizes=tuple(info.vocab_sizes[c] for c in info.categorical), seq_width=width,
+                         rawseq=t.use_rawseq, history="history" in cfg.vm.features,
+                         n_dense=len(features.dense_names) if "counters" in cfg.vm.features else 0,
+                         num_surfaces=info.num_surfaces, pooling=cfg.vm.pooling)
+        model = build_vm(cfg.vm, spec, t.use_kd and t.aux_head).to(device)
+        optimizer = vm_optimizer(model, t)  # the Ray path's optimizer, so both loops do the same work
+        collate = VMBatchCollate(features, width, str(device), with_seq=width is not None, with_raw=t.use_rawseq)
         rng = np.random.default_rng(t.seed)
         train = data["train"]
         n = len(next(iter(train.values())))
