@@ -7,12 +7,25 @@ machines most Ray failures are silent hangs.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def run_loopfm(*args, cwd) -> subprocess.CompletedProcess:
+    """`loopfm ARGS --config configs/smoke.yaml` as a subprocess joined to this session's Ray."""
+    import ray
+
+    script = Path(sys.executable).parent / "loopfm"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "loopfm.cli"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return subprocess.run([*command, *args, "--config", str(SMOKE), "--set", "ray.progress_bars=false"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

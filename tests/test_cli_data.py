@@ -4,28 +4,15 @@ The subprocesses join the test session's Ray through RAY_ADDRESS, the way `ray j
 hands a cluster to a command, instead of each starting a Ray of its own.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMOKE
+from conftest import run_loopfm
 
 from loopfm.rundir import read_manifest
-
-
-def loopfm(*args, cwd) -> subprocess.CompletedProcess:
-    import ray
-
-    script = Path(sys.executable).parent / "loopfm"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "loopfm.cli"]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    return subprocess.run([*command, *args, "--config", str(SMOKE), "--set", "ray.progress_bars=false"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def corrupt_copy(source: Path, target: Path) -> None:
@@ -46,14 +33,14 @@ def corrupt_copy(source: Path, target: Path) -> None:
 def test_generate_validate_split_then_a_corrupted_copy_fails_cleanly(ray_session, tmp_path):
     run = tmp_path / "D"
     for command in (["data", "generate"], ["data", "validate"], ["data", "split"]):
-        done = loopfm(*command, "--out", str(run), cwd=tmp_path)
+        done = run_loopfm(*command, "--out", str(run), cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
     assert "label rate" in done.stdout and "boundaries valid_start_ts=" in done.stdout
     events, splits = read_manifest(run / "data" / "events"), read_manifest(run / "data" / "splits")
     assert events["rows"] == read_manifest(run / "data" / "source")["rows"] == sum(splits["rows"].values())
 
     corrupt_copy(run / "data" / "source", tmp_path / "copy")
-    done = loopfm("data", "validate", "--out", str(tmp_path / "E"), "--set", "data.source=events",
+    done = run_loopfm("data", "validate", "--out", str(tmp_path / "E"), "--set", "data.source=events",
                   "--set", f"data.path={tmp_path / 'copy'}", "--set", "data.columns.categorical=[user_segment]",
                   "--set", "data.validation.strict=true", cwd=tmp_path)
     assert done.returncode == 1

@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from conftest import ensure_local_ray
 
 from loopfm.datasets.schema import USER_ID
 from loopfm.datasets.splits import SplitInfo

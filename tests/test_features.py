@@ -154,7 +154,6 @@ def built(smoke_splits, smoke_config, tmp_path_factory):
     argv = ["features", "--config", str(SMOKE), "--out", str(run.root), *OVERRIDES]
     assert main(argv) == 0
     [out] = list((run.root / "features").iterdir())
-    cfg = smoke_config.updated({"features.lag": 1800, "features.retention": 172800})
     manifest = FeaturesManifest.read(out)
     return SimpleNamespace(
         run=run, log=log, store=store, argv=argv, out=out, manifest=manifest,

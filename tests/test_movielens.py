@@ -6,16 +6,13 @@ No recbole in CI: the fixture writes `ml-100k.inter` / `ml-100k.item` as the whe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMOKE
+from conftest import run_loopfm
 
 from loopfm.config import load_config
 from loopfm.datasets import movielens
@@ -89,22 +86,12 @@ def test_default_path_needs_recbole_and_says_how(monkeypatch, tmp_path):
         movielens.resolve_inter(str(tmp_path))
 
 
-def loopfm(*args, cwd) -> subprocess.CompletedProcess:
-    import ray
-
-    script = Path(sys.executable).parent / "loopfm"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "loopfm.cli"]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    return subprocess.run([*command, *args, "--config", str(SMOKE), "--set", "ray.progress_bars=false"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-
-
 @pytest.mark.timeout(600)
 def test_validate_and_split_through_the_cli(ray_session, ml_slice, tmp_path):
     run = tmp_path / "R"
     flags = ["--set", "data.source=movielens100k", "--set", f"data.path={ml_slice}"]
     for command in (["data", "validate"], ["data", "split"]):
-        done = loopfm(*command, "--out", str(run), *flags, cwd=tmp_path)
+        done = run_loopfm(*command, "--out", str(run), *flags, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
     events, splits = read_manifest(run / "data" / "events"), read_manifest(run / "data" / "splits")
     n = len(ratings())
@@ -114,5 +101,5 @@ def test_validate_and_split_through_the_cli(ray_session, ml_slice, tmp_path):
     table = pd.concat([pq.read_table(p).to_pandas() for p in parts]).sort_values("event_id")
     assert table["label"].tolist() == [int(r[2] >= 4) for r in sorted(ratings(), key=lambda r: (r[3], r[0], r[1]))]
     assert set(np.unique(table["category"])) <= set(EXPECTED_CATEGORY.values())
-    again = loopfm("data", "validate", "--out", str(run), *flags, cwd=tmp_path)  # current: skipped
+    again = run_loopfm("data", "validate", "--out", str(run), *flags, cwd=tmp_path)  # current: skipped
     assert again.returncode == 0 and "is current, skipped" in again.stdout + again.stderr
