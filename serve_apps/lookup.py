@@ -183,7 +183,7 @@ class FeatureTable:
         return {**{c: user[c][0] for c in HISTORY_COLUMNS}, **{c: raw[c][0] for c in RAW_COLUMNS},
                 "counts": {k: user[k] for k in ("user_n", "user_pos", "recent_n", "recent_pos")},
                 SEQ_Z: seq.tobytes(), SEQ_LEN_VALID: np.int32(n_seq),
-                "cold_start": n_seq == 0 and rows.stop == rows.start}
+                "cold_start": n_seq == 0 and user["user_n"][0] == 0 and not raw["raw_labels"][0].any()}
 
     def context_indices(self, user_id: int, context: dict) -> dict[str, int]:
         """`<col>_idx` of every context column: the request's value, else the user's latest, else OOV."""
