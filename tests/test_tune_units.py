@@ -83,7 +83,7 @@ def test_objective_is_the_metric_at_the_best_auc_epoch_and_serving_bytes_is_l_ti
     b = obj({"epoch": 1, "valid/auc": 0.58, "valid/ne": 0.90, "test/auc": 0.62})  # NE better, AUC worse
     c = obj({"epoch": 2, "valid/auc": float("nan"), "valid/ne": 0.80})
     assert a["objective"] == b["objective"] == c["objective"] == 0.95  # early stopping keeps epoch 0 (AUC)
-    assert b["best_epoch"] == 1 and b["best_test_auc"] == 0.61 and b["serving_bytes"] == 64
+    assert b["best_epoch"] == 1 and b["best_valid_auc"] == 0.60 and b["serving_bytes"] == 64
     assert b["valid/ne"] == 0.90  # the epoch's own metrics pass through
     assert config_for(cfg, {}).train.num_workers == 1  # Train's local mode cannot run in a Tune trial
 

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from loopfm.config import LoopFMConfig
 
-METRIC_COLUMNS = ("best_valid_auc", "best_valid_ne", "best_test_auc", "best_test_ne")
+METRIC_COLUMNS = ("best_valid_auc", "best_valid_ne")  # valid only: trials never see the test split
 
 
 @dataclass

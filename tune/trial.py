@@ -57,8 +57,6 @@ class Objective:
             "best_epoch": int(b.get("epoch", 0)) + 1,
             "best_valid_auc": float(b.get("valid/auc", float("nan"))),
             "best_valid_ne": float(b.get("valid/ne", float("nan"))),
-            "best_test_auc": float(b.get("test/auc", float("nan"))),
-            "best_test_ne": float(b.get("test/ne", float("nan"))),
             "serving_bytes": self.serving_bytes,
         })
         return out
