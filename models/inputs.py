@@ -77,10 +77,6 @@ class VMInputs(nn.Module):
         self.num_fields = self.emb.num_fields + spec.history + bool(spec.n_dense) + (self.seq is not None)
         self.dim = dim
 
-    def embedding_tables(self) -> list[nn.Embedding]:
-        """The id tables that `train.embedding_l2` regularizes."""
-        return [m for m in self.modules() if isinstance(m, nn.Embedding)]
-
     def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         fields = self.emb(batch)
         cand = fields[1]

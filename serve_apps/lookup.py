@@ -36,8 +36,8 @@ from loopfm.datasets.append import appended_batches
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, OOV_INDEX, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.join import (ItemHistory, JoinSpec, dense_features, raw_sequence, stored_sequence,
-                                  vertical_history)
+from loopfm.features.join import (USER_EVENT_COLUMNS, ItemHistory, JoinSpec, dense_features, raw_sequence,
+                                  stored_sequence, vertical_history)
 from loopfm.features.reader import DENSE, HISTORY_COLUMNS, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z
 from loopfm.serve_apps.bundle import Bundle
 from loopfm.store import codec
@@ -46,7 +46,6 @@ from loopfm.store.parquet import open_store
 from loopfm.store.schema import Z
 
 TS_KEY = "ts"
-HISTORY = (EVENT_ID, TS, SURFACE, LABEL, idx(ITEM_ID), idx(CATEGORY))  # per-user event columns the join reads
 logger = logging.getLogger("ray.serve")
 
 
@@ -131,7 +130,7 @@ class FeatureTable:
         self.context_latest = {c: ev[c][order][last].astype(np.int64) for c in self.context_names}
         # every event per user by (ts, event_id): history, user counters and rawseq slots
         order = np.lexsort((ev[EVENT_ID], ev[TS], ev[USER_ID]))
-        self.history = {c: np.asarray(ev[c][order], dtype=np.int64) for c in HISTORY}
+        self.history = {c: np.asarray(ev[c][order], dtype=np.int64) for c in USER_EVENT_COLUMNS}
         self.users = _PerUser(ev[USER_ID][order])
         vertical = ev[SURFACE] == self.vertical
         self.items = ItemHistory(ev[ITEM_ID][vertical], ev[TS][vertical], ev[LABEL][vertical])

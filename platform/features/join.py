@@ -28,9 +28,10 @@ from typing import Optional
 import numpy as np
 
 from loopfm.config import FeaturesConfig
+from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, idx
 
 DENSE_NAMES = ("user_log_events", "user_rate", "user_recent_rate", "item_log_impressions", "item_ctr")
-LABEL_TOKEN = {0: 1, 1: 2}  # label -> history token; 0 is padding
+USER_EVENT_COLUMNS = (EVENT_ID, TS, SURFACE, LABEL, idx(ITEM_ID), idx(CATEGORY))  # what `join_user` reads of events
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from loopfm.config import LoopFMConfig, stable_hash
-from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
+from loopfm.datasets.schema import ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo, split_of, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.join import DENSE_NAMES, JoinSpec, counts_before, join_user
+from loopfm.features.join import DENSE_NAMES, USER_EVENT_COLUMNS, JoinSpec, counts_before, join_user
 from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
 from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
@@ -41,7 +41,6 @@ from loopfm.training.loop import ordered_data, sort_boundaries
 SPLIT = "split"
 FROM_STORE = "from_store"
 ITEM_N, ITEM_POS = "item_n", "item_pos"  # the item counters, carried on vertical event rows into the user join
-HISTORY = (EVENT_ID, TS, SURFACE, LABEL, idx(ITEM_ID), idx(CATEGORY))  # event columns the user join reads
 
 
 def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Optional[str] = None) -> FeaturesManifest:
@@ -195,7 +194,7 @@ def join_group(group: pa.Table, spec: JoinSpec, event_columns: list[str], vertic
     store = group.filter(is_store)
     joined = join_user(
         {c: examples[c].to_numpy() for c in (EVENT_ID, TS, ITEM_N, ITEM_POS)},
-        {c: events[c].to_numpy() for c in HISTORY},
+        {c: events[c].to_numpy() for c in USER_EVENT_COLUMNS},
         {
             EVENT_ID: store[EVENT_ID].to_numpy(),
             TS: store[TS].to_numpy(),
