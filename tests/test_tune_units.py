@@ -78,13 +78,16 @@ def test_objective_is_the_metric_at_the_best_auc_epoch_and_serving_bytes_is_l_ti
     cfg = load_config(SMOKE)
     assert serving_bytes(cfg) == 8 * 16 // 2  # L=8 x width 16 at int4 (half a byte each)
     assert serving_bytes(cfg.updated({"vm.loopfm_width": 8, "embed.compress.dtype": "fp16"})) == 8 * 8 * 2
-    obj = Objective("ne", serving_bytes=64)
-    a = obj({"epoch": 0, "valid/auc": 0.60, "valid/ne": 0.95, "test/auc": 0.61})
-    b = obj({"epoch": 1, "valid/auc": 0.58, "valid/ne": 0.90, "test/auc": 0.62})  # NE better, AUC worse
-    c = obj({"epoch": 2, "valid/auc": float("nan"), "valid/ne": 0.80})
-    assert a["objective"] == b["objective"] == c["objective"] == 0.95  # early stopping keeps epoch 0 (AUC)
+    epochs = [{"epoch": 0, "valid/auc": 0.60, "valid/ne": 0.95, "valid/logloss": 0.50},
+              {"epoch": 1, "valid/auc": 0.58, "valid/ne": 0.90, "valid/logloss": 0.45},  # NE better, AUC worse
+              {"epoch": 2, "valid/auc": float("nan"), "valid/ne": 0.80, "valid/logloss": float("nan")}]
+    by_auc = Objective("ne", serving_bytes=64, select_by="auc")
+    a, b, c = (by_auc(m) for m in epochs)
+    assert a["objective"] == b["objective"] == c["objective"] == 0.95  # the kept epoch is 0 (best AUC)
     assert b["best_epoch"] == 1 and b["best_valid_auc"] == 0.60 and b["serving_bytes"] == 64
     assert b["valid/ne"] == 0.90  # the epoch's own metrics pass through
+    by_logloss = Objective("ne", serving_bytes=64, select_by="logloss")  # as train_vm keeps it
+    assert [by_logloss(m)["objective"] for m in epochs] == [0.95, 0.90, 0.90]
     assert config_for(cfg, {}).train.num_workers == 1  # Train's local mode cannot run in a Tune trial
 
 

@@ -6,8 +6,9 @@
            -> train_vm(callbacks=[TrialReport])  (Ray Train TorchTrainer inside the Tune trial)
 
 `TrialReport` is a Train callback that passes each epoch's metrics to Tune, plus the trial's
-objective: the validation metric at the epoch early stopping keeps (best valid AUC so far, as
-`train_vm` picks it), so the best trial's number is what `loopfm train --config best.yaml` gets. A VM already
+objective: the validation metric at the epoch early stopping keeps (chosen by `train.select_by`
+exactly as `train_vm` keeps it), so the best trial's number is what `loopfm train --config
+best.yaml` gets. A VM already
 trained with the same fingerprint (a repeated config) is not trained again: its per-epoch
 history is replayed to Tune.
 
@@ -31,6 +32,7 @@ from typing import Any, Optional
 from ray.train.v2.api.callback import UserCallback
 
 from loopfm.config import LoopFMConfig, validate_config
+from loopfm.training.vm import arm_config, arm_of, selection_value, train_vm, vm_fingerprint
 
 EVENTS = "trials.jsonl"
 LOCKS = ".locks"
@@ -40,16 +42,18 @@ STOPS = ".stop"
 class Objective:
     """Per-epoch metrics (flat keys `valid/auc`, ...) -> the same plus the trial's objective."""
 
-    def __init__(self, metric: str, serving_bytes: int):
+    def __init__(self, metric: str, serving_bytes: int, select_by: str):
         self.metric = metric
         self.serving_bytes = serving_bytes
-        self.best_auc = -math.inf
+        self.select_by = select_by
+        self.best = -math.inf
         self.at_best: Optional[dict] = None
 
     def __call__(self, metrics: dict) -> dict:
-        auc = metrics.get("valid/auc", float("nan"))
-        if self.at_best is None or (auc == auc and auc > self.best_auc):  # NaN never wins
-            self.best_auc, self.at_best = auc, dict(metrics)
+        valid = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("valid/")}
+        value = selection_value({"auc": float("nan"), "logloss": float("nan"), **valid}, self.select_by)
+        if self.at_best is None or (value == value and value > self.best):  # NaN never wins
+            self.best, self.at_best = value, dict(metrics)
         b = self.at_best
         out = dict(metrics)
         out.update({
@@ -72,9 +76,9 @@ class TrialReport(UserCallback):
     thread drains the queue before it returns.
     """
 
-    def __init__(self, queue, metric: str, serving_bytes: int):
+    def __init__(self, queue, metric: str, serving_bytes: int, select_by: str):
         self.queue = queue
-        self.objective = Objective(metric, serving_bytes)
+        self.objective = Objective(metric, serving_bytes, select_by)
 
     def after_report(self, run_context, metrics, checkpoint):
         self.queue.put(self.objective(metrics[0]))
@@ -133,7 +137,6 @@ def read_events(tune_dir: Path) -> list[dict]:
 def config_for(base: LoopFMConfig, overrides: dict) -> LoopFMConfig:
     """The full config a trial trains: base + its values, with the arm's channels and seed set
     (and at least one Train worker)."""
-    from loopfm.training.vm import arm_config
 
     cfg = arm_config(base.updated(overrides), base.tune.arm, base.train.seed)
     if cfg.train.num_workers == 0:
@@ -160,7 +163,6 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
     from loopfm.rundir import RunDir, is_complete
     from loopfm.runtime import setup_logging
     from loopfm.training.loop import _scalars
-    from loopfm.training.vm import arm_of, train_vm, vm_fingerprint
     from loopfm.tune.space import serving_bytes
 
     setup_logging()
@@ -179,7 +181,7 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
     from ray.util.queue import Queue
 
     queue = Queue(actor_options={"num_cpus": 0})
-    report = TrialReport(queue, cfg.tune.metric, serving_bytes(cfg))
+    report = TrialReport(queue, cfg.tune.metric, serving_bytes(cfg), cfg.train.select_by)
     with FileLock(str(locks / f"vm-{fingerprint}.lock")):  # the same config twice: trained once
         done = run.vm(arm_of(cfg.train), cfg.train.seed, fingerprint)
         if is_complete(done, fingerprint):
