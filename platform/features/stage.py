@@ -2,6 +2,7 @@
 
     vertical events --sort(item_id), per block--> + item counters (`join.counts_before`)
     ∪ other surfaces' events (history for the rawseq control) ∪ store rows (every surface)
+      (each branch materialized before the union: see `build_examples`)
       -> groupby(user_id).map_groups(join one user)   (sort-based shuffle, set by init_ray)
       -> write_parquet(partition_cols=[split])        (one write pass)
       -> features/<fingerprint>/{train,valid,test}/ + manifest.json
@@ -33,7 +34,7 @@ from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import ROWS_PER_PARTITION
 from loopfm.fm.train import fm_fingerprint
-from loopfm.rundir import MANIFEST, RunDir, atomic_output, is_complete, write_manifest
+from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete, write_manifest
 from loopfm.store import codec
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, Z, StoreManifest
 from loopfm.training.loop import ordered_data, sort_boundaries
@@ -49,7 +50,7 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
 
     info = SplitInfo.load(run)
     store_path, store = resolve_store(cfg, run, fm_version or configured_fm_version(cfg, run, info))
-    fingerprint = stable_hash(store.store_version, info.fingerprint, cfg.features, cfg.data.vertical)
+    fingerprint = features_fingerprint(cfg, info, store)
     out = run.features(fingerprint)
     if is_complete(out, fingerprint):
         log.info("features: %s is current, skipped", out)
@@ -61,11 +62,12 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
     started = time.time()
     log.info("features: joining vertical %d with store %s (L=%d, lag=%d, retention=%s, surfaces=%s)",
              cfg.data.vertical, store.store_version, spec.seq_len, spec.lag, spec.retention, cfg.features.surfaces)
-    boundaries = sort_boundaries(vertical_event_ids(run, cfg.data.vertical), ROWS_PER_PARTITION)
+    ids = vertical_event_ids(run, cfg.data.vertical)
+    boundaries = sort_boundaries(np.concatenate(list(ids.values())), ROWS_PER_PARTITION)
     with ordered_data(), atomic_output(out) as tmp:  # the same rows in the same files on every run
         examples = build_examples(run, store_path, spec, info, cfg.data.vertical).sort(EVENT_ID, boundaries=boundaries)
         examples.write_parquet(str(tmp), partition_cols=[SPLIT])
-        rows = _finish_partitions(tmp, store, cfg.data.vertical)
+        rows = _finish_partitions(run, tmp, store, cfg.data.vertical, {name: len(v) for name, v in ids.items()})
         manifest = FeaturesManifest(
             fingerprint=fingerprint,
             store_version=store.store_version,
@@ -96,6 +98,12 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
     return manifest
 
 
+def features_fingerprint(cfg: LoopFMConfig, info: SplitInfo, store: StoreManifest) -> str:
+    """What a feature set depends on: the store version (FM, layers, compressor settings and
+    weights), the splits, the `features` section and the vertical."""
+    return stable_hash(store.store_version, info.fingerprint, cfg.features, cfg.data.vertical)
+
+
 def configured_fm_version(cfg: LoopFMConfig, run: RunDir, info: SplitInfo) -> Optional[str]:
     """The version of the FM this config trains, when it exists: its store is the one to read
     (a run directory may hold several FMs: replicates, ablations)."""
@@ -103,12 +111,12 @@ def configured_fm_version(cfg: LoopFMConfig, run: RunDir, info: SplitInfo) -> Op
     return FMManifest.read(fm_dir).fm_version if (fm_dir / MANIFEST).is_file() else None
 
 
-def vertical_event_ids(run: RunDir, vertical: int) -> np.ndarray:
-    """Every example's event id: the output is sorted by it, on boundaries drawn from these (not
-    sampled at random), so a fresh run writes the same rows into the same files."""
-    parts = [pads.dataset(str(split_paths(run, name)), format="parquet").to_table(
-        columns=[EVENT_ID], filter=pc.field(SURFACE) == vertical)[EVENT_ID].to_numpy() for name in SPLITS]
-    return np.concatenate(parts)
+def vertical_event_ids(run: RunDir, vertical: int) -> dict[str, np.ndarray]:
+    """Every example's event id, per split: the output is sorted by them, on boundaries drawn from
+    these (not sampled at random), so a fresh run writes the same rows into the same files; and
+    each split's output must hold as many examples as its input holds vertical events."""
+    return {name: pads.dataset(str(split_paths(run, name)), format="parquet").to_table(
+        columns=[EVENT_ID], filter=pc.field(SURFACE) == vertical)[EVENT_ID].to_numpy() for name in SPLITS}
 
 
 def vertical_label_rate(run: RunDir, vertical: int) -> float:
@@ -135,8 +143,12 @@ def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInf
     history = splits.filter(expr=col(SURFACE) != vertical).map_batches(
         history_rows, batch_format="pyarrow", fn_args=(schema,))
     store = ray.data.read_parquet(str(store_path)).map_batches(store_rows, batch_format="pyarrow", fn_args=(schema,))
+    # Each branch runs alone before the union: with order preserved, the union takes the branches
+    # in turn, so a later branch's read tasks (backpressured, each holding its CPU) could take every
+    # CPU that the item sort of the first branch still needs: a deadlock, seen on a loaded 2-core
+    # box. The shuffle below holds every row anyway, so materializing costs no extra memory.
     return (
-        examples.union(history, store)
+        examples.materialize().union(history.materialize(), store.materialize())
         .groupby(USER_ID)
         .map_groups(join_group, batch_format="pyarrow", fn_args=(spec, events_schema.names, vertical))
         .map_batches(contiguous, batch_format="pyarrow", batch_size=None)
@@ -222,8 +234,10 @@ def contiguous(block: pa.Table) -> pa.Table:
     return block.combine_chunks()
 
 
-def _finish_partitions(tmp: Path, store: StoreManifest, vertical: int) -> dict[str, int]:
-    """Rename `split=<name>/` to `<name>/`, count examples, refuse events the store lacks."""
+def _finish_partitions(run: RunDir, tmp: Path, store: StoreManifest, vertical: int,
+                       expected: dict[str, int]) -> dict[str, int]:
+    """Rename `split=<name>/` to `<name>/`; refuse a split whose example count is not its vertical
+    event count (`expected`: a row the shuffle or join lost or doubled), or events the store lacks."""
     rows = {}
     for name in SPLITS:
         hive = tmp / f"{SPLIT}={name}"
@@ -231,6 +245,8 @@ def _finish_partitions(tmp: Path, store: StoreManifest, vertical: int) -> dict[s
             raise MissingInputError(f"split {name!r} has no events of vertical {vertical} (data.vertical)")
         hive.rename(tmp / name)
         kd = pads.dataset(str(tmp / name), format="parquet").to_table(columns=[KD_LOGIT])[KD_LOGIT]
+        check_rows("features", tmp / name, len(kd), expected[name],
+                   f"one example per surface-{vertical} event of {split_paths(run, name)}")
         missing = kd.null_count + int(pc.sum(pc.is_nan(kd)).as_py() or 0)
         if missing:
             raise VersionMismatchError(
