@@ -15,3 +15,8 @@ class DataValidationError(LoopFMError):
 
 class VersionMismatchError(LoopFMError):
     """A store, checkpoint or feature set does not match what its reader expects."""
+
+
+class RowCountError(VersionMismatchError):
+    """A stage's output holds another number of rows than its inputs say it must (a lost or
+    doubled row in a join, a shuffle or a write): the output is refused before it is published."""

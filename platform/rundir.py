@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 from filelock import FileLock
 
-from loopfm.errors import VersionMismatchError
+from loopfm.errors import RowCountError, VersionMismatchError
 
 MANIFEST = "manifest.json"
 LOCK_DIR = Path(tempfile.gettempdir()) / "loopfm-locks"
@@ -149,6 +149,16 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, Path(path) / MANIFEST)
 
 
+def check_rows(stage: str, where: Path | str, got: int, expected: int, what: str) -> None:
+    """Refuse to publish an output whose row count is not the one its stage knows it must be.
+
+    Called inside `atomic_output`, before the manifest: a stage that lost or doubled rows raises
+    here, and the temp dir is removed, so no reader ever sees the short output under its name.
+    """
+    if got != expected:
+        raise RowCountError(f"{stage}: {where} holds {got} rows, expected {expected} ({what}); not published")
+
+
 def is_complete(path: Path, fingerprint: Optional[str] = None) -> bool:
     """True when `path` holds a finished output (and, if given, with this fingerprint)."""
     m = read_manifest(path)
@@ -200,6 +210,20 @@ def reap_stale(final: Path) -> list[Path]:
     for old in final.parent.glob(f".{final.name}.old-*"):
         shutil.rmtree(old, ignore_errors=True)
         reaped.append(old)
+    return reaped
+
+
+def reap_dead_temps(parent: Path) -> list[Path]:
+    """Remove every temp dir in `parent` whose writer is dead, whatever output it was for; returns them.
+
+    For a directory of outputs whose names change from write to write (store deltas: a re-run
+    after a kill gets another name, so `reap_stale` of the new name never sees the old temp dir).
+    """
+    reaped = []
+    for stale in Path(parent).glob(".*.tmp-*") if Path(parent).is_dir() else []:
+        if stale.is_dir() and not _owned_by_live_process(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+            reaped.append(stale)
     return reaped
 
 

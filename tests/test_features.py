@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray.data.expressions import col
 
 from conftest import SMOKE
 from features_reference import (
@@ -23,6 +24,8 @@ from features_reference import (
 )
 from loopfm.cli import main
 from loopfm.datasets.schema import SPLITS
+from loopfm.errors import VersionMismatchError
+from loopfm.features import stage
 from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features, store_version
 from loopfm.features.collate import VMBatchCollate
 from loopfm.rundir import RunDir
@@ -253,3 +256,20 @@ def test_events_missing_from_the_store_are_refused(ray_session, run_with_store, 
     assert main(["features", "--config", str(SMOKE), "--out", str(run.root), *OVERRIDES]) == 1
     assert "has no FM logit for 5 of" in capsys.readouterr().err
     assert list((run.root / "features").iterdir()) == []  # no half-written feature set
+
+
+@pytest.mark.timeout(180)
+def test_a_lost_example_is_refused_before_the_feature_set_is_published(ray_session, run_with_store, smoke_config,
+                                                                       monkeypatch):
+    """The join loses one valid example (a dropped row in the shuffle): the stage refuses to publish,
+    naming itself, the split's counts and both files (before: a short feature set, published)."""
+    run, log, _ = run_with_store
+    valid = log[(log["surface"] == 0) & (log["split"] == "valid")]
+    victim = int(valid["event_id"].iloc[0])
+    build = stage.build_examples
+    monkeypatch.setattr(stage, "build_examples", lambda *args: build(*args).filter(expr=col("event_id") != victim))
+    with pytest.raises(VersionMismatchError, match=rf"features: .*valid holds {len(valid) - 1} rows, expected "
+                                                   rf"{len(valid)} \(one example per surface-0 event of "
+                                                   rf".*data/splits/valid\); not published"):
+        stage.features_stage(smoke_config, run)
+    assert list((run.root / "features").iterdir()) == []

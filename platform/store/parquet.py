@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loopfm.errors import VersionMismatchError
-from loopfm.rundir import MANIFEST
+from loopfm.rundir import MANIFEST, check_rows
 from loopfm.store.schema import EVENT_ID, TS, StoreManifest
 
 
@@ -36,17 +36,20 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def seal(path: Path, manifest: StoreManifest, expected_rows: Optional[int] = None) -> StoreManifest:
-    """Fill rows, ts range and file hashes into `manifest` and write it; checks event ids are unique."""
+def seal(path: Path, manifest: StoreManifest, expected_rows: Optional[int] = None,
+         stage: str = "store") -> StoreManifest:
+    """Fill rows, ts range and file hashes into `manifest` and write it; checks the row count
+    (`expected_rows`: one per event the `stage` embedded) and that event ids are unique."""
     files = data_files(path)
     tables = [pq.read_table(f, columns=[EVENT_ID, TS]) for f in files]
     rows = sum(t.num_rows for t in tables)
-    if expected_rows is not None and rows != expected_rows:
-        raise VersionMismatchError(f"store at {path} holds {rows} rows, expected {expected_rows} (one per event)")
+    if expected_rows is not None:
+        check_rows(stage, f"store at {path}", rows, expected_rows, "one per event embedded")
     if rows:
         unique = len(np.unique(np.concatenate([t[EVENT_ID].to_numpy() for t in tables])))
         if unique != rows:
-            raise VersionMismatchError(f"store at {path} holds {rows - unique} duplicate event ids")
+            raise VersionMismatchError(f"{stage}: store at {path} holds {rows - unique} duplicate event ids; "
+                                       "not published")
     manifest.rows = rows
     manifest.min_ts = min((pc.min(t[TS]).as_py() for t in tables if t.num_rows), default=0)
     manifest.max_ts = max((pc.max(t[TS]).as_py() for t in tables if t.num_rows), default=0)
