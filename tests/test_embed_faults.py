@@ -83,18 +83,20 @@ def _assert_complete_store(run: RunDir, store: Path) -> None:
     assert set(ids.tolist()) == set(want.tolist()), "store and splits hold different events"
 
 
-def _store_pass_started(final: Path) -> bool:
+def _store_pass_started(stores: Path) -> bool:
     """True once `embed_stage` has opened the store's output (its temp dir, or whatever it writes)."""
-    return final.parent.is_dir() and any(final.parent.iterdir())
+    return stores.is_dir() and any(stores.iterdir())
+
+
+def _published(stores: Path) -> list[Path]:
+    """Stores under a final name (the name is the version, known only once the compressor is trained)."""
+    return [p for p in stores.iterdir() if not p.name.startswith(".")] if stores.is_dir() else []
 
 
 def _store_path(cfg, run: RunDir) -> Path:
-    from loopfm.features.resolve import store_version
-    from loopfm.fm.checkpoint import FMManifest
-    from loopfm.fm.train import fm_fingerprint
+    from loopfm.features.resolve import resolve_store
 
-    fm = FMManifest.read(run.fm(fm_fingerprint(cfg, SplitInfo.load(run))))
-    return run.store(store_version(fm.fm_version, cfg.embed))
+    return resolve_store(cfg, run)[0]
 
 
 def _write_untrained_fm(cfg, run: RunDir) -> None:
@@ -146,7 +148,7 @@ def test_extractor_actor_killed_mid_store_pass(ray_session, embed_cfg, run_copy)
     from loopfm.fm.embed import embed_stage
 
     run = run_copy
-    final = _store_path(embed_cfg, run)
+    stores = run.root / "store"
     result: dict = {}
 
     def job():
@@ -160,12 +162,12 @@ def test_extractor_actor_killed_mid_store_pass(ray_session, embed_cfg, run_copy)
     killed: dict = {}
     deadline = time.time() + 200
     while thread.is_alive() and time.time() < deadline and not killed:
-        if _store_pass_started(final):  # the actor pool exists only for the store pass
+        if _store_pass_started(stores):  # the actor pool exists only for the store pass
             for actor in _extractor_actors("ALIVE"):
                 if actor["Pid"]:
                     os.kill(actor["Pid"], signal.SIGKILL)
                     killed = {"actor_id": actor["ActorID"], "pid": actor["Pid"], "job_running": thread.is_alive(),
-                              "unsealed": not (final / MANIFEST).exists()}
+                              "unsealed": not _published(stores)}
                     break
         time.sleep(0.05)
     thread.join(timeout=max(1.0, deadline - time.time()))
@@ -183,6 +185,7 @@ def test_extractor_actor_killed_mid_store_pass(ray_session, embed_cfg, run_copy)
     restarted = ray._private.state.actors(actor_id=killed["actor_id"])
     assert restarted["NumRestarts"] >= 1, restarted  # Ray Data brought the killed actor back
 
+    final = _store_path(embed_cfg, run)
     assert final.is_dir() and not list(final.parent.glob(f".{final.name}.tmp-*"))
     assert result["manifest"].rows == sum(SplitInfo.load(run).rows.values())
     _assert_complete_store(run, final)
@@ -200,7 +203,7 @@ def test_driver_killed_while_writing_leaves_no_store(ray_session, embed_cfg, run
     from loopfm.fm.embed import embed_stage
 
     run = run_copy
-    final = _store_path(embed_cfg, run)
+    stores = run.root / "store"
     cmd = [sys.executable, "-m", "loopfm.cli", "embed", "--config", str(REPO / "configs" / "smoke.yaml"),
            "--out", str(run.root)]
     for key, value in OVERRIDES.items():
@@ -215,7 +218,7 @@ def test_driver_killed_while_writing_leaves_no_store(ray_session, embed_cfg, run
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             # Any parquet file under store/ (temp dir or not): the store pass is writing.
-            partial = list(final.parent.rglob("*.parquet")) if final.parent.is_dir() else []
+            partial = list(stores.rglob("*.parquet")) if stores.is_dir() else []
             if partial:
                 os.kill(proc.pid, signal.SIGKILL)
                 break
@@ -236,12 +239,13 @@ def test_driver_killed_while_writing_leaves_no_store(ray_session, embed_cfg, run
     assert "Started a local Ray instance" in log_text, "the CLI should start its own Ray, not join the test's"
 
     # No half store under the final name; the partial files sit in a hidden temp dir only.
-    assert not final.exists(), f"a killed embed left {final}"
-    stale = list(final.parent.glob(f".{final.name}.tmp-*"))
+    assert not _published(stores), f"a killed embed left {_published(stores)}"
+    stale = list(stores.glob(".*.tmp-*"))
     assert stale and all(t.name.startswith(".") for t in stale)
 
     # A re-run completes the store under its final name; the stale temp is not part of it.
     manifest = embed_stage(embed_cfg, run)
+    final = _store_path(embed_cfg, run)
     assert final.is_dir()
     assert manifest.rows == sum(SplitInfo.load(run).rows.values())
     _assert_complete_store(run, final)

@@ -121,7 +121,7 @@ def fabricate_store(cfg, run: RunDir, log: pd.DataFrame) -> pd.DataFrame:
     store["fm_logit"] = rng.normal(size=len(store)).astype(np.float32)
     store["tag"] = np.arange(1, len(store) + 1)
     z = tagged_z(store["tag"].to_numpy(), c.width, c.dtype)
-    version = store_version(FM_VERSION, cfg.embed)
+    version = store_version(FM_VERSION, cfg.embed, "")  # no compressor: z are fabricated
     path = run.store(version)
     path.mkdir(parents=True)
     table = pa.table({**{k: store[k].to_numpy() for k in ROW_SCHEMA.names[:-1]}, "z": codec.to_binary_column(z)})

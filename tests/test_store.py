@@ -85,3 +85,43 @@ def test_int4_round_trip_error_is_at_most_a_sixteenth():
     err = np.abs(codec.decode(codec.encode(z, "int4"), "int4", WIDTH) - z)
     assert err.max() <= 1 / 16 + 1e-7
     assert codec.encode(z, "int4").shape == (2000, WIDTH // 2)  # two per byte
+
+
+@pytest.mark.timeout(300)
+def test_a_store_rebuilt_with_another_compressor_is_never_taken_for_the_old_one(smoke_trained, smoke_config,
+                                                                                 tmp_path, monkeypatch):
+    """Same config, same FM, and a compressor that trains to other weights (as on other hardware,
+    precision or library version; here: another seed): the store gets another version, so the
+    features stage does not reuse the old feature set, and serving refuses the VM trained on the old
+    store instead of feeding it the new store's z (before: the same version, path and fingerprint,
+    and the old VM served with z it never saw)."""
+    import shutil
+
+    from conftest import SERVED_ARM, SERVED_SEED
+    from loopfm.datasets.splits import SplitInfo
+    from loopfm.errors import MissingInputError
+    from loopfm.features.resolve import resolve_store
+    from loopfm.features.stage import features_fingerprint
+    from loopfm.fm.embed import embed_stage
+    from loopfm.models import autoencoder
+    from loopfm.rundir import RunDir
+    from loopfm.serve_apps.bundle import Bundle
+    from loopfm.serve_apps.lookup import FeatureTable
+
+    src, features, vm = smoke_trained
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(src.root, run.root)
+    old_path, old = resolve_store(smoke_config, run)
+    assert features.store_version == vm.store_version == old.store_version
+    shutil.rmtree(old_path)  # rebuilt: removed by hand, or built again on another machine
+    train = autoencoder.train_autoencoder
+    monkeypatch.setattr(autoencoder, "train_autoencoder",
+                        lambda sample, cfg, seed=0, log=None: train(sample, cfg, seed=seed + 1, log=log))
+    new = embed_stage(smoke_config, run)
+    assert new.compressor_hash != old.compressor_hash  # the premise: another compressor, the same config
+
+    assert new.store_version != old.store_version
+    assert resolve_store(smoke_config, run)[1].store_version == new.store_version
+    assert features_fingerprint(smoke_config, SplitInfo.load(run), new) != features.fingerprint
+    with pytest.raises(MissingInputError, match=f"reads store version {old.store_version}"):
+        FeatureTable(Bundle.open(run.root, run.vm(SERVED_ARM, SERVED_SEED, vm.fingerprint)))

@@ -5,12 +5,15 @@
 First a sample of train events goes through the FM uncompressed to train the Matryoshka
 autoencoder (stop-gradient by construction: the FM is frozen here); then one pass over every
 chunk writes (event_id, user_id, ts, surface, fm_logit, z). The store version is
-`stable_hash(fm_version, cfg.embed)`; the store is sealed (row count = event count, unique ids,
-file hashes) inside a temp directory before it appears under that name.
+`stable_hash(fm_version, embed.layers, embed.compress, compressor hash)`, named once the compressor
+is trained (`features.resolve.store_version`); the store is sealed (row count = event count, unique
+ids, file hashes) inside a temp directory before it appears under that name. A store this config
+already built from this FM (any compressor) is current: the stage finds it by its manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import time
@@ -21,15 +24,15 @@ import torch
 from loopfm.config import LoopFMConfig
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError
-from loopfm.features.resolve import store_version
+from loopfm.features.resolve import store_version, stores_of
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
-from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.rundir import RunDir, atomic_output
 from loopfm.actors.extractor import ChunkExtractor
 from loopfm.store import codec
-from loopfm.store.parquet import file_hash, seal
+from loopfm.store.parquet import seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.training.checkpoint import MODEL_FILE
 from loopfm.training.loop import ordered_data
@@ -49,11 +52,10 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
     if not (fm_dir / MODEL_FILE).is_file():
         raise MissingInputError(f"no FM for this config at {fm_dir}: run `loopfm fm train` first")
     fm = FMManifest.read(fm_dir)
-    version = store_version(fm.fm_version, cfg.embed)
-    out = run.store(version)
-    if is_complete(out):
-        log.info("embed: store %s is current, skipped", out)
-        return StoreManifest.read(out)
+    built = stores_of(cfg, run, fm.fm_version)
+    if built:
+        log.info("embed: store %s is current, skipped", built[-1][0])
+        return built[-1][1]
     init_ray(cfg.ray)
     started = time.time()
     fm_args = extractor_args(fm_dir, fm, cfg)
@@ -66,16 +68,21 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
              len(sample), sample.shape[1], cfg.embed.compress.width, stats["recon_error"])
 
     total_events = sum(info.rows.values())
+    blob = io.BytesIO()
+    torch.save(compressor, blob)  # incremental embedding reuses it
+    compressor_hash = hashlib.sha256(blob.getvalue()).hexdigest()
+    version = store_version(fm.fm_version, cfg.embed, compressor_hash)
+    out = run.store(version)
     with atomic_output(out) as tmp:
         extract_rows(chunks, cfg, fm_args, compressor).write_parquet(str(tmp))
-        torch.save(compressor, tmp / COMPRESSOR_FILE)  # incremental embedding reuses it
+        (tmp / COMPRESSOR_FILE).write_bytes(blob.getvalue())
         manifest = seal(tmp, StoreManifest(
             store_version=version, fm_version=fm.fm_version, checkpoint_hash=fm.fm_version,
             layers=list(cfg.embed.layers), raw_width=int(sample.shape[1]), width=cfg.embed.compress.width,
             prefix_widths=list(cfg.embed.compress.prefix_widths), dtype=cfg.embed.compress.dtype,
             rows=0, min_ts=0, max_ts=0, recon_error=stats["recon_error"], quant_error=stats["quant_error"],
-            compressor_hash=file_hash(tmp / COMPRESSOR_FILE),
-        ), expected_rows=total_events)
+            compressor_hash=compressor_hash,
+        ), expected_rows=total_events, stage="embed")
     seconds = time.time() - started
     log.info("embed: %d events in %.1fs (%.0f events/s) -> store %s", manifest.rows, seconds,
              manifest.rows / max(seconds, 1e-9), out)
@@ -101,8 +108,8 @@ def _raw_sample(chunks, cfg: LoopFMConfig, extractor) -> np.ndarray:
 def _train_compressor(sample: np.ndarray, cfg: LoopFMConfig, log) -> tuple[dict, dict]:
     """Fit the autoencoder; measure reconstruction by prefix and the storage codec's error.
 
-    Seeded by `fm.seed`: the store version names the FM version, which that seed already changes,
-    so a store's version covers its compressor's initialisation and shuffles too."""
+    Seeded by `fm.seed`, so the same FM and config train the same compressor on one machine; the
+    store version hashes the trained weights too, for when they still come out different."""
     from loopfm.models.autoencoder import train_autoencoder
 
     compress = cfg.embed.compress

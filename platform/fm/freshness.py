@@ -40,7 +40,8 @@ def drifting_store(run: RunDir, cfg: LoopFMConfig, stores: list[StoreManifest], 
                    events: int) -> StoreManifest:
     """Each event's row from the newest FM of its time, as one sealed store."""
     fm_version = "drift-" + stable_hash([s.fm_version for s in stores], bounds)
-    version = store_version(fm_version, cfg.embed)
+    compressors = ",".join(s.compressor_hash for s in stores)  # each slice's rows keep their own compressor's z
+    version = store_version(fm_version, cfg.embed, compressors)
     out = run.store(version)
     if is_complete(out):
         return StoreManifest.read(out)
@@ -60,7 +61,7 @@ def drifting_store(run: RunDir, cfg: LoopFMConfig, stores: list[StoreManifest], 
             store_version=version, fm_version=fm_version, checkpoint_hash=",".join(s.fm_version for s in stores),
             layers=last.layers, raw_width=last.raw_width, width=last.width, prefix_widths=last.prefix_widths,
             dtype=last.dtype, rows=0, min_ts=0, max_ts=0, recon_error=last.recon_error,
-            quant_error=last.quant_error), expected_rows=events)
+            quant_error=last.quant_error, compressor_hash=compressors), expected_rows=events, stage="freshness")
 
 
 def centroid_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> float:

@@ -58,7 +58,7 @@ class StoreManifest:
     parent: Optional[str] = None  # set on deltas: the version this one extends
     base: Optional[str] = None  # set on deltas: the full store the chain starts from
     since: Optional[int] = None  # set on deltas: holds the log's events with ts > since
-    compressor_hash: str = ""  # sha256 of compressor.pt (full stores)
+    compressor_hash: str = ""  # sha256 of compressor.pt, part of the version (a drifting store lists its slices')
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, checked on open
     created_at: str = ""
 
