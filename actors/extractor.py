@@ -22,23 +22,30 @@ import pyarrow as pa
 import torch
 
 from loopfm.fm.chunks import TOKENS
+from loopfm.precision import autocast, gpu_precision
 from loopfm.store import codec
 from loopfm.store.schema import ROW_SCHEMA
 
 
 class ChunkExtractor:
     """`mode="store"`: rows of ROW_SCHEMA (z compressed and encoded);
-    `mode="raw"`: the uncompressed e of train events (the compressor's training sample)."""
+    `mode="raw"`: the uncompressed e of train events (the compressor's training sample).
+
+    `gpu`: run on CUDA (bf16 autocast, `loopfm.precision`) or on the CPU, as the stage's
+    `ray.use_gpu` says (`extractor_args` passes it); None: CUDA whenever this process sees one.
+    An actor without a GPU resource still sees every GPU of its node (Ray leaves
+    CUDA_VISIBLE_DEVICES alone when it assigns none), so the stage says it explicitly."""
 
     def __init__(self, fm_weights: bytes, fm_manifest: dict, layers: list[int],
                  compressor: Optional[dict] = None, dtype: str = "int4", mode: str = "store",
-                 retain_memory: bool = False):
+                 retain_memory: bool = False, gpu: Optional[bool] = None):
         from loopfm.config import FMConfig
         from loopfm.models.fm import CausalFM
 
         if retain_memory:  # pool_args sets it: the actor's process is ours alone
             retain_freed_memory()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cuda = torch.cuda.is_available() and (gpu is None or gpu)
+        self.device = gpu_precision("cuda" if cuda else "cpu")
         self.fm = CausalFM(FMConfig.model_validate(fm_manifest["fm"]), fm_manifest["vocab_sizes"],
                            fm_manifest["num_surfaces"])
         self.fm.load_state_dict(torch.load(io.BytesIO(fm_weights), weights_only=True))
@@ -51,11 +58,11 @@ class ChunkExtractor:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]):
         tokens = {name: torch.tensor(batch[name], dtype=torch.long, device=self.device) for name in TOKENS}  # copies: Ray hands read-only arrays
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             logit, emb = self.fm.extract(tokens, self.layers)
         mask = batch["out"] & (batch["split"] == 0) if self.mode == "raw" else batch["out"]
         out = torch.as_tensor(mask, device=self.device)
-        e = emb[out].float()
+        e = emb[out].float()  # float32 from here on (bf16 under autocast)
         if self.mode == "raw":  # the compressor's training sample: train events only
             return {"e": e.cpu().numpy()}
         z = self.ae.encode(e).cpu().numpy()

@@ -46,6 +46,7 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.001, ge=0)
     max_items: PositiveInt = 1000
     num_cpus: PositiveFloat = 1.0
+    num_gpus: float = Field(0.0, ge=0, le=1, description="GPU share of one VM replica (0: the VM runs on the CPU)")
     frontend_cpus: PositiveFloat = 0.5
     max_ongoing_requests: PositiveInt = 256
     refresh_interval_s: float = Field(30.0, ge=0)
@@ -64,8 +65,19 @@ def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> d
         autoscaling=s.autoscaling.model_dump() if s.autoscaling else None, max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s, max_items=s.max_items, num_cpus=s.num_cpus,
         frontend_cpus=s.frontend_cpus, max_ongoing_requests=s.max_ongoing_requests,
-        refresh_interval_s=s.refresh_interval_s, staleness_sla_s=s.staleness_sla_s,
+        refresh_interval_s=s.refresh_interval_s, staleness_sla_s=s.staleness_sla_s, num_gpus=vm_gpus(cfg),
     ).model_dump()
+
+
+def vm_gpus(cfg: LoopFMConfig) -> float:
+    """GPU share of one VM replica: none unless `ray.use_gpu` says GPUs; then every replica (up to the
+    autoscaler's most) gets an equal share of one, so they all fit on a one-GPU machine."""
+    from loopfm.runtime import use_gpu
+
+    if not use_gpu(cfg.ray):
+        return 0.0
+    s = cfg.serve
+    return 1.0 / (s.autoscaling.max_replicas if s.autoscaling else s.replicas)
 
 
 def _scaling(a: AppArgs) -> dict:
@@ -90,8 +102,8 @@ def build_app(args: dict) -> Application:
     model = VMModel.options(
         **_scaling(a), max_ongoing_requests=max(a.max_ongoing_requests, 2 * a.max_batch_size),
         graceful_shutdown_timeout_s=GRACE_S,
-        ray_actor_options={"num_cpus": a.num_cpus},
-    ).bind(a.run_dir, a.vm_dir, a.max_batch_size, a.batch_wait_timeout_s)
+        ray_actor_options={"num_cpus": a.num_cpus, **({"num_gpus": a.num_gpus} if a.num_gpus else {})},
+    ).bind(a.run_dir, a.vm_dir, a.max_batch_size, a.batch_wait_timeout_s, gpu=a.num_gpus > 0)
     return ScoringIngress.options(
         **_scaling(a), max_ongoing_requests=a.max_ongoing_requests, graceful_shutdown_timeout_s=GRACE_S,
         ray_actor_options={"num_cpus": a.frontend_cpus},

@@ -20,6 +20,7 @@ from ray import serve
 
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, USER_ID, idx
 from loopfm.features.reader import DENSE, HISTORY_COLUMNS, KD_LOGIT, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z, decode_batch
+from loopfm.precision import autocast, gpu_precision
 from loopfm.serve_apps.bundle import Bundle
 from loopfm.training.checkpoint import load_vm
 
@@ -27,9 +28,11 @@ STALE = "stale"  # a request whose features came from another store version than
 
 
 class VMScorer:
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, device: str = "cpu"):
         self.bundle = bundle
+        self.device = gpu_precision(device)
         self.model, self.manifest = load_vm(bundle.vm_dir)
+        self.model.to(self.device)
         self.features = bundle.features
         self.with_seq = self.manifest.seq_width is not None
         self.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -59,8 +62,10 @@ class VMScorer:
     @torch.inference_mode()
     def logits(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         batch = decode_batch(rows, self.features, self.manifest.seq_width, self.with_seq, self.manifest.rawseq)
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-        return self.model(tensors)["logit"].float().numpy()
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
+        with autocast(self.device):
+            logit = self.model(tensors)["logit"]
+        return logit.float().cpu().numpy()
 
     def score(self, requests: list[dict]) -> list[dict]:
         """One forward for all `requests`; each gets its logits (or STALE, to be retried)."""
@@ -95,10 +100,11 @@ class VMModel:
     """The VM behind dynamic batching; batch size and wait time come from `serve.*` config."""
 
     def __init__(self, run_dir: str, vm_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.001,
-                 torch_threads: Optional[int] = 1):
+                 torch_threads: Optional[int] = 1, gpu: bool = False):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.scorer = VMScorer(Bundle.open(run_dir, vm_dir))
+        device = "cuda" if gpu and torch.cuda.is_available() else "cpu"  # gpu: this replica holds a GPU share
+        self.scorer = VMScorer(Bundle.open(run_dir, vm_dir), device)
         self.batch = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

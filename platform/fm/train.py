@@ -21,6 +21,7 @@ from loopfm.config import FMConfig, LoopFMConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
 from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
 from loopfm.fm.checkpoint import FMManifest, save_fm
+from loopfm.precision import autocast
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.training.checkpoint import state_bytes
 from loopfm.training.loop import ordered_data
@@ -66,7 +67,8 @@ def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs =
         started = time.time()
         result = run_trainer(
             fm_loop,
-            {"fm": cfg.fm.model_dump(mode="json"), "vocab_sizes": vocab_sizes, "num_surfaces": info.num_surfaces},
+            {"fm": cfg.fm.model_dump(mode="json"), "vocab_sizes": vocab_sizes, "num_surfaces": info.num_surfaces,
+             "use_gpu": gpu},
             datasets, name=f"fm-{fingerprint}", storage=str(run.ray_storage),
             num_workers=cfg.fm.num_workers, use_gpu=gpu,
         )
@@ -89,18 +91,21 @@ def fm_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from loopfm.models.fm import CausalFM, fm_loss
-    from loopfm.training.loop import cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed
+    from loopfm.models.fm import CausalFM
+    from loopfm.training.loop import (LoopTimer, cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed,
+                                      train_device)
 
+    timer = LoopTimer(config.get("timing_log"))  # benchmarks only (gpu_check): where the fit's time goes
     cfg = FMConfig.model_validate(config["fm"])
     seed_everything(cfg.seed)
     model = CausalFM(cfg, config["vocab_sizes"], config["num_surfaces"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = resume(model, optimizer, cfg.patience)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    device = train_device(config.get("use_gpu", False))
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     rank = ray.train.get_context().get_world_rank()
     train, evaluation = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("eval")
+    timer.setup_done()
     for epoch in range(state.epoch, cfg.epochs):
         if state.stopper.should_stop:
             break
@@ -110,14 +115,11 @@ def fm_loop(config: dict) -> None:
         torch.manual_seed(epoch_seed)  # dropout too: a run resumed at this epoch draws what an unbroken one would
         batches = train.iter_torch_batches(batch_size=cfg.batch_size, device=device, local_shuffle_buffer_size=256,
                                            local_shuffle_seed=epoch_seed)
-        for batch in batches:
-            loss = fm_loss(model(_tokens(batch))["logit"], batch["label"].float(), batch["out"] & (batch["split"] == TRAIN))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        for batch in timer.batches(batches):
+            losses.append(fm_step(model, optimizer, batch, device))
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                    **evaluate_fm(model, evaluation, cfg.batch_size, device)}
+        timer.evaluated()
         if state.stopper.update(epoch, metrics["valid"]["auc"], metrics):
             state.best_state = cpu_state(model)
         if rank == 0:
@@ -125,6 +127,21 @@ def fm_loop(config: dict) -> None:
             say(f"fm epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} | valid auc "
                   f"{v['auc']:.4f} logloss {v['logloss']:.4f} ne {v['ne']:.4f} | test auc {t['auc']:.4f}")
         report_epoch(epoch, metrics, model, optimizer, state)
+        timer.epoch_done(epoch)
+
+
+def fm_step(model, optimizer, batch: dict, device) -> float:
+    """One optimizer step on a batch of chunks; returns the loss. The forward runs under
+    `loopfm.precision.autocast` (bf16 on CUDA, nothing on CPU), the loss in float32."""
+    from loopfm.models.fm import fm_loss
+
+    with autocast(device):
+        logit = model(_tokens(batch))["logit"]
+    loss = fm_loss(logit.float(), batch["label"].float(), batch["out"] & (batch["split"] == TRAIN))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def _tokens(batch: dict) -> dict:
@@ -140,7 +157,8 @@ def evaluate_fm(model, shard, batch_size: int, device) -> dict:
     model.eval()
     parts = {"split": [], "label": [], "logit": [], "user": []}
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-        logit = model(_tokens(batch))["logit"]
+        with autocast(device):
+            logit = model(_tokens(batch))["logit"]
         out = batch["out"] & (batch["split"] >= VALID)
         users = batch["user_id"][:, None].expand_as(out)
         for name, value in (("split", batch["split"]), ("label", batch["label"]), ("logit", logit), ("user", users)):

@@ -48,7 +48,10 @@ class ShardBatches:
         shuffle = {} if self.shuffle_seed is None else {
             "local_shuffle_buffer_size": 4 * self.batch_size,
             "local_shuffle_seed": shuffle_seed(self.shuffle_seed, epoch)}
-        yield from self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=keeper, **shuffle)
+        # the collate's device, or Ray's "auto" moves the batch back to the CPU where Train assigned no
+        # GPU (local mode, num_workers 0, on a GPU the stage asked for)
+        yield from self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=keeper,
+                                                 device=self.collate.device or "auto", **shuffle)
         if self.keep:  # reached only when the epoch ran to its end: a partial shard is never kept
             tables = keeper.tables
             self.columns = arrow_columns(pa.concat_tables(tables), self.collate.manifest) if tables else {}

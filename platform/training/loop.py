@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from ray.data import DataContext
 
+from loopfm.precision import gpu_precision
+
 STATE_FILE = "state.pt"
 
 
@@ -175,6 +177,20 @@ def final_state(result) -> dict:
     while _LOCAL_CHECKPOINTS:
         shutil.rmtree(_LOCAL_CHECKPOINTS.pop(), ignore_errors=True)
     return state
+
+
+def train_device(gpu: bool) -> torch.device:
+    """The device of this Train worker's loop, with `loopfm.precision`'s GPU settings made on it.
+
+    Ray Train's own choice (the GPU it assigned this worker, else the CPU), except in local mode
+    (`num_workers: 0`, the loop runs in the driver), where Train assigns nothing and says CPU:
+    there a stage that asked for a GPU (`ray.use_gpu`) gets this process's CUDA device."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if gpu and device.type == "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return gpu_precision(device)
 
 
 def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ import torch
 from loopfm.config import ARM_CHANNELS, ARMS, LoopFMConfig, TrainConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
 from loopfm.features.reader import LABEL, RAW_COLUMNS, SEQ_Z, FeaturesManifest, read_features
+from loopfm.precision import autocast, float32, model_device
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes
 
@@ -60,7 +61,7 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     metrics. `loopfm tune` stops trials so (ASHA), letting Train shut its workers down itself.
     `timing_log`: a file the workers append their wall-clock stamps to (`LoopTimer`; benchmarks).
     """
-    from loopfm.runtime import init_ray, log, use_gpu
+    from loopfm.runtime import init_ray, log, torch_device, use_gpu
     from loopfm.training.loop import final_state, ordered_data, run_trainer
 
     arm, seed = arm_of(cfg.train), cfg.train.seed
@@ -70,6 +71,7 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
         log.info("train: %s is current, skipped", out)
         return VMManifest.read(out)
     init_ray(cfg.ray)
+    gpu = use_gpu(cfg.ray)
     info = SplitInfo.load(run)
     width = seq_width(cfg, features)
     columns = feature_columns(run, features, loopfm=width is not None, rawseq=cfg.train.use_rawseq)
@@ -95,12 +97,12 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
             vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict(),
                       **({"stop_file": str(stop_file)} if stop_file else {}),
                       **({"timing_log": str(timing_log)} if timing_log else {}),
-                      "keep_shards": keep}, datasets,
+                      "keep_shards": keep, "use_gpu": gpu}, datasets,
             name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
-            num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg.ray), callbacks=callbacks,
+            num_workers=cfg.train.num_workers, use_gpu=gpu, callbacks=callbacks,
         )
         state = final_state(result)
-        test_metrics = evaluate_state(state["best"], manifest, features, test)
+        test_metrics = evaluate_state(state["best"], manifest, features, test, torch_device(gpu))
     manifest.metrics = {**state["stopper"]["best_metrics"], "test": test_metrics,
                         "best_epoch": state["stopper"]["best_epoch"] + 1,
                         "history": state["history"], "seconds": round(time.time() - started, 1)}
@@ -118,7 +120,8 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     return manifest
 
 
-def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest, test) -> dict:
+def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest, test,
+                   device: torch.device = torch.device("cpu")) -> dict:
     """Test metrics of the kept epoch's weights, in the driver, once: the test split never takes
     part in choosing anything, and is not scored every epoch for nothing."""
     from loopfm.features.collate import VMBatchCollate
@@ -126,9 +129,10 @@ def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest
 
     model = build_from_manifest(manifest)
     model.load_state_dict(state)
-    collate = VMBatchCollate(features, manifest.seq_width, with_seq=manifest.seq_width is not None,
+    model.to(device)
+    collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None,
                              with_raw=manifest.rawseq)
-    return evaluate_vm(model, test.iter_torch_batches(batch_size=4096, collate_fn=collate))
+    return evaluate_vm(model, test.iter_torch_batches(batch_size=4096, collate_fn=collate, device=str(device)))
 
 
 def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
@@ -162,10 +166,9 @@ def vm_loop(config: dict) -> None:
     import ray.train.torch
 
     from loopfm.features.collate import VMBatchCollate
-    from loopfm.models.losses import vm_loss
     from loopfm.training.batches import ShardBatches
     from loopfm.training.checkpoint import build_from_manifest
-    from loopfm.training.loop import LoopTimer, cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed
+    from loopfm.training.loop import LoopTimer, cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed, train_device
 
     timer = LoopTimer(config.get("timing_log"))
     manifest = VMManifest(**config["manifest"])
@@ -175,8 +178,8 @@ def vm_loop(config: dict) -> None:
     model = build_from_manifest(manifest)
     optimizer = vm_optimizer(model, train_cfg)
     state = resume(model, optimizer, train_cfg.patience)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    device = train_device(config.get("use_gpu", False))
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None,
                              with_raw=manifest.rawseq)
     keep, size = config.get("keep_shards", False), train_cfg.batch_size
@@ -196,11 +199,7 @@ def vm_loop(config: dict) -> None:
         torch.manual_seed(shuffle_seed(train_cfg.seed, epoch, rank))  # dropout: a resumed epoch draws as the first run did
         losses = []
         for batch in timer.batches(splits["train"].epoch(epoch)):
-            loss, _ = vm_loss(model(batch), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(vm_step(model, optimizer, batch, train_cfg, device))
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "valid": evaluate_vm(model, splits["valid"].epoch())}
         timer.evaluated()
@@ -212,6 +211,20 @@ def vm_loop(config: dict) -> None:
                   f"{v['auc']:.4f} gauc {v['gauc']:.4f} ne {v['ne']:.4f}")
         report_epoch(epoch, metrics, model, optimizer, state)
         timer.epoch_done(epoch)
+
+
+def vm_step(model, optimizer, batch: dict, train_cfg: TrainConfig, device) -> float:
+    """One optimizer step on a VM batch; returns the loss. The forward runs under
+    `loopfm.precision.autocast` (bf16 on CUDA, nothing on CPU), the loss in float32."""
+    from loopfm.models.losses import vm_loss
+
+    with autocast(device):
+        out = model(batch)
+    loss, _ = vm_loss(float32(out), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def vm_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -236,9 +249,12 @@ def selection_value(metrics: dict, select_by: str) -> float:
 def predict(model, batches) -> dict[str, np.ndarray]:
     """Serving-head logits with labels and users, over an iterable of VM batches."""
     model.eval()
+    device = model_device(model)
     parts: dict[str, list] = {"label": [], "logit": [], "user": []}
     for batch in batches:
-        parts["logit"].append(model(batch)["logit"].float().cpu().numpy())
+        with autocast(device):
+            logit = model(batch)["logit"]
+        parts["logit"].append(logit.float().cpu().numpy())
         parts["label"].append(batch[LABEL].cpu().numpy())
         parts["user"].append(batch["uid"].cpu().numpy())  # the raw id: every new user is a user of their own
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
