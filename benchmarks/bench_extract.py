@@ -62,6 +62,7 @@ from common import Timer, append_row, figure, probe_threads, device_name, gpu, m
 from loopfm.actors.extractor import ChunkExtractor, build_compressor, pool_args  # noqa: E402
 from loopfm.config import CompressConfig, EmbedConfig, FMConfig, LoopFMConfig  # noqa: E402
 from loopfm.fm.chunks import CHUNK_COLUMNS, TOKENS, block_chunks, chunk_users  # noqa: E402
+from loopfm.precision import autocast, gpu_precision  # noqa: E402
 from loopfm.store import codec  # noqa: E402
 
 NUM_ITEMS, NUM_CATEGORIES, NUM_SURFACES = 20_000, 60, 3
@@ -235,7 +236,7 @@ def bare_pass(chunks: dict[str, np.ndarray], models: dict, batch_size: int, thre
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        device = torch.device("cuda" if gpu() else "cpu")
+        device = gpu_precision("cuda" if gpu() else "cpu")  # TF32 + bf16 autocast on CUDA, as the extractor
         n, events, checksum = len(chunks["user_id"]), 0, 0.0
         with Timer() as total:
             m = models["fm_manifest"]
@@ -247,7 +248,7 @@ def bare_pass(chunks: dict[str, np.ndarray], models: dict, batch_size: int, thre
                 for start in range(0, n, batch_size):
                     batch = {k: v[start : start + batch_size] for k, v in chunks.items()}
                     tokens = {name: torch.as_tensor(batch[name], dtype=torch.long, device=device) for name in TOKENS}
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    with autocast(device):
                         logit, emb = fm.extract(tokens, models["layers"])
                     out = torch.as_tensor(batch["out"], device=device)
                     z = ae.encode(emb[out].float()).cpu().numpy()

@@ -68,11 +68,11 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
     """vm_loop's work without Ray: same model, loss, optimizer, collate, evaluation; data in memory."""
     from loopfm.evaluation.metrics import evaluate
     from loopfm.features.collate import VMBatchCollate
-    from loopfm.models.losses import vm_loss
     from loopfm.models.inputs import InputSpec
     from loopfm.models.vm import build_vm
+    from loopfm.precision import gpu_precision
     from loopfm.training.loop import seed_everything
-    from loopfm.training.vm import predict, seq_width, vm_optimizer
+    from loopfm.training.vm import predict, seq_width, vm_optimizer, vm_step
 
     width = seq_width(cfg, features)
     with Timer() as load:
@@ -83,7 +83,7 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
         t = cfg.train
         seed_everything(t.seed)
         info = SplitInfo.load(run)
-        device = torch.device("cuda" if gpu() else "cpu")
+        device = gpu_precision("cuda" if gpu() else "cpu")  # TF32 + bf16 autocast on CUDA, as vm_loop
         spec = InputSpec(vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
                          context_sizes=tuple(info.vocab_sizes[c] for c in info.categorical), seq_width=width,
                          rawseq=t.use_rawseq, history="history" in cfg.vm.features,
@@ -109,11 +109,7 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
                 with Timer() as tr:
                     losses = []
                     for batch in batches(train, rng.permutation(n)):
-                        loss, _ = vm_loss(model(batch), batch, t.use_kd, t.kd_lambda, t.kd_temperature)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        losses.append(loss.item())
+                        losses.append(vm_step(model, optimizer, batch, t, device))  # vm_loop's own step
                 with Timer() as ev:
                     metrics = {}
                     for split in ("valid", "test"):
@@ -180,6 +176,29 @@ def breakdown(log_path: str, started: float, ended: float) -> dict:
     }
 
 
+def compare_arm(acfg: LoopFMConfig, run: RunDir, features, threads: int, plain: bool = False) -> dict:
+    """One arm: the bare loop, then `train_vm` with its workers' stamps; their ratios."""
+    from loopfm.training.vm import arm_of
+
+    arm = arm_of(acfg.train)
+    bare = bare_run(acfg, run, features, threads)
+    print(arm, "bare:", bare, flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_train_log_") as tmp:
+        timed = ray_run(acfg, run, features, str(Path(tmp) / "loop.jsonl"))
+    print(arm, "ray:", timed, flush=True)
+    entry = {"bare": bare, "ray": timed,
+             "ratio_fit": round(timed["examples_per_s"] / bare["examples_per_s"], 3),
+             "ratio_train_epochs": round(timed["train_examples_per_s"] / bare["train_examples_per_s"], 3)}
+    later = [e["train_s"] for e in bare["epochs"][1:]]
+    if later and "steady_train_examples_per_s" in timed:
+        bare["steady_train_examples_per_s"] = round(bare["train_rows"] * len(later) / sum(later))
+        entry["ratio_steady"] = round(timed["steady_train_examples_per_s"] / bare["steady_train_examples_per_s"], 3)
+    if plain:
+        entry["ray_plain"] = ray_run(acfg, run, features)
+        print(arm, "ray (plain vm_loop):", entry["ray_plain"], flush=True)
+    return entry
+
+
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -218,25 +237,8 @@ def main() -> None:
         with Timer() as feat:
             features = features_stage(cfg, run)
         print(f"features: {features.rows} in {feat.seconds:.1f}s", flush=True)
-        arms = {}
-        for arm in args.arms:
-            acfg = arm_config(cfg, arm, 0)
-            bare = bare_run(acfg, run, features, worker["threads"])
-            print(arm, "bare:", bare, flush=True)
-            with tempfile.TemporaryDirectory(prefix="bench_train_log_") as tmp:
-                timed = ray_run(acfg, run, features, str(Path(tmp) / "loop.jsonl"))
-            print(arm, "ray:", timed, flush=True)
-            entry = {"bare": bare, "ray": timed,
-                     "ratio_fit": round(timed["examples_per_s"] / bare["examples_per_s"], 3),
-                     "ratio_train_epochs": round(timed["train_examples_per_s"] / bare["train_examples_per_s"], 3)}
-            later = [e["train_s"] for e in bare["epochs"][1:]]
-            if later and "steady_train_examples_per_s" in timed:
-                bare["steady_train_examples_per_s"] = round(bare["train_rows"] * len(later) / sum(later))
-                entry["ratio_steady"] = round(timed["steady_train_examples_per_s"] / bare["steady_train_examples_per_s"], 3)
-            if args.plain:
-                entry["ray_plain"] = ray_run(acfg, run, features)
-                print(arm, "ray (plain vm_loop):", entry["ray_plain"], flush=True)
-            arms[arm] = entry
+        arms = {arm: compare_arm(arm_config(cfg, arm, 0), run, features, worker["threads"], args.plain)
+                for arm in args.arms}
         result = {
             "benchmark": "train", "device": device, **info, "load_avg_1m_end": round(os.getloadavg()[0], 2),
             "versions": versions(),
