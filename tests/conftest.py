@@ -27,6 +27,35 @@ def run_loopfm(*args, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args, "--config", str(SMOKE), "--set", "ray.progress_bars=false"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
+def waiting_on_a_lock(thread) -> bool:
+    """Whether `thread` is blocked in a file lock's acquire (its Python stack says so): how the
+    concurrency tests know a second writer has reached a lock the first holds."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "acquire" and "filelock" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def held_process(script: str, *args, gate: Path, timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
+    """A Python `script` in a process joined to this session's Ray; returns once it has written
+    `gate` (what it wrote there): the point at which a concurrency test kills it."""
+    import time
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env)
+    deadline = time.monotonic() + timeout
+    while not gate.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the held process never reached {gate.name} (rc {proc.wait()})")
+        time.sleep(0.05)
+    return proc, gate.read_text()
+
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

@@ -7,7 +7,12 @@ rows it came from and can be compared with the plain rule, row for row.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +23,7 @@ import pytest
 import torch
 from ray.data.expressions import col
 
-from conftest import SMOKE
+from conftest import SMOKE, held_process, waiting_on_a_lock
 from features_reference import (
     join_frames, reference_counts, reference_sequences, reference_window, sequence_tags, tagged_z, tags_of, unpad,
 )
@@ -258,7 +263,88 @@ def test_events_missing_from_the_store_are_refused(ray_session, run_with_store, 
     assert list((run.root / "features").iterdir()) == []  # no half-written feature set
 
 
-@pytest.mark.timeout(180)
+# A writer of the features output that stops at the worst point: it holds the output's lock and
+# has part of the output in its temp dir (where the join's parquet files go), and never finishes.
+HELD_WRITER = """
+import os, sys, time
+from pathlib import Path
+from loopfm.config import load_config
+from loopfm.features import stage
+from loopfm.rundir import RunDir
+run, gate = RunDir(sys.argv[1]), Path(sys.argv[2])
+
+def held(*args):
+    [tmp] = [p for p in (run.root / "features").iterdir() if f"-{os.getpid()}-" in p.name]
+    (tmp / "split=train").mkdir()
+    (tmp / "split=train" / "part-0.parquet").write_bytes(b"PAR1 half a file")
+    (gate / "held.ready").write_text(str(tmp))
+    while True:
+        time.sleep(1)
+
+stage.build_examples = held
+stage.features_stage(load_config(sys.argv[3], ["ray.progress_bars=false"]), run)
+"""
+
+
+@pytest.mark.timeout(360)  # with the module's fixtures when run alone
+def test_a_second_features_writer_waits_and_a_killed_one_leaves_nothing(ray_session, run_with_store, smoke_config,
+                                                                        tmp_path):
+    """Two `features` writers of one output: the first holds it half-written; the second (the real
+    stage) must wait without touching the first's temp dir, publish nothing meanwhile, and, once
+    the first is SIGKILLed there, build the whole feature set and reap the dead writer's temp dir.
+    A reader looking all along sees no output or a whole one (before issue 20: the second deleted
+    the live writer's temp dir and both wrote at once)."""
+    run, log, _ = run_with_store
+    held, where = held_process(HELD_WRITER, run.root, tmp_path, SMOKE, gate=tmp_path / "held.ready")
+    held_tmp = Path(where)
+    out = held_tmp.parent / held_tmp.name[1:].split(".tmp-")[0]
+
+    result, stop, seen = {}, threading.Event(), []
+
+    def look():  # a reader of the output: absent, or manifest and every split
+        while not stop.is_set():
+            if out.exists():
+                seen.append((out / "manifest.json").is_file() and all((out / s).is_dir() for s in SPLITS))
+            time.sleep(0.005)
+
+    def second():
+        try:
+            result["manifest"] = stage.features_stage(smoke_config, run)
+        except BaseException as err:  # noqa: BLE001 -- re-raised below
+            result["error"] = err
+
+    reader, writer = threading.Thread(target=look), threading.Thread(target=second)
+    reader.start()
+    writer.start()
+    try:
+        deadline = time.monotonic() + 90
+        while writer.is_alive() and not waiting_on_a_lock(writer) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held_tmp.is_dir(), "the second writer removed a live writer's temp dir"
+        assert not out.exists(), "something was published while the first writer held the output"
+        assert writer.is_alive() and waiting_on_a_lock(writer), f"the second writer did not wait: {result}"
+        os.kill(held.pid, signal.SIGKILL)  # at the worst point: lock held, half the output written
+        held.wait(30)
+        writer.join(150)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait(30)
+        stop.set()
+        reader.join()
+    assert not writer.is_alive(), "the second writer never finished after the first was killed"
+    if "error" in result:
+        raise result["error"]
+    vertical = log[log["surface"] == 0]
+    assert result["manifest"].rows == vertical["split"].value_counts().to_dict()
+    examples = pd.concat([pd.read_parquet(out / s) for s in SPLITS])
+    assert sorted(examples["event_id"]) == sorted(vertical["event_id"])  # every example once, none of the half file
+    assert not held_tmp.exists() and not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} looks found a partial output"
+    print(f"two features writers: {len(examples)} examples once each, {len(seen)} looks at the output, none partial")
+
+
+@pytest.mark.timeout(360)  # with the module's fixtures when run alone
 def test_a_lost_example_is_refused_before_the_feature_set_is_published(ray_session, run_with_store, smoke_config,
                                                                        monkeypatch):
     """The join loses one valid example (a dropped row in the shuffle): the stage refuses to publish,

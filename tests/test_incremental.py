@@ -7,16 +7,23 @@ One run whose log holds the smoke data minus its last day; that day is appended 
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import threading
+import time
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ensure_local_ray
+from ray.data.expressions import col
+from conftest import SMOKE, ensure_local_ray, held_process, waiting_on_a_lock
 
 from loopfm.store import codec
+from loopfm.store.deltas import chain_max_ts
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +229,126 @@ def test_a_changed_compressor_is_refused(grown_run):
             embed_stage(cfg, run, Namespace(incremental=True, since="last"))
     finally:
         path.write_bytes(saved)
+
+
+# `embed --incremental` stopped at the worst point: the chain read and its lock held, the delta
+# half written into its temp dir (the FM pass itself is skipped: it adds only time), nothing published.
+HELD_INCREMENT = """
+import sys, time
+from pathlib import Path
+from loopfm.config import load_config
+from loopfm.fm import incremental
+from loopfm.rundir import RunDir
+run, gate = RunDir(sys.argv[1]), Path(sys.argv[2])
+
+class HalfWritten:
+    def write_parquet(self, path):
+        (Path(path) / "0000.parquet").write_bytes(b"PAR1 half a file")
+        gate.write_text(path)
+        while True:
+            time.sleep(1)
+
+incremental.extract_rows = lambda *args: HalfWritten()
+incremental.incremental_embed(load_config(sys.argv[3], ["ray.progress_bars=false", "fm.num_workers=0"]), run)
+"""
+
+
+def _later_batch(run, day, k: int, path) -> int:
+    """The day-6 events moved k days later with new ids (a batch `logs append` takes); returns its rows."""
+    table = pq.read_table(day)
+    ts, ids = table["ts"], table["event_id"]
+    table = table.set_column(table.schema.get_field_index("ts"), "ts", pa.compute.add(ts, pa.scalar(k * 86_400, ts.type)))
+    table = table.set_column(table.schema.get_field_index("event_id"), "event_id",
+                             pa.compute.add(ids, pa.scalar(k << 40, ids.type)))
+    pq.write_table(table, path)
+    return table.num_rows
+
+
+@pytest.mark.timeout(360)  # with the module's fixtures when run alone
+def test_a_delta_short_of_a_row_is_refused_before_it_is_published(grown_run, tmp_path, monkeypatch):
+    """The increment's extraction loses one new event: `embed --incremental` refuses to publish the
+    delta, naming itself, the counts and the delta's directory; the chain is as it was."""
+    from loopfm.datasets.append import logs_append_stage
+    from loopfm.errors import VersionMismatchError
+    from loopfm.features.resolve import resolve_store
+    from loopfm.fm import incremental
+    from loopfm.store.deltas import open_chain
+
+    cfg, run, day, _ = grown_run
+    n = _later_batch(run, day, 10, tmp_path / "batch.parquet")
+    logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "batch.parquet")], format="auto"))
+    base_path, base = resolve_store(cfg, run)
+    before = [p for p, _ in open_chain(run, base_path)]
+    pending = incremental._new_events(run, chain_max_ts(open_chain(run, base_path)))[1]
+    victim = int(pq.read_table(tmp_path / "batch.parquet", columns=["event_id"])["event_id"][0].as_py())
+    extract = incremental.extract_rows
+    monkeypatch.setattr(incremental, "extract_rows",
+                        lambda *args: extract(*args).filter(expr=col("event_id") != victim))
+    with pytest.raises(VersionMismatchError, match=rf"embed --incremental: store at .*store_deltas/{base.store_version}/"
+                                                   rf"\..* holds {pending - 1} rows, expected {pending} "
+                                                   rf"\(one per event embedded\); not published"):
+        incremental.incremental_embed(cfg, run)
+    assert pending >= n and [p for p, _ in open_chain(run, base_path)] == before
+    assert not [p.name for p in run.store_deltas(base.store_version).iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.timeout(360)  # with the module's fixtures when run alone
+def test_compaction_waits_for_a_running_increment_and_a_killed_one_loses_nothing(grown_run, tmp_path):
+    """`store compact` while `embed --incremental` holds the chain with its delta written but not
+    published: compaction waits (before: it folded and removed the delta the increment extends, so
+    the increment then published a delta whose parent was gone and every reader refused the chain).
+    The increment is SIGKILLed there: compaction then folds the chain, every event once, the dead
+    increment's temp dir is reaped, and its events are still to embed (the next increment's count)."""
+    from loopfm.datasets.append import logs_append_stage
+    from loopfm.features.resolve import resolve_store
+    from loopfm.fm.incremental import _new_events, incremental_embed
+    from loopfm.store.deltas import compact_stage, open_chain
+
+    cfg, run, day, _ = grown_run
+    _later_batch(run, day, 20, tmp_path / "first.parquet")
+    logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "first.parquet")], format="auto"))
+    base_path = resolve_store(cfg, run)[0]
+    pending = _new_events(run, chain_max_ts(open_chain(run, base_path)))[1]
+    incremental_embed(cfg, run)  # the chain: base <- ... <- d0
+    before = open_chain(run, base_path)
+    stored = {int(i) for p, _ in before for i in _rows([p])["event_id"]}
+    assert len(before) >= 2 and before[-1][1].rows == pending
+    second = _later_batch(run, day, 30, tmp_path / "second.parquet")
+    logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "second.parquet")], format="auto"))
+
+    held, where = held_process(HELD_INCREMENT, run.root, tmp_path / "held.ready", SMOKE, gate=tmp_path / "held.ready")
+    held_tmp = Path(where)
+    result = {}
+
+    def compact():
+        try:
+            result["manifest"] = compact_stage(cfg, run)
+        except BaseException as err:  # noqa: BLE001 -- re-raised below
+            result["error"] = err
+
+    compaction = threading.Thread(target=compact)
+    compaction.start()
+    try:
+        deadline = time.monotonic() + 60
+        while compaction.is_alive() and not waiting_on_a_lock(compaction) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert compaction.is_alive() and waiting_on_a_lock(compaction), f"compaction did not wait: {result}"
+        assert [p for p, _ in open_chain(run, base_path)] == [p for p, _ in before]  # d0 still there, unfolded
+        os.kill(held.pid, signal.SIGKILL)  # the worst point: the delta half written, the chain held, nothing published
+        held.wait(30)
+        compaction.join(120)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait(30)
+    assert not compaction.is_alive(), "compaction never finished after the increment was killed"
+    if "error" in result:
+        raise result["error"]
+
+    chain = open_chain(run, base_path)
+    assert len(chain) == 1 and result["manifest"].rows == len(stored)
+    assert sorted(_rows([base_path])["event_id"].tolist()) == sorted(stored)  # base + d0, every event once
+    assert not held_tmp.exists() and not list(run.store_deltas(chain[0][1].store_version).iterdir())
+    assert _new_events(run, chain_max_ts(chain))[1] == second  # the killed increment's events: still to embed
+    print(f"compact beside a killed increment: {len(before) - 1} deltas folded, {len(stored)} rows once each, "
+          f"{second} events left to embed")

@@ -11,7 +11,8 @@ receptive field per active user.
     store/<version>/ (full)  <-  store_deltas/<version>/0000-<hash>/  <-  0001-<hash>/ ...
 
 Each delta is sealed like a store (rows = the new events, unique ids, file hashes) with
-`base`, `parent` and `since` in its manifest, inside `atomic_output`.
+`base`, `parent` and `since` in its manifest, inside `atomic_output`, under the chain's lock
+(`store.deltas.chain_lock`), held from reading the chain to publishing the delta.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from loopfm.fm.chunks import (EVENT_COLUMNS, ROWS_PER_PARTITION, block_chunks, c
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import RunDir, atomic_output
-from loopfm.store.deltas import chain_max_ts, open_chain
-from loopfm.store.parquet import file_hash, seal
+from loopfm.store.deltas import chain_lock, chain_max_ts, open_chain
+from loopfm.store.parquet import file_hash, open_store, seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.training.checkpoint import load_weights
 from loopfm.training.loop import ordered_data, sort_boundaries
@@ -82,9 +83,15 @@ def continued_chunks(batch: dict[str, np.ndarray], chunk_len: int, context: int,
 
 def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last") -> StoreManifest:
     """Write the delta holding every log event with ts > since (default: newer than the chain holds)."""
+    base_path, base = resolve_store(cfg, run)
+    with chain_lock(run, base.store_version):  # the chain stays as read until the delta is published
+        return _extend_chain(cfg, run, base_path, since)
+
+
+def _extend_chain(cfg: LoopFMConfig, run: RunDir, base_path, since: str | int) -> StoreManifest:
     from loopfm.runtime import init_ray, log
 
-    base_path, base = resolve_store(cfg, run)
+    base = open_store(base_path)  # as it is now: a compaction may have folded the chain while this waited
     chain = open_chain(run, base_path, base)
     stored_until = chain_max_ts(chain)
     since_ts = stored_until if since in (None, "last") else int(since)
@@ -114,7 +121,7 @@ def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last")
             store_version=version, fm_version=base.fm_version, checkpoint_hash=base.checkpoint_hash,
             layers=base.layers, raw_width=base.raw_width, width=base.width, prefix_widths=base.prefix_widths,
             dtype=base.dtype, rows=0, min_ts=0, max_ts=0, parent=parent, base=base.store_version, since=since_ts,
-        ), expected_rows=expected)
+        ), expected_rows=expected, stage="embed --incremental")
     seconds = time.time() - started
     log.info("embed --incremental: %d events of %d users after ts %d in %.1fs -> delta %s", manifest.rows,
              len(new_users), since_ts, seconds, out)

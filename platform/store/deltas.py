@@ -7,6 +7,11 @@ rows from two embedding spaces. `loopfm store compact` writes base + deltas as o
 under the same version (same FM, same compressor: the rows are the ones the deltas held) and
 then removes the folded deltas (a delta older than its base's newest event counts as folded,
 so a compaction killed between the two steps double-counts nothing).
+
+The chain has one writer at a time: `embed --incremental` and `store compact` both hold
+`chain_lock` from reading the chain to publishing, so a compaction never folds and removes the
+delta a running increment is extending (which would publish a delta whose parent is gone, and
+every reader would then refuse the chain), and an increment always extends the chain as it is.
 """
 
 from __future__ import annotations
@@ -14,10 +19,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 from loopfm.errors import VersionMismatchError
-from loopfm.rundir import RunDir, atomic_output, read_manifest
+from loopfm.rundir import RunDir, atomic_output, output_lock, read_manifest, reap_dead_temps
 from loopfm.store.parquet import data_files, open_store, seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
+
+
+def chain_lock(run: RunDir, version: str) -> FileLock:
+    """The lock of store `version`'s chain (its deltas and its compaction): one writer at a time."""
+    return output_lock(run.store_deltas(version))
 
 
 def delta_paths(run: RunDir, version: str) -> list[Path]:
@@ -60,19 +72,30 @@ def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
     from loopfm.runtime import log
 
     base_path, base = resolve_store(cfg, run)
-    chain = open_chain(run, base_path, base)
-    if len(chain) == 1:
-        log.info("store compact: %s has no deltas", base_path)
-        return base
-    with atomic_output(base_path) as tmp:
-        for i, (path, _) in enumerate(chain):
-            for f in data_files(path):
-                shutil.copy2(f, tmp / f"{i:04d}-{f.name}")
-        shutil.copy2(base_path / COMPRESSOR_FILE, tmp / COMPRESSOR_FILE)
-        manifest = StoreManifest(**{**base.to_dict(), "files": {}, "created_at": ""})
-        manifest = seal(tmp, manifest, expected_rows=sum(m.rows for _, m in chain))
-    for path, _ in chain[1:]:
-        shutil.rmtree(path)
+    with chain_lock(run, base.store_version):
+        base = open_store(base_path)  # as it is now: a compaction may have finished while this one waited
+        chain = open_chain(run, base_path, base)
+        if len(chain) == 1:
+            _remove_folded(run, base.store_version)
+            log.info("store compact: %s has no deltas", base_path)
+            return base
+        with atomic_output(base_path) as tmp:
+            for i, (path, _) in enumerate(chain):
+                for f in data_files(path):
+                    shutil.copy2(f, tmp / f"{i:04d}-{f.name}")
+            shutil.copy2(base_path / COMPRESSOR_FILE, tmp / COMPRESSOR_FILE)
+            manifest = StoreManifest(**{**base.to_dict(), "files": {}, "created_at": ""})
+            manifest = seal(tmp, manifest, expected_rows=sum(m.rows for _, m in chain), stage="store compact")
+        _remove_folded(run, base.store_version)
     log.info("store compact: %d deltas folded into %s (%d rows, ts up to %d)", len(chain) - 1, base_path,
              manifest.rows, manifest.max_ts)
     return manifest
+
+
+def _remove_folded(run: RunDir, version: str) -> None:
+    """With the chain lock held and the base just written: every delta left is folded into it (those
+    of this compaction, and those a compaction killed before this step left), and a temp dir of a
+    dead increment will never be published."""
+    for path in delta_paths(run, version):
+        shutil.rmtree(path)
+    reap_dead_temps(run.store_deltas(version))
