@@ -247,7 +247,8 @@ class ScoringIngress:
             await asyncio.sleep(STALE_WAIT_S)
         return ScoreResponse(
             scores=out["scores"].tolist(), logits=out["logits"].tolist(),
-            model_version=out["model_version"], store_version=out["store_version"], arm=out["arm"],
+            model_version=out["model_version"], store_version=out["store_version"], store_head=out["store_head"],
+            log_head=out["log_head"], arm=out["arm"],
             cold_start=out["cold_start"], oov_items=out["oov_items"], ts=out["ts"],
         )
 
@@ -271,8 +272,8 @@ class ScoringIngress:
             model, table = await self.model.describe.remote(), await self.lookup.describe.remote()
         except (*REPLICA_GONE, *OVERLOADED) as exc:
             return error(503, [("backend", f"backend unavailable ({type(exc).__name__})")])
-        info = ModelInfo(**{**model, **{k: table[k] for k in ("store_rows", "store_deltas", "appended_batches",
-                                                              "newest_event_ts", "staleness_s", "users_with_history",
-                                                              "refresh_error")},
+        info = ModelInfo(**{**model, **{k: table[k] for k in ("store_head", "log_head", "store_rows", "store_deltas",
+                                                              "appended_batches", "newest_event_ts", "staleness_s",
+                                                              "users_with_history", "refresh_error")},
                             "max_items": self.max_items, "staleness_sla_s": self.staleness_sla_s})
         return ModelsResponse(models=[info])

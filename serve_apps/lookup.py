@@ -90,7 +90,7 @@ class FeatureTable:
         self._load_events(run)
         self.with_seq = vm.store_version is not None
         self.store_rows = 0
-        self.store_chain: list[str] = []
+        self.store_chain: list[str] = []  # the store version, then each delta's, as loaded
         self.newest_event_ts: Optional[int] = None
         self.row_bytes = features.bytes_per_row
         if self.with_seq:
@@ -108,7 +108,9 @@ class FeatureTable:
         cols = [EVENT_ID, USER_ID, ITEM_ID, TS, LABEL, SURFACE, idx(ITEM_ID), idx(CATEGORY), *self.context_names]
         t = _read(paths, cols)
         ev = {c: t[c].to_numpy() for c in cols}
-        appended = [f for batch in appended_batches(run) for f in sorted(batch.glob("*.parquet"))]
+        batches = appended_batches(run)
+        self.log_head = batches[-1].name if batches else None  # the newest appended batch loaded
+        appended = [f for batch in batches for f in sorted(batch.glob("*.parquet"))]
         if appended:  # events logged after the split (`loopfm logs append`): ids through the run's vocabulary
             a = _read(appended, [CATEGORY, *(c for c in cols if c not in (idx(ITEM_ID), idx(CATEGORY)))])
             new = {c: a[c].to_numpy() for c in a.column_names}
@@ -227,15 +229,25 @@ class FeatureTable:
             idx(CATEGORY): category_idx,
             DENSE: dense_features(counts, item_n, item_pos, self.spec),
             "store_version": self.bundle.store_version,
+            "store_head": self.store_head,
+            "log_head": self.log_head,
             "cold_start": bool(user["cold_start"]),
             "oov_items": int((item_idx == OOV_INDEX).sum()),
             "ts": t,
         }
 
+    @property
+    def store_head(self) -> Optional[str]:
+        """The last link of the chain this table holds: its newest delta, or the store version
+        itself. Each answer names it and `log_head`, so with `model_version` it says exactly which
+        model and which state of the store and log scored, across refreshes and reloads."""
+        return self.store_chain[-1] if self.store_chain else None
+
     def describe(self) -> dict:
         newest = self.newest_event_ts
         return {
-            "store_version": self.bundle.store_version, "store_rows": self.store_rows,
+            "store_version": self.bundle.store_version, "store_head": self.store_head, "log_head": self.log_head,
+            "store_rows": self.store_rows,
             "store_deltas": max(len(self.store_chain) - 1, 0), "appended_batches": self.appended_count,
             "newest_event_ts": newest, "staleness_s": None if newest is None else round(time.time() - newest, 1),
             "users_with_history": int(max(len(self.users), len(self.store_users) if self.with_seq else 0)),

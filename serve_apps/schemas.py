@@ -122,6 +122,12 @@ class ScoreResponse(BaseModel):
     model_version: str = Field(description="sha256 prefix of the VM checkpoint that scored")
     store_version: Optional[str] = Field(description="store version of the user's stored FM embeddings "
                                                      "(null for VMs without the LoopFM feature)")
+    store_head: Optional[str] = Field(None, description="the newest store delta the features were read from (the "
+                                                        "store version when it has none; null without the LoopFM "
+                                                        "feature)")
+    log_head: Optional[str] = Field(None, description="the newest appended log batch the history was read from (null: "
+                                                      "the split log only); with `model_version` and `store_head`, "
+                                                      "exactly which model and data scored")
     arm: str
     cold_start: bool = Field(description="true when the user has no history before `ts` (empty sequence)")
     oov_items: int = Field(description="how many of the items are unknown to the VM (out-of-vocabulary index)")
@@ -135,6 +141,8 @@ class ModelInfo(BaseModel):
     vm: dict
     features_fingerprint: str
     store_version: Optional[str]
+    store_head: Optional[str] = Field(None, description="the newest delta loaded (the store version when none)")
+    log_head: Optional[str] = Field(None, description="the newest appended log batch loaded")
     store_rows: int
     store_deltas: int = Field(0, description="deltas of the store version loaded (`loopfm embed --incremental`)")
     appended_batches: int = Field(0, description="event batches appended to the log since the split, loaded")

@@ -1,10 +1,15 @@
 """The loop reaches serving (issue 9): new events for a user land as a store delta, the running
-feature lookup reloads in the background, and that user's scores change with no failed request.
+feature lookup reloads, and that user's scores change with no failed request; the short soak
+(issue 20): the same while a reload rolls the model, each answer naming the one model/store pair
+that scored it; and `logs append` killed at its worst point while the lookup refreshes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+import signal
 import threading
 import time
 from argparse import Namespace
@@ -16,12 +21,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import test_serve
+from conftest import SMOKE, held_process
 from test_serve import free_port
+
+from loopfm.datasets.append import appended_batches, log_paths, logs_append_stage
+from loopfm.training.checkpoint import VMManifest
 
 served_run = test_serve.served_run  # a module fixture: this module gets its own copy of the run
 
 pytestmark = pytest.mark.timeout(600)
 SLA_S = 3600.0
+CLIENTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +55,10 @@ def live(served_run, smoke_config):
 
 
 def _new_events_file(run, user: int, path, n: int = 6) -> int:
-    """n new events of `user` (copies of its latest ones, clicked, after the log's end); returns their max ts."""
-    log = pads.dataset([str(f) for f in sorted(run.events.glob("*.parquet"))], format="parquet").to_table()
+    """n new events of `user` (copies of its latest ones, clicked, after the log's end, appended
+    batches included); returns their max ts."""
+    files = [str(f) for p in log_paths(run) for f in sorted(p.glob("*.parquet"))]
+    log = pads.dataset(files, format="parquet").to_table()
     end, top = pc.max(log["ts"]).as_py(), pc.max(log["event_id"]).as_py()
     mine = log.filter(pc.equal(log["user_id"], user)).sort_by("ts")
     mine = mine.slice(mine.num_rows - n)
@@ -57,53 +69,102 @@ def _new_events_file(run, user: int, path, n: int = 6) -> int:
     return end + 3600 * n
 
 
-def test_scores_change_after_an_incremental_embed_lands_with_no_failed_request(live, tmp_path):
-    from loopfm.datasets.append import logs_append_stage
+def answers_during(client, bodies, clients: int) -> tuple[list, threading.Event, list]:
+    """`clients` threads posting `bodies` in turn until the event is set; each answer is (sent at,
+    body, status, (model_version, store_version, store_head, log_head), logits), or (sent at, body,
+    status, error) for a failure."""
+    import httpx
+
+    answers, stop = [], threading.Event()
+
+    def fire(k: int) -> None:
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as c:
+            while not stop.is_set():
+                b, k, sent = k % len(bodies), k + 1, time.monotonic()
+                try:
+                    r = c.post("/v1/score", json=bodies[b])
+                except Exception as exc:  # a dropped connection counts as a failure
+                    answers.append((sent, b, -1, repr(exc)))
+                    continue
+                if r.status_code != 200:
+                    answers.append((sent, b, r.status_code, r.text[:300]))
+                    continue
+                j = r.json()
+                answers.append((sent, b, 200, (j["model_version"], j["store_version"], j["store_head"], j["log_head"]),
+                                np.array(j["logits"])))
+
+    threads = [threading.Thread(target=fire, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    return answers, stop, threads
+
+
+def test_soak_a_delta_a_refresh_and_a_reload_under_load_fail_no_request(live, tmp_path):
+    """The soak, short (benchmarks/soak.py runs it long): 4 clients score two users while new events
+    land as a store delta (`logs append` + `embed --incremental`), a refresh loads them (`serve
+    refresh`) and a reload rolls the model to a new checkpoint. Every request succeeds; every answer
+    names the model and the store and log state that scored it and equals every other answer to the
+    same request naming the same (one model/store pair per answer, never a mix); the user with new
+    events scores differently after the delta, the other user identically until the model rolls."""
     from loopfm.fm.incremental import incremental_embed
+    from loopfm.serve_apps.bundle import latest_vm
+    from loopfm.serve_apps.stage import refresh, reload
 
     cfg, run, client = live
     store = pads.dataset(str(run.root / "store"), format="parquet", exclude_invalid_files=True).to_table(columns=["user_id"])
     users, counts = np.unique(store["user_id"].to_numpy(), return_counts=True)
     user, other = (int(u) for u in users[np.argsort(-counts)[:2]])
-    body = {"user_id": user, "items": [1, 2, 3, 5, 8]}  # no ts: now, i.e. the whole history
-    before = client.post("/v1/score", json=body).json()
-    other_before = client.post("/v1/score", json={**body, "user_id": other}).json()
+    bodies = [{"user_id": u, "items": [1, 2, 3, 5, 8]} for u in (user, other)]  # no ts: now, the whole history
+    before = [client.post("/v1/score", json=b).json() for b in bodies]
+    start = (before[0]["model_version"], before[0]["store_version"], before[0]["store_head"], before[0]["log_head"])
+    assert start[2] == start[1] and start[3] is None  # the store alone, the split log alone
     health = client.get("/healthz").json()
     assert health["status"] == "degraded" and health["staleness_s"] > SLA_S  # synthetic ts: decades old
 
-    statuses, stop = [], threading.Event()
-
-    def fire():
-        while not stop.is_set():
-            statuses.append(client.post("/v1/score", json=body).status_code)
-
-    threads = [threading.Thread(target=fire) for _ in range(2)]
-    for t in threads:
-        t.start()
+    answers, stop, threads = answers_during(client, bodies, CLIENTS)
     try:
+        time.sleep(1.0)
         newest = _new_events_file(run, user, tmp_path / "new.parquet")
         logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "new.parquet")], format="parquet"))
         delta = incremental_embed(cfg, run)
         assert delta.rows == 6
-        deadline = time.time() + 120
-        while client.get("/v1/models").json()["models"][0]["store_deltas"] < 1:
-            assert time.time() < deadline, f"the lookup never reloaded: {client.get('/v1/models').json()}"
-            time.sleep(1)
-        time.sleep(1)
+        state = refresh()  # `loopfm serve refresh`
+        assert state["store_head"] == delta.store_version and state["store_deltas"] == 1, state
+        refreshed = time.monotonic()
+        rolled = test_serve.perturbed_vm(run, latest_vm(run, test_serve.ARM, test_serve.SEED), "soak0001")
+        new_model = VMManifest.read(rolled).model_version
+        reload(cfg, run)  # `loopfm serve reload`: a rolling update to the newest checkpoint
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(a[2] == 200 and a[3][0] == new_model for a in answers[-8:]):
+            time.sleep(0.2)
+        time.sleep(1.0)
     finally:
         stop.set()
         for t in threads:
             t.join()
-    assert statuses and set(statuses) == {200}, f"{len(statuses) - statuses.count(200)} failed of {len(statuses)}"
 
-    after = client.post("/v1/score", json=body).json()
-    assert after["store_version"] == before["store_version"]  # same embedding space: a delta, not a new store
-    assert np.abs(np.array(after["logits"]) - np.array(before["logits"])).max() > 1e-4
-    other_after = client.post("/v1/score", json={**body, "user_id": other}).json()
-    assert other_after["logits"] == other_before["logits"]  # nobody else's history moved
+    failed = [a for a in answers if a[2] != 200]
+    assert len(answers) > 50 and not failed, f"{len(failed)} failed of {len(answers)}: {failed[:3]}"
+    batch = appended_batches(run)[0].name
+    after_delta = (start[0], start[1], delta.store_version, batch)
+    rolled_pair = (new_model, start[1], delta.store_version, batch)
+    pairs = {a[3] for a in answers}
+    allowed = {start, (start[0], start[1], start[2], batch), after_delta, rolled_pair}  # the batch may load first
+    assert after_delta in pairs and rolled_pair in pairs and pairs <= allowed, pairs
+    assert all(a[3] in (after_delta, rolled_pair) for a in answers if a[0] > refreshed)  # never an older state
+    scores = {}
+    for _, b, _, pair, logits in answers:  # the same request under the same pair: the same scores
+        seen = scores.setdefault((b, pair), logits)
+        assert np.abs(logits - seen).max() < 1e-5, (b, pair, logits, seen)
+    assert np.abs(scores[0, after_delta] - np.array(before[0]["logits"])).max() > 1e-4  # new events: new scores
+    np.testing.assert_allclose(scores[1, after_delta], before[1]["logits"], atol=1e-6)  # nobody else's moved
+    assert np.abs(scores[1, rolled_pair] - scores[1, after_delta]).max() > 1e-4  # the new model scores
     info = client.get("/v1/models").json()["models"][0]
+    assert info["model_version"] == new_model and info["store_head"] == delta.store_version
     assert info["store_deltas"] == 1 and info["appended_batches"] == 1 and info["newest_event_ts"] == newest
     assert abs(info["staleness_s"] - (time.time() - newest)) < 120
+    print(f"soak: {len(answers)} requests from {CLIENTS} clients, {len(failed)} failed, {len(pairs)} model/store "
+          f"states, each request answered identically within its state")
 
 
 def test_a_broken_delta_keeps_the_old_table_serving_and_says_why(live):
@@ -132,3 +193,85 @@ def test_a_broken_delta_keeps_the_old_table_serving_and_says_why(live):
         assert asyncio.run(lookup.features(user, [1], {}))["store_version"] == before["store_version"]
     finally:
         shutil.rmtree(bad)
+
+
+# `logs append` stopped at the worst point: the batch validated and checked under its hidden name,
+# the append lock held, the rename into `data/appended/` not yet done.
+HELD_APPEND = """
+import sys, time
+from argparse import Namespace
+from pathlib import Path
+from loopfm.config import load_config
+from loopfm.datasets import append
+from loopfm.rundir import RunDir
+run, gate, batch = RunDir(sys.argv[1]), Path(sys.argv[2]), sys.argv[4]
+check = append._conflict
+
+def held(old, new, files):
+    problem = check(old, new, files)
+    gate.write_text(problem or "passed")
+    while True:
+        time.sleep(1)
+
+append._conflict = held
+append.logs_append_stage(load_config(sys.argv[3], ["ray.progress_bars=false"]), run,
+                         Namespace(files=[batch], format="parquet"))
+"""
+
+
+def test_a_refresh_never_sees_a_batch_that_is_not_appended_whole(live, tmp_path):
+    """`serve refresh` (the lookup's reload) while `logs append` is at its worst point, then after it
+    is SIGKILLed there, then while a real append lands: every table the lookup loads holds the log
+    without the batch or with all of it, and the killed append's staging is reaped by the next one
+    (before issue 20 the batch had its final name during the check: a refresh then loaded it, and a
+    kill left it in the log unchecked)."""
+    from loopfm.serve_apps.bundle import latest_vm
+    from loopfm.serve_apps.lookup import FeatureLookup
+
+    cfg, run, _ = live
+    lookup = FeatureLookup.func_or_class(str(run.root), str(latest_vm(run, test_serve.ARM, test_serve.SEED)), None, 0)
+    before = asyncio.run(lookup.describe())
+    user = int(lookup.table.users.users[0])
+    _new_events_file(run, user, tmp_path / "batch.parquet", n=8)
+    loaded = []
+
+    def refresh():
+        state = asyncio.run(lookup.refresh())
+        loaded.append((state["events"], state["appended_batches"]))
+
+    held, verdict = held_process(HELD_APPEND, run.root, tmp_path / "held.ready", SMOKE, tmp_path / "batch.parquet",
+                                 gate=tmp_path / "held.ready")
+    try:
+        assert verdict == "passed"  # a good batch: only the rename is left
+        for _ in range(3):
+            refresh()
+        os.kill(held.pid, signal.SIGKILL)
+        held.wait(30)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait(30)
+    refresh()
+    assert set(loaded) == {(before["events"], before["appended_batches"])}, loaded
+    assert [p.name for p in run.appended.iterdir() if ".staged-" in p.name], "the kill left no staging to reap"
+
+    stop = threading.Event()
+
+    def keep_refreshing():
+        while not stop.is_set():
+            refresh()
+
+    reader = threading.Thread(target=keep_refreshing)
+    reader.start()
+    try:
+        logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "batch.parquet")], format="parquet"))
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        reader.join()
+    refresh()
+    whole = (before["events"] + 8, before["appended_batches"] + 1)
+    assert set(loaded) <= {(before["events"], before["appended_batches"]), whole} and loaded[-1] == whole, loaded
+    assert not [p.name for p in run.appended.iterdir() if ".staged-" in p.name or ".tmp-" in p.name]
+    assert len(appended_batches(run)) == before["appended_batches"] + 1
+    print(f"append beside refresh: {len(loaded)} reloads, {loaded.count(whole)} whole, none partial")
