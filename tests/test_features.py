@@ -266,21 +266,23 @@ def test_events_missing_from_the_store_are_refused(ray_session, run_with_store, 
 # A writer of the features output that stops at the worst point: it holds the output's lock and
 # has part of the output in its temp dir (where the join's parquet files go), and never finishes.
 HELD_WRITER = """
-import os, sys, time
+import sys, time
 from pathlib import Path
+from loopfm import runtime
 from loopfm.config import load_config
 from loopfm.features import stage
 from loopfm.rundir import RunDir
 run, gate = RunDir(sys.argv[1]), Path(sys.argv[2])
 
 def held(*args):
-    [tmp] = [p for p in (run.root / "features").iterdir() if f"-{os.getpid()}-" in p.name]
+    [tmp] = [p for p in (run.root / "features").iterdir() if ".tmp-" in p.name]  # the only writer so far
     (tmp / "split=train").mkdir()
     (tmp / "split=train" / "part-0.parquet").write_bytes(b"PAR1 half a file")
     (gate / "held.ready").write_text(str(tmp))
     while True:
         time.sleep(1)
 
+runtime.init_ray = lambda cfg: None  # it never gets to the join: no Ray needed
 stage.build_examples = held
 stage.features_stage(load_config(sys.argv[3], ["ray.progress_bars=false"]), run)
 """
@@ -301,10 +303,14 @@ def test_a_second_features_writer_waits_and_a_killed_one_leaves_nothing(ray_sess
 
     result, stop, seen = {}, threading.Event(), []
 
-    def look():  # a reader of the output: absent, or manifest and every split
-        while not stop.is_set():
+    def look():  # a reader of the output: absent, or manifest and every split; a last look once told to stop
+        while True:
+            last = stop.is_set()
+            result["looks"] = result.get("looks", 0) + 1
             if out.exists():
                 seen.append((out / "manifest.json").is_file() and all((out / s).is_dir() for s in SPLITS))
+            if last:
+                return
             time.sleep(0.005)
 
     def second():
@@ -341,7 +347,8 @@ def test_a_second_features_writer_waits_and_a_killed_one_leaves_nothing(ray_sess
     assert sorted(examples["event_id"]) == sorted(vertical["event_id"])  # every example once, none of the half file
     assert not held_tmp.exists() and not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
     assert seen and all(seen), f"{seen.count(False)} of {len(seen)} looks found a partial output"
-    print(f"two features writers: {len(examples)} examples once each, {len(seen)} looks at the output, none partial")
+    print(f"two features writers: {len(examples)} examples once each; {result['looks']} looks, "
+          f"{len(seen)} found the output, none partial")
 
 
 @pytest.mark.timeout(360)  # with the module's fixtures when run alone

@@ -274,4 +274,4 @@ def test_a_refresh_never_sees_a_batch_that_is_not_appended_whole(live, tmp_path)
     assert set(loaded) <= {(before["events"], before["appended_batches"]), whole} and loaded[-1] == whole, loaded
     assert not [p.name for p in run.appended.iterdir() if ".staged-" in p.name or ".tmp-" in p.name]
     assert len(appended_batches(run)) == before["appended_batches"] + 1
-    print(f"append beside refresh: {len(loaded)} reloads, {loaded.count(whole)} whole, none partial")
+    print(f"append beside refresh: {len(loaded)} refreshes, {loaded.count(whole)} with the whole batch, none partial")
