@@ -80,6 +80,9 @@ COMMANDS: tuple[Command, ...] = (
         _opt("--slices", type=int, default=3, help="time slices of the train period, one FM each (default 3)"),
         _opt("--arm", choices=ARMS, default="loopfm", help="arm trained on each store (default: loopfm)"),
     )),
+    Command(("scale",), "the FM capacity study: FMs of growing size (scale.fm_sizes), each with its own store; "
+            "TR of every channel against FM parameters with CIs -> report/scale.{json,md,png}",
+            "loopfm.training.scale:scale_stage"),
     Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B); re-run to resume", "loopfm.tune.stage:tune_stage"),
     Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve", "loopfm.serve_apps.stage:serve_run_stage", (_opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"),)),
     Command(("serve", "build"), "write a Serve config YAML for `serve deploy`", "loopfm.serve_apps.stage:serve_build_stage", (_opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"), _opt("-o", "--output", help="YAML path (default: <run>/serve/serve.yaml)"))),

@@ -13,6 +13,7 @@ from .data import ColumnMapping, DataConfig, SplitConfig, SyntheticConfig, Valid
 from .compress import CompressConfig
 from .features import FeaturesConfig
 from .fm import EmbedConfig, FMConfig
+from .scale import FM_PRESETS, FMSize, ScaleConfig
 from .serve import AutoscalingConfig, RayConfig, ServeConfig
 from .tune import ParamSpec, TuneConfig, WandbConfig
 from .vm import ARM_CHANNELS, ARMS, DEFAULT_ARMS, POOLINGS, VM_FEATURES, ExperimentConfig, TrainConfig, VMConfig
@@ -30,6 +31,7 @@ class LoopFMConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def to_yaml(self) -> str:
@@ -91,8 +93,8 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
 
 __all__ = [
     "ARMS", "ARM_CHANNELS", "DEFAULT_ARMS", "POOLINGS", "VM_FEATURES", "AutoscalingConfig", "ColumnMapping", "CompressConfig", "ConfigError", "DataConfig",
-    "EmbedConfig", "ExperimentConfig", "FMConfig", "FeaturesConfig", "LoopFMConfig", "ParamSpec",
-    "RayConfig", "ServeConfig", "SplitConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",
+    "EmbedConfig", "ExperimentConfig", "FMConfig", "FMSize", "FM_PRESETS", "FeaturesConfig", "LoopFMConfig", "ParamSpec",
+    "RayConfig", "ScaleConfig", "ServeConfig", "SplitConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",
     "VMConfig", "ValidationConfig", "WandbConfig", "load_config", "parse_override", "stable_hash",
     "validate_config",
 ]

@@ -48,6 +48,10 @@ class SyntheticConfig(Section):
     base_logit: float = -2.5
     vertical_share: float = Field(0.3, gt=0, lt=1, description="mean share of a user's events on surface 0")
     personalization: float = Field(0.5, ge=0, le=1, description="share of impressions drawn from the user's interest")
+    taste_weight: float = Field(0.0, ge=0, description="weight of a second, item-level long-term taste of "
+                                "taste_dim dimensions (0: off, and the log is exactly what it was without it)")
+    taste_dim: PositiveInt = Field(64, description="dimension of the item-level taste: above a small FM's "
+                                   "d_model, so a bigger FM has more of the signal to learn")
     users_per_chunk: PositiveInt = 1000
     seed: int = 0
 

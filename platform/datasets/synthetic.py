@@ -12,10 +12,18 @@ Generative process, per user u and event n:
              otherwise the item is uniform on the surface
   click      logit = long_weight * sqrt(k) <p_u, v_i> + short_weight * sqrt(k) <q_u(n), v_i>
                      + b_i + base_logit + surface_offset_s + noise * N(0, 1);  label ~ Bernoulli
+  taste      (only when taste_weight > 0) logit += taste_weight * sqrt(m) <g_u, f_i>, with
+             f_i ~ N(0, I/m) per item and g_u ~ N(0, I/m) per user, m = taste_dim
 
 The long-term interest is spread across every surface; a model that sees one surface's short
 history recovers it poorly, one that sees the long cross-surface history (the FM) recovers it
 well. `vertical_share`, `long_weight` and `events_per_user` move that gap.
+
+The taste term is the FM capacity study's knob (docs/DESIGN.md, 'FM capacity study'): an item-level
+interest, unrelated to categories, of `taste_dim` dimensions. An FM narrower than that cannot hold
+the items' taste vectors, so a bigger FM has more to learn. Its draws come from their own streams,
+(seed, 2) and (seed, 3, chunk), taken only when the weight is above 0: at 0 every other draw, and
+so the log, is exactly what it was before the knob existed, and so is the generator's fingerprint.
 
 Users are generated in chunks of `users_per_chunk`, one Ray task and one parquet file per chunk,
 so 10M events never sit in memory at once. A chunk's output depends only on (seed, chunk index).
@@ -26,12 +34,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loopfm.config import SyntheticConfig
+from loopfm.config import SyntheticConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID
 
 SEGMENT = "user_segment"
@@ -57,6 +66,7 @@ class World:
     segment_dirs: np.ndarray  # (NUM_SEGMENTS, k)
     items_by_surface_cat: dict  # (surface, category) -> item ids
     items_by_surface: dict  # surface -> item ids
+    item_taste: Optional[np.ndarray] = None  # (num_items, taste_dim); None when taste_weight is 0
 
 
 def make_world(cfg: SyntheticConfig) -> World:
@@ -78,7 +88,11 @@ def make_world(cfg: SyntheticConfig) -> World:
             if len(ids):
                 by_sc[(s, c)] = ids
     by_s = {s: np.flatnonzero(item_surface == s) for s in range(n_surf)}
-    return World(item_vec, item_cat, item_surface, item_bias, cat_vec, surface_offset, segment_dirs, by_sc, by_s)
+    taste = None
+    if cfg.taste_weight > 0:  # its own stream: the draws above stay what they were without the knob
+        taste = np.random.default_rng([cfg.seed, 2]).normal(0, 1 / np.sqrt(cfg.taste_dim), (n_items, cfg.taste_dim))
+    return World(item_vec, item_cat, item_surface, item_bias, cat_vec, surface_offset, segment_dirs, by_sc, by_s,
+                 taste)
 
 
 def num_chunks(cfg: SyntheticConfig) -> int:
@@ -118,6 +132,8 @@ def generate_chunk(cfg: SyntheticConfig, world: World, chunk: int) -> pa.Table:
         + world.surface_offset[surface]
         + cfg.noise * rng.normal(size=total)
     )
+    if world.item_taste is not None:
+        logit += cfg.taste_weight * _taste(cfg, world, chunk, n_users, user_rows, items)
     label = (rng.random(total) < 1 / (1 + np.exp(-logit))).astype(np.int8)
 
     horizon = cfg.num_days * SECONDS_PER_DAY
@@ -138,6 +154,24 @@ def generate_chunk(cfg: SyntheticConfig, world: World, chunk: int) -> pa.Table:
             SEGMENT: segment[user_rows].astype(np.int64),
         }
     )
+
+
+def _taste(cfg: SyntheticConfig, world: World, chunk: int, n_users: int, user_rows: np.ndarray,
+           items: np.ndarray) -> np.ndarray:
+    """Per event, the unit-variance taste score sqrt(m) <g_u, f_i>; the users' g from the chunk's own stream."""
+    m = cfg.taste_dim
+    user_taste = np.random.default_rng([cfg.seed, 3, chunk]).normal(0, 1 / np.sqrt(m), (n_users, m))
+    return np.sqrt(m) * np.einsum("nm,nm->n", user_taste[user_rows], world.item_taste[items])
+
+
+def generator_fingerprint(cfg: SyntheticConfig) -> str:
+    """What names a generated log: the config, less the taste knobs while the taste is off.
+
+    At taste_weight 0 the log is the one written before the knob existed, so its fingerprint is too:
+    run directories generated then stay current, and nothing downstream re-runs.
+    """
+    off = {"taste_weight", "taste_dim"} if cfg.taste_weight == 0 else set()
+    return stable_hash(cfg.model_dump(mode="json", exclude=off))
 
 
 def _surface_mix(rng: np.random.Generator, cfg: SyntheticConfig, n_users: int) -> np.ndarray:
@@ -226,11 +260,10 @@ def _gather_with_progress(refs: list) -> list:
 
 def generate_stage(cfg, run, args=None) -> Path:
     """`loopfm data generate`: the synthetic log under <out>/data/source (skipped if current)."""
-    from loopfm.config import stable_hash
     from loopfm.rundir import atomic_output, is_complete, write_manifest
     from loopfm.runtime import init_ray, log
 
-    fingerprint = stable_hash(cfg.data.synthetic)
+    fingerprint = generator_fingerprint(cfg.data.synthetic)
     if is_complete(run.source, fingerprint):
         log.info("data generate: %s is current, skipped", run.source)
         return run.source
