@@ -19,7 +19,7 @@ disagree with the first answer to the same request under the same state (a mix o
 two store states would); latency percentiles per phase (steady, while a delta lands, while a
 reload rolls).
 
-    RAY_AUTH_MODE=disabled python benchmarks/soak.py                       # ~8 min on 2 cores
+    RAY_AUTH_MODE=disabled python benchmarks/soak.py
     python benchmarks/soak.py --clients 8 --duration 600 --every 60
 
 Results: benchmarks/results/soak.json, the table benchmarks/results/soak.md, and a row in
