@@ -1,21 +1,22 @@
 """A Train worker's VM batches of one split, epoch after epoch (`train.data_cache`).
 
-The first epoch streams the worker's shard through Ray Data (`iter_torch_batches` with the Arrow
-collate). With `keep=True` the Arrow batches it streamed are kept, and every later epoch shuffles
-and decodes them in this process, as a bare PyTorch loop would: no Ray Data executor, prefetch
-thread or object-store read per epoch, which on a small machine cost more than the model's step.
-The shard a worker keeps is the one `streaming_split` gave it in the first epoch (equal row counts
-per worker, so every DDP worker still takes the same number of steps).
+With `keep=True` the worker reads its whole shard into memory once, before its first batch, and
+every epoch (the first included) is a seeded permutation of those rows, decoded in this process as
+a bare PyTorch loop would: no Ray Data executor, prefetch thread or object-store read per epoch,
+which on a small machine cost more than the model's step. Because the first epoch is a full
+permutation too, training depends on the shard's rows and the seed, not on how Ray Data cut them
+into files and blocks (a local shuffle buffer of a few batches leaves epoch 0 in near time order).
+With `keep=False` every epoch streams through Ray Data with its local shuffle buffer: the path for
+splits larger than a worker's memory. The shard a worker keeps is the one `streaming_split` gave it
+(equal row counts per worker, so every DDP worker still takes the same number of steps).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-from ray.data.collate_fn import ArrowBatchCollateFn
 
 from loopfm.features.collate import VMBatchCollate
 from loopfm.features.reader import arrow_columns
@@ -23,38 +24,40 @@ from loopfm.training.loop import shuffle_seed
 
 
 class ShardBatches:
-    """Batches of `shard` (a `DataIterator`): streamed every epoch, or streamed once and kept.
+    """Batches of `shard` (a `DataIterator`): kept in memory and permuted, or streamed every epoch.
 
     `shuffle_seed`: None keeps the shard's order (evaluation); otherwise epoch k is shuffled with
-    `loop.shuffle_seed(shuffle_seed, k)` (Ray Data's local shuffle buffer while streaming, a
-    permutation after): `shuffle_seed + k` gave VM seed s in epoch k+1 the order of seed s+1 in
-    epoch k, so "independent" seeds shared their data orders. The shard's own order must be the
-    same every run for the shuffle to be (`loop.ordered_data` around reading and training).
+    `loop.shuffle_seed(shuffle_seed, k)`: `shuffle_seed + k` gave VM seed s in epoch k+1 the order
+    of seed s+1 in epoch k, so "independent" seeds shared their data orders. The shard's own order
+    must be the same every run for the shuffle to be (`loop.ordered_data` around reading and
+    training).
     """
 
     def __init__(self, shard, collate: VMBatchCollate, batch_size: int, keep: bool,
                  shuffle_seed: Optional[int] = None):
         self.shard, self.collate, self.batch_size, self.keep = shard, collate, batch_size, keep
         self.shuffle_seed = shuffle_seed
-        self.columns: Optional[dict[str, np.ndarray]] = None  # the kept shard, once streamed whole
+        self.columns: Optional[dict[str, np.ndarray]] = None  # the kept shard, once read whole
 
     def epoch(self, epoch: int = 0) -> Iterator[dict]:
-        if self.columns is not None:
+        if self.keep:
+            if self.columns is None:
+                self.columns = self._read_whole()
             return self._from_memory(epoch)
         return self._streamed(epoch)
 
+    def _read_whole(self) -> dict[str, np.ndarray]:
+        tables = list(self.shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+        return arrow_columns(pa.concat_tables(tables), self.collate.manifest) if tables else {}
+
     def _streamed(self, epoch: int) -> Iterator[dict]:
-        keeper = _Keeping(self.collate) if self.keep else self.collate
         shuffle = {} if self.shuffle_seed is None else {
             "local_shuffle_buffer_size": 4 * self.batch_size,
             "local_shuffle_seed": shuffle_seed(self.shuffle_seed, epoch)}
         # the collate's device, or Ray's "auto" moves the batch back to the CPU where Train assigned no
         # GPU (local mode, num_workers 0, on a GPU the stage asked for)
-        yield from self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=keeper,
+        yield from self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate,
                                                  device=self.collate.device or "auto", **shuffle)
-        if self.keep:  # reached only when the epoch ran to its end: a partial shard is never kept
-            tables = keeper.tables
-            self.columns = arrow_columns(pa.concat_tables(tables), self.collate.manifest) if tables else {}
 
     def _from_memory(self, epoch: int) -> Iterator[dict]:
         rows = len(next(iter(self.columns.values()))) if self.columns else 0
@@ -63,15 +66,3 @@ class ShardBatches:
         for start in range(0, rows, self.batch_size):
             take = order[start : start + self.batch_size]
             yield self.collate.tensors({name: column[take] for name, column in self.columns.items()})
-
-
-class _Keeping(ArrowBatchCollateFn):
-    """The collate, also keeping each Arrow batch it saw (it runs on Ray Data's prefetch thread)."""
-
-    def __init__(self, collate: VMBatchCollate):
-        self.collate, self.tables, self._lock = collate, [], threading.Lock()
-
-    def __call__(self, table):
-        with self._lock:
-            self.tables.append(table)
-        return self.collate(table)
