@@ -124,8 +124,24 @@ def test_build_vm_rejects_unknown_model_and_honours_width():
     vm = make_vm("dnn", seq_width=3, loopfm_width=3)
     assert vm.inputs.seq.proj.in_features == 3
     assert vm(make_batch(width=3))["logit"].shape == (8,)
-    with pytest.raises(ValueError, match="dnn, deepfm, dcnv2, din"):
+    with pytest.raises(ValueError, match="dcnv2, deepfm, din, dnn"):
         build_vm(VMConfig.model_construct(**dict(VMConfig().model_dump(), model="xgb")), InputSpec(VOCAB))
+
+
+def test_the_zoo_and_the_configs_names_are_the_modules_of_models_vm():
+    import pathlib
+
+    import loopfm.models.vm as zoo
+    from loopfm.config import ConfigError, load_config
+    from loopfm.config.vm import vm_names
+    from loopfm.models.vm.base import VMBase
+
+    files = {p.stem for p in pathlib.Path(zoo.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    assert set(vm_names()) == set(VM_ZOO) == files
+    assert all(issubclass(cls, VMBase) and cls is not VMBase for cls in VM_ZOO.values())
+    with pytest.raises(ConfigError, match=r"vm\.model.*unknown VM 'xgb': one of dcnv2, deepfm, din, dnn"):
+        load_config(overrides=["vm.model=xgb"])
+    assert make_vm("dcnv2", dcnv2={"cross_layers": 3}).cross.layers.__len__() == 3
 
 
 def test_target_attention_all_masked_rows_are_zero_and_finite():

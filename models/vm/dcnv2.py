@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from loopfm.config import VMConfig
 
-from ..inputs import InputSpec, VMInputs
-from ..layers import MLP, vm_output
+from ..layers import MLP
+from .base import VMBase
 
 
 class CrossNetwork(nn.Module):
@@ -23,18 +23,15 @@ class CrossNetwork(nn.Module):
         return x
 
 
-class DCNv2(nn.Module):
-    def __init__(self, cfg: VMConfig, spec: InputSpec, aux_head: bool = False):
-        super().__init__()
-        self.inputs = VMInputs(spec, cfg.embed_dim)
-        in_dim = self.inputs.num_fields * cfg.embed_dim
-        self.cross = CrossNetwork(in_dim, cfg.cross_layers)
+class DCNv2(VMBase):
+    def build(self, cfg: VMConfig, in_dim: int) -> int:
+        self.cross = CrossNetwork(in_dim, cfg.dcnv2.cross_layers)
         self.mlp = MLP(in_dim, cfg.hidden, cfg.dropout)
-        out_dim = in_dim + self.mlp.out_dim
-        self.head = nn.Linear(out_dim, 1)
-        self.aux = nn.Linear(out_dim, 1) if aux_head else None
+        return in_dim + self.mlp.out_dim
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x0 = torch.cat(self.inputs(batch), dim=-1)
-        h = torch.cat([self.cross(x0), self.mlp(x0)], dim=-1)
-        return vm_output(self.head(h), h, self.aux)
+    def interact(self, fields, batch):
+        x0 = torch.cat(fields, dim=-1)
+        return torch.cat([self.cross(x0), self.mlp(x0)], dim=-1), None
+
+
+VM = DCNv2

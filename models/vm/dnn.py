@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from loopfm.config import VMConfig
 
-from ..inputs import InputSpec, VMInputs
-from ..layers import MLP, vm_output
+from ..layers import MLP
+from .base import VMBase
 
 
-class DNN(nn.Module):
-    def __init__(self, cfg: VMConfig, spec: InputSpec, aux_head: bool = False):
-        super().__init__()
-        self.inputs = VMInputs(spec, cfg.embed_dim)
-        self.mlp = MLP(self.inputs.num_fields * cfg.embed_dim, cfg.hidden, cfg.dropout)
-        self.head = nn.Linear(self.mlp.out_dim, 1)
-        self.aux = nn.Linear(self.mlp.out_dim, 1) if aux_head else None
+class DNN(VMBase):
+    def build(self, cfg: VMConfig, in_dim: int) -> int:
+        self.mlp = MLP(in_dim, cfg.hidden, cfg.dropout)
+        return self.mlp.out_dim
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        h = self.mlp(torch.cat(self.inputs(batch), dim=-1))
-        return vm_output(self.head(h), h, self.aux)
+    def interact(self, fields, batch):
+        return self.mlp(torch.cat(fields, dim=-1)), None
+
+
+VM = DNN

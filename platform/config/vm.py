@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import pkgutil
 from typing import Literal, Optional
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from .base import Section
 
@@ -29,16 +32,38 @@ POOLINGS: tuple[str, ...] = ("mean", "sum", "attention")
 Pooling = Literal[POOLINGS]  # type: ignore[valid-type]
 
 
+@functools.cache
+def vm_names() -> tuple[str, ...]:
+    """The VM zoo's architectures, defined once: one module each in models/vm/ (every module but
+    `base`), found without importing them, so the config needs no torch."""
+    spec = importlib.util.find_spec("loopfm.models.vm")
+    modules = pkgutil.iter_modules(spec.submodule_search_locations)
+    return tuple(sorted(m.name for m in modules if m.name != "base" and not m.name.startswith("_")))
+
+
+class DCNv2Settings(Section):
+    """Read by `vm.model: dcnv2` only."""
+
+    cross_layers: PositiveInt = 2
+
+
 class VMConfig(Section):
-    model: Literal["dnn", "deepfm", "dcnv2", "din"] = "dnn"
+    model: str = Field("dnn", description="the architecture: a module of models/vm/ (vm_names())")
     features: list[VMFeature] = Field(default_factory=lambda: list(VM_FEATURES),
                                       description="the VM's own point-in-time features (every arm)")
     embed_dim: PositiveInt = 16
     hidden: list[PositiveInt] = Field(default_factory=lambda: [128, 64])
     dropout: float = Field(0.1, ge=0, lt=1)
-    cross_layers: PositiveInt = 2
     pooling: Pooling = "attention"
     loopfm_width: Optional[PositiveInt] = Field(None, description="prefix of stored z to use; None = all")
+    dcnv2: DCNv2Settings = Field(default_factory=DCNv2Settings)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in vm_names():
+            raise ValueError(f"unknown VM {model!r}: one of {', '.join(vm_names())}")
+        return model
 
 
 class TrainConfig(Section):
