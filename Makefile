@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the pure tests only (no Ray, subprocess or server): the loop for changing code, in about a minute
+test-fast: $(STAMP)
+	LOOPFM_TEST_FAST=1 $(PY) -m pytest -m "not ray" -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -65,8 +65,32 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster
 _state = {"local": False}
 
 
+# A test that takes one of these fixtures (here or in its module) starts Ray or a server; tests that
+# start Ray, a subprocess or a server another way carry `pytest.mark.ray` themselves.
+RAY_FIXTURES = {"ray_session", "two_node_cluster", "smoke_splits", "smoke_embedded", "smoke_trained",
+                "grown_run", "ray_head", "served_run", "server", "replicated_server", "live", "ml_slice",
+                "features_run", "embedded", "fm_run", "run_copy", "log_run", "clean_auc", "lenient"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: one of the long end-to-end tests; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "ray: starts Ray, a subprocess or a server; `make test-fast` runs the rest")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _pure_tests_start_no_ray(request):
+    """Under `make test-fast` (LOOPFM_TEST_FAST=1) a test that starts Ray without its marker fails."""
+    yield
+    ray = sys.modules.get("ray")
+    if os.environ.get("LOOPFM_TEST_FAST") and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray: mark it `ray` (or take a Ray fixture)")
 
 
 def _data_context_for_tests() -> None:

@@ -46,6 +46,7 @@ def test_loglog_slope_refuses_what_it_cannot_fit(x, y):
 
 
 # -- the command ----------------------------------------------------------------------------------
+@pytest.mark.ray
 def test_unknown_benchmark_exits_nonzero_naming_it():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-c", "import sys; from loopfm.cli import main; sys.exit(main())",

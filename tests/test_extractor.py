@@ -16,7 +16,7 @@ import pytest
 
 from loopfm.actors.extractor import pool_args
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
 
 def test_pool_runs_every_call_on_the_actors_main_thread(ray_session):

@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.ray
 def test_stdlib_platform_wins_from_repo_root():
     # `-c` puts '' (the working directory, the repo root) first on sys.path.
     code = "import sys, platform; assert sys.path[0] in ('', '.'), sys.path[0]; print(platform.system())"
@@ -13,6 +16,7 @@ def test_stdlib_platform_wins_from_repo_root():
     assert out.stdout.strip() in {"Linux", "Darwin", "Windows"}
 
 
+@pytest.mark.ray
 def test_stdlib_platform_wins_with_repo_root_as_sys_path0():
     code = (
         "import sys; sys.path.insert(0, %r); import platform; "

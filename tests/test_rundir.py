@@ -15,7 +15,7 @@ import pytest
 
 from loopfm.rundir import atomic_output, is_complete, write_manifest
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.ray]
 
 FILES = 8
 WRITER = """
