@@ -14,7 +14,7 @@ from typing import Any
 
 from loopfm.errors import MissingInputError
 from loopfm.rundir import MANIFEST, from_manifest, read_manifest
-from loopfm.training.checkpoint import MODEL_FILE, model_hash, verified_state
+from loopfm.weights import MODEL_FILE, model_hash, verified_state
 
 
 @dataclass

@@ -34,8 +34,8 @@ from loopfm.actors.extractor import ChunkExtractor
 from loopfm.store import codec
 from loopfm.store.parquet import seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
-from loopfm.training.checkpoint import MODEL_FILE
 from loopfm.training.loop import ordered_data
+from loopfm.weights import MODEL_FILE
 
 
 def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> StoreManifest:

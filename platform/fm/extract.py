@@ -10,7 +10,7 @@ from loopfm.actors.extractor import ChunkExtractor, pool_args
 from loopfm.config import LoopFMConfig
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.runtime import use_gpu
-from loopfm.training.checkpoint import verified_bytes
+from loopfm.weights import verified_bytes
 
 
 def extractor_args(fm_dir, fm: FMManifest, cfg: LoopFMConfig) -> dict:

@@ -37,8 +37,8 @@ from loopfm.rundir import RunDir, atomic_output
 from loopfm.store.deltas import chain_lock, chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, open_store, seal
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
-from loopfm.training.checkpoint import load_weights
 from loopfm.training.loop import ordered_data, sort_boundaries
+from loopfm.weights import load_weights
 
 
 def log_events(run: RunDir, info: SplitInfo):

@@ -23,8 +23,8 @@ from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
 from loopfm.fm.checkpoint import FMManifest, save_fm
 from loopfm.precision import autocast
 from loopfm.rundir import RunDir, atomic_output, is_complete
-from loopfm.training.checkpoint import state_bytes
 from loopfm.training.loop import ordered_data
+from loopfm.weights import state_bytes
 
 TRAIN, VALID, TEST = 0, 1, 2
 

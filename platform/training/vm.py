@@ -23,7 +23,8 @@ from loopfm.datasets.splits import SplitInfo
 from loopfm.features.reader import LABEL, RAW_COLUMNS, SEQ_Z, FeaturesManifest, read_features
 from loopfm.precision import autocast, float32, model_device
 from loopfm.rundir import RunDir, atomic_output, is_complete
-from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes
+from loopfm.training.checkpoint import VMManifest, save_vm
+from loopfm.weights import state_bytes
 
 
 def arm_config(cfg: LoopFMConfig, arm: str, seed: int) -> LoopFMConfig:
