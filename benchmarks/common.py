@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 from loopfm.config import LoopFMConfig
 from loopfm.datasets.schema import SPLITS
 from loopfm.datasets.splits import SplitInfo, boundaries, split_of
-from loopfm.features import store_version
 from loopfm.rundir import RunDir, write_manifest
 from loopfm.store import codec
 from loopfm.store.parquet import seal
+from loopfm.store.resolve import store_version
 from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -94,7 +94,7 @@ def _published(stores: Path) -> list[Path]:
 
 
 def _store_path(cfg, run: RunDir) -> Path:
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
 
     return resolve_store(cfg, run)[0]
 

@@ -31,11 +31,12 @@ from loopfm.cli import main
 from loopfm.datasets.schema import SPLITS
 from loopfm.errors import VersionMismatchError
 from loopfm.features import stage
-from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features, store_version
+from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features
 from loopfm.features.collate import VMBatchCollate
 from loopfm.rundir import RunDir
 from loopfm.store import codec
 from loopfm.store.parquet import seal
+from loopfm.store.resolve import store_version
 from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 
 FM_VERSION = "fm-fabricated"

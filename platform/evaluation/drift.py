@@ -87,7 +87,7 @@ def store_drift(a: tuple, b: tuple) -> dict:
 def drift_stage(cfg, run, args=None) -> list[dict]:
     """`loopfm drift [--slices K] [--stores A,B]`."""
     from loopfm.evaluation.report import write_ablation
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.runtime import log
     from loopfm.store.deltas import chain_files, open_chain
     from loopfm.store.parquet import data_files, open_store

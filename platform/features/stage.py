@@ -30,12 +30,12 @@ from loopfm.datasets.splits import SplitInfo, split_of, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.join import DENSE_NAMES, USER_EVENT_COLUMNS, JoinSpec, counts_before, join_user
 from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
-from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import ROWS_PER_PARTITION
 from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete, write_manifest
 from loopfm.store import codec
+from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, Z, StoreManifest
 from loopfm.training.loop import ordered_data, sort_boundaries
 

@@ -6,7 +6,7 @@ First a sample of train events goes through the FM uncompressed to train the Mat
 autoencoder (stop-gradient by construction: the FM is frozen here); then one pass over every
 chunk writes (event_id, user_id, ts, surface, fm_logit, z). The store version is
 `stable_hash(fm_version, embed.layers, embed.compress, compressor hash)`, named once the compressor
-is trained (`features.resolve.store_version`); the store is sealed (row count = event count, unique
+is trained (`store.resolve.store_version`); the store is sealed (row count = event count, unique
 ids, file hashes) inside a temp directory before it appears under that name. A store this config
 already built from this FM (any compressor) is current: the stage finds it by its manifest.
 """
@@ -21,18 +21,18 @@ import time
 import numpy as np
 import torch
 
+from loopfm.actors.extractor import ChunkExtractor
 from loopfm.config import LoopFMConfig
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError
-from loopfm.features.resolve import store_version, stores_of
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.rundir import RunDir, atomic_output
-from loopfm.actors.extractor import ChunkExtractor
 from loopfm.store import codec
 from loopfm.store.parquet import seal
+from loopfm.store.resolve import store_version, stores_of
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.training.loop import ordered_data
 from loopfm.weights import MODEL_FILE

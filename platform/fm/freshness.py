@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import SPLITS, TS
 from loopfm.datasets.splits import SplitInfo, split_paths
-from loopfm.features.resolve import store_version
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.store import codec
 from loopfm.store.parquet import data_files, seal
+from loopfm.store.resolve import store_version
 from loopfm.store.schema import StoreManifest
 
 

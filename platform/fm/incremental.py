@@ -27,7 +27,6 @@ from loopfm.datasets.append import appended_batches
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import (EVENT_COLUMNS, ROWS_PER_PARTITION, block_chunks, chunk_users, file_boundaries,
                               prev_labels, runs)
@@ -36,6 +35,7 @@ from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import RunDir, atomic_output
 from loopfm.store.deltas import chain_lock, chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, open_store, seal
+from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.training.loop import ordered_data, sort_boundaries
 from loopfm.weights import load_weights

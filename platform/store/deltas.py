@@ -68,7 +68,7 @@ def chain_max_ts(chain: list[tuple[Path, StoreManifest]]) -> int:
 
 def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
     """`loopfm store compact`: fold this config's store and its deltas into one full store."""
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.runtime import log
 
     base_path, base = resolve_store(cfg, run)
