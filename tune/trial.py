@@ -162,7 +162,7 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
     from loopfm.fm.embed import embed_stage
     from loopfm.rundir import RunDir, is_complete
     from loopfm.runtime import setup_logging
-    from loopfm.training.loop import _scalars
+    from loopfm.training.loop import scalar_metrics
     from loopfm.tune.space import serving_bytes
 
     setup_logging()
@@ -189,7 +189,7 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
 
             manifest = VMManifest.read(done)
             for entry in manifest.metrics["history"]:
-                ray.tune.report(report.objective({"epoch": entry["epoch"], **_scalars(entry)}))
+                ray.tune.report(report.objective({"epoch": entry["epoch"], **scalar_metrics(entry)}))
             replayed = True
         else:
             stop = stop_file(run.tune, trial_id)

@@ -33,11 +33,11 @@ from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z,
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import ROWS_PER_PARTITION
 from loopfm.fm.train import fm_fingerprint
+from loopfm.ordering import ordered_data, sort_boundaries
 from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete, write_manifest
 from loopfm.store import codec
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, Z, StoreManifest
-from loopfm.training.loop import ordered_data, sort_boundaries
 
 SPLIT = "split"
 FROM_STORE = "from_store"

@@ -29,12 +29,12 @@ from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
+from loopfm.ordering import ordered_data
 from loopfm.rundir import RunDir, atomic_output
 from loopfm.store import codec
 from loopfm.store.parquet import seal
 from loopfm.store.resolve import store_version, stores_of
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
-from loopfm.training.loop import ordered_data
 from loopfm.weights import MODEL_FILE
 
 

@@ -32,12 +32,12 @@ from loopfm.fm.chunks import (EVENT_COLUMNS, ROWS_PER_PARTITION, block_chunks, c
                               prev_labels, runs)
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
+from loopfm.ordering import ordered_data, sort_boundaries
 from loopfm.rundir import RunDir, atomic_output
 from loopfm.store.deltas import chain_lock, chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, open_store, seal
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
-from loopfm.training.loop import ordered_data, sort_boundaries
 from loopfm.weights import load_weights
 
 

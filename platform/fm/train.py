@@ -19,11 +19,11 @@ import torch
 
 from loopfm.config import FMConfig, LoopFMConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
-from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
 from loopfm.fm.checkpoint import FMManifest, save_fm
+from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
+from loopfm.ordering import ordered_data
 from loopfm.precision import autocast
 from loopfm.rundir import RunDir, atomic_output, is_complete
-from loopfm.training.loop import ordered_data
 from loopfm.weights import state_bytes
 
 TRAIN, VALID, TEST = 0, 1, 2

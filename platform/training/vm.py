@@ -63,7 +63,8 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     `timing_log`: a file the workers append their wall-clock stamps to (`LoopTimer`; benchmarks).
     """
     from loopfm.runtime import init_ray, log, torch_device, use_gpu
-    from loopfm.training.loop import final_state, ordered_data, run_trainer
+    from loopfm.ordering import ordered_data
+    from loopfm.training.loop import final_state, run_trainer
 
     arm, seed = arm_of(cfg.train), cfg.train.seed
     fingerprint = vm_fingerprint(cfg, features)
