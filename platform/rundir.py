@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -130,10 +131,6 @@ def read_manifest(path: Path) -> Optional[dict]:
 
 def from_manifest(cls, raw: dict[str, Any], path: Path):
     """The manifest dataclass `cls` from its JSON; one lacking a required field is refused by name."""
-    import dataclasses
-
-    from loopfm.errors import VersionMismatchError
-
     fields = dataclasses.fields(cls)
     missing = [f.name for f in fields if f.name not in raw
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

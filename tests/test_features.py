@@ -269,7 +269,6 @@ def test_events_missing_from_the_store_are_refused(ray_session, run_with_store, 
 HELD_WRITER = """
 import sys, time
 from pathlib import Path
-from loopfm import runtime
 from loopfm.config import load_config
 from loopfm.features import stage
 from loopfm.rundir import RunDir
@@ -283,7 +282,7 @@ def held(*args):
     while True:
         time.sleep(1)
 
-runtime.init_ray = lambda cfg: None  # it never gets to the join: no Ray needed
+stage.init_ray = lambda cfg: None  # it never gets to the join: no Ray needed
 stage.build_examples = held
 stage.features_stage(load_config(sys.argv[3], ["ray.progress_bars=false"]), run)
 """

@@ -20,12 +20,14 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from loopfm.config import LoopFMConfig, SplitConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
 from loopfm.datasets.vocab import Vocab, VocabBuilder
 from loopfm.errors import MissingInputError
 from loopfm.rundir import RunDir, atomic_output, is_complete, read_manifest, write_manifest
+from loopfm.runtime import init_ray, log
 
 VOCAB_COLUMNS = (USER_ID, ITEM_ID, CATEGORY)
 SPLIT_TAG = "_split"  # partition column of the one write pass; becomes the directory name
@@ -64,8 +66,6 @@ def split_paths(run: RunDir, name: str) -> Path:
 
 def read_split(run: RunDir, name: str, columns: Optional[list[str]] = None):
     """One split as a Ray Dataset."""
-    import ray
-
     path = split_paths(run, name)
     if not path.is_dir():
         raise MissingInputError(f"split {name!r} not found at {path}: run `loopfm data split` first")
@@ -100,8 +100,6 @@ def _train_stats(batch: dict, *, columns: tuple[str, ...], valid_start: int, tes
 
 def _index_and_tag(batch: dict, *, vocabs_ref, valid_start: int, test_start: int) -> dict:
     """map_batches fn: `<column>_idx` for every vocabulary column and the split each row goes to."""
-    import ray
-
     for column, vocab in ray.get(vocabs_ref).items():
         batch[idx(column)] = vocab.lookup(batch[column])
     batch[SPLIT_TAG] = np.asarray(SPLITS)[split_of(batch[TS], valid_start, test_start)]
@@ -110,10 +108,6 @@ def _index_and_tag(batch: dict, *, vocabs_ref, valid_start: int, test_start: int
 
 def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
     """`loopfm data split`: at most three passes, two of them over a few columns only."""
-    import ray
-
-    from loopfm.runtime import init_ray, log
-
     events = read_manifest(run.events)
     if events is None:
         raise MissingInputError(f"no validated events in {run.events}: run `loopfm data validate` first")

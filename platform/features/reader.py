@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import pyarrow as pa
+import ray
 
 from loopfm.datasets.schema import LABEL, SPLITS, idx
 from loopfm.errors import MissingInputError, VersionMismatchError
@@ -69,8 +71,6 @@ class FeaturesManifest:
 
 def read_features(run: RunDir, features: Union[str, FeaturesManifest], split: str, columns: Optional[list[str]] = None):
     """One split of a feature set (by fingerprint or manifest) as a Ray Dataset."""
-    import ray
-
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     fingerprint = features if isinstance(features, str) else features.fingerprint
@@ -84,8 +84,6 @@ def arrow_columns(table, manifest: FeaturesManifest) -> dict[str, np.ndarray]:
     """An Arrow batch of feature rows -> numpy columns for `decode_batch`, without a Python object
     per row: `seq_z` becomes (rows, L x bytes_per_row) uint8 over the Arrow buffer, `hist_items`
     (rows, raw_seq_len) from the list's flat values, scalars zero-copy where Arrow allows."""
-    import pyarrow as pa
-
     out = {}
     for name in table.column_names:
         column = table.column(name)

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopfm.config import FMConfig
 from loopfm.errors import MissingInputError
+from loopfm.models.fm import CausalFM
 from loopfm.rundir import MANIFEST, from_manifest, read_manifest
 from loopfm.weights import MODEL_FILE, model_hash, verified_state
 
@@ -47,9 +49,6 @@ def save_fm(directory: Path, weights: bytes, manifest: FMManifest) -> FMManifest
 
 def load_fm(directory: Path):
     """(CausalFM in eval mode, manifest); refuses weights whose hash is not the manifest's version."""
-    from loopfm.config import FMConfig
-    from loopfm.models.fm import CausalFM
-
     manifest = FMManifest.read(directory)
     model = CausalFM(FMConfig.model_validate(manifest.fm), manifest.vocab_sizes, manifest.num_surfaces)
     model.load_state_dict(verified_state(directory, manifest.fm_version))

@@ -21,9 +21,10 @@ from typing import Optional
 
 import numpy as np
 import pyarrow.dataset as pads
+import ray
 
-from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID, idx
-from loopfm.datasets.splits import split_of
+from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
+from loopfm.datasets.splits import split_of, split_paths
 from loopfm.ordering import sort_boundaries
 
 TOKENS = ("item", "category", "surface", "prev_label")
@@ -136,11 +137,6 @@ def build_chunks(run, cfg, cutoffs: tuple[int, int]):
     `cutoffs` = (valid_start, test_start) tag each position's split: the run's own boundaries,
     or earlier ones for an FM that may only see older events (`loopfm freshness`).
     """
-    import ray
-
-    from loopfm.datasets.schema import SPLITS
-    from loopfm.datasets.splits import split_paths
-
     paths = [str(split_paths(run, name)) for name in SPLITS]
     return chunk_users(ray.data.read_parquet(paths, columns=EVENT_COLUMNS), block_chunks, file_boundaries(paths),
                        chunk_len=cfg.fm.chunk_len, context=cfg.fm.context,

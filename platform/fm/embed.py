@@ -28,9 +28,12 @@ from loopfm.errors import MissingInputError
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.extract import extract_rows, extractor_args
+from loopfm.fm.incremental import incremental_embed
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
+from loopfm.models import autoencoder
 from loopfm.ordering import ordered_data
 from loopfm.rundir import RunDir, atomic_output
+from loopfm.runtime import init_ray, log
 from loopfm.store import codec
 from loopfm.store.parquet import seal
 from loopfm.store.resolve import store_version, stores_of
@@ -42,11 +45,7 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
     """`loopfm embed` (with `cutoffs`: the store of the FM trained only on events before them;
     with `--incremental`: only the log's events newer than the store, as a delta)."""
     if getattr(args, "incremental", False):
-        from loopfm.fm.incremental import incremental_embed
-
         return incremental_embed(cfg, run, getattr(args, "since", "last"))
-    from loopfm.runtime import init_ray, log
-
     info = SplitInfo.load(run)
     fm_dir = run.fm(fm_fingerprint(cfg, info, cutoffs))
     if not (fm_dir / MODEL_FILE).is_file():
@@ -110,11 +109,9 @@ def _train_compressor(sample: np.ndarray, cfg: LoopFMConfig, log) -> tuple[dict,
 
     Seeded by `fm.seed`, so the same FM and config train the same compressor on one machine; the
     store version hashes the trained weights too, for when they still come out different."""
-    from loopfm.models.autoencoder import train_autoencoder
-
     compress = cfg.embed.compress
     e = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
-    ae, stats = train_autoencoder(e, compress, seed=cfg.fm.seed, log=lambda line: log.info("embed: %s", line))
+    ae, stats = autoencoder.train_autoencoder(e, compress, seed=cfg.fm.seed, log=lambda line: log.info("embed: %s", line))
     with torch.no_grad():
         z = ae.encode(e).numpy()
         quant = {}

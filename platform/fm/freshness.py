@@ -22,11 +22,18 @@ import pyarrow.parquet as pq
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import SPLITS, TS
 from loopfm.datasets.splits import SplitInfo, split_paths
+from loopfm.evaluation.report import write_ablation
+from loopfm.evaluation.transfer import summarize
+from loopfm.features import features_stage
+from loopfm.fm.embed import embed_stage
+from loopfm.fm.train import fm_train_stage
 from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.runtime import init_ray, log
 from loopfm.store import codec
 from loopfm.store.parquet import data_files, seal
 from loopfm.store.resolve import store_version
 from loopfm.store.schema import StoreManifest
+from loopfm.training.vm import arm_config, train_vm
 
 
 def slice_bounds(run: RunDir, info: SplitInfo, slices: int) -> list[int]:
@@ -77,14 +84,6 @@ def centroid_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> floa
 
 def freshness_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> list[dict]:
     """`loopfm freshness`."""
-    from loopfm.evaluation.report import write_ablation
-    from loopfm.evaluation.transfer import summarize
-    from loopfm.features import features_stage
-    from loopfm.fm.embed import embed_stage
-    from loopfm.fm.train import fm_train_stage
-    from loopfm.runtime import init_ray, log
-    from loopfm.training.vm import arm_config, train_vm
-
     slices = getattr(args, "slices", None) or 3
     init_ray(cfg.ray)
     info = SplitInfo.load(run)

@@ -21,6 +21,8 @@ import functools
 import time
 
 import numpy as np
+import pyarrow.dataset as pads
+import ray
 
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.append import appended_batches
@@ -34,6 +36,7 @@ from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
 from loopfm.ordering import ordered_data, sort_boundaries
 from loopfm.rundir import RunDir, atomic_output
+from loopfm.runtime import init_ray, log
 from loopfm.store.deltas import chain_lock, chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, open_store, seal
 from loopfm.store.resolve import resolve_store
@@ -43,8 +46,6 @@ from loopfm.weights import load_weights
 
 def log_events(run: RunDir, info: SplitInfo):
     """Every event of the log (splits + appended batches) in `EVENT_COLUMNS`, as a Ray Dataset."""
-    import ray
-
     ds = ray.data.read_parquet([str(split_paths(run, s)) for s in SPLITS], columns=EVENT_COLUMNS)
     batches = appended_batches(run)
     if batches:
@@ -89,8 +90,6 @@ def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last")
 
 
 def _extend_chain(cfg: LoopFMConfig, run: RunDir, base_path, since: str | int) -> StoreManifest:
-    from loopfm.runtime import init_ray, log
-
     base = open_store(base_path)  # as it is now: a compaction may have folded the chain while this waited
     chain = open_chain(run, base_path, base)
     stored_until = chain_max_ts(chain)
@@ -159,8 +158,6 @@ def _same_space(cfg: LoopFMConfig, run: RunDir, base_path, base: StoreManifest):
 def _new_events(run: RunDir, since: int) -> tuple[np.ndarray, int]:
     """(users with events after `since`, how many such events). Only appended batches can hold
     any: `since` is at or after the full store's newest event, and that store holds every split."""
-    import pyarrow.dataset as pads
-
     files = [str(f) for batch in appended_batches(run) for f in sorted(batch.glob("*.parquet"))]
     if not files:
         return np.zeros(0, np.int64), 0

@@ -22,8 +22,10 @@ from pathlib import Path
 from filelock import FileLock
 
 from loopfm.errors import VersionMismatchError
+from loopfm.logs import log
 from loopfm.rundir import RunDir, atomic_output, output_lock, read_manifest, reap_dead_temps
 from loopfm.store.parquet import data_files, open_store, seal
+from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 
 
@@ -68,9 +70,6 @@ def chain_max_ts(chain: list[tuple[Path, StoreManifest]]) -> int:
 
 def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
     """`loopfm store compact`: fold this config's store and its deltas into one full store."""
-    from loopfm.store.resolve import resolve_store
-    from loopfm.runtime import log
-
     base_path, base = resolve_store(cfg, run)
     with chain_lock(run, base.store_version):
         base = open_store(base_path)  # as it is now: a compaction may have finished while this one waited
