@@ -25,7 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import optuna
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from loopfm.config import LoopFMConfig
+from loopfm.tune.space import encode_choice, optuna_space
+from loopfm.tune.trial import config_for
 
 METRIC_COLUMNS = ("best_valid_auc", "best_valid_ne")  # valid only: trials never see the test split
 
@@ -135,10 +141,6 @@ def importances(rows: list[TrialRow], cfg: LoopFMConfig) -> dict:
     Replays the trials into a fresh in-memory study with the space's distributions; returns
     `{"importances": {...}, "trials": n}` or `{"importances": {}, "note": why not}`.
     """
-    import optuna
-
-    from loopfm.tune.space import encode_choice, optuna_space
-
     space = cfg.tune.space
     dists = optuna_space(space)
     done = [r for r in rows if r.finished]
@@ -180,18 +182,20 @@ def importances_markdown(imp: dict) -> str:
     return "\n".join(lines + ["", f"{imp['trials']} finished trials.", ""])
 
 
+def _figure() -> tuple[Figure, Any]:
+    """A pyplot-free figure and its axes: no global backend state (the Agg canvas is its own)."""
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
 def plot_objective(rows: list[TrialRow], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = sorted((r for r in rows if r.finished), key=_order)
     xs = [_order(r) for r in done]
     ys = [r.objective for r in done]
     better = max if mode_of(metric) == "max" else min
     running = [better(ys[: i + 1]) for i in range(len(ys))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _figure()
     ax.scatter(xs, ys, label="trial", zorder=3)
     ax.step(xs, running, where="post", color="C1", label="best so far")
     ax.set_xlabel("trial")
@@ -203,14 +207,9 @@ def plot_objective(rows: list[TrialRow], metric: str, path: Path) -> None:
 
 
 def plot_pareto(rows: list[TrialRow], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in rows if r.finished and r.serving_bytes is not None]
     front = pareto_front(rows, metric)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _figure()
     ax.scatter([r.serving_bytes for r in done], [r.objective for r in done], color="C0", label="trial")
     ax.plot([r.serving_bytes for r in front], [r.objective for r in front], "o-", color="C3", label="Pareto front")
     ax.set_xlabel("serving bytes per request (L x width)")
@@ -221,12 +220,9 @@ def plot_pareto(rows: list[TrialRow], metric: str, path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def _save(fig: Figure, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -237,8 +233,6 @@ def _write(path: Path, text: str) -> None:
 
 
 def best_config_yaml(cfg: LoopFMConfig, best: TrialRow) -> str:
-    from loopfm.tune.trial import config_for
-
     chosen = config_for(cfg, {k: v for k, v in best.params.items() if k in cfg.tune.space})
     head = (f"# Best trial of `loopfm tune`: {best.trial_id}, valid {cfg.tune.metric} {best.objective:.4f} "
             f"(epoch {best.best_epoch}).\n# Train it alone: loopfm train --config <this file> --out <run>\n")
