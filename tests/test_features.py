@@ -134,8 +134,7 @@ def fabricate_store(cfg, run: RunDir, log: pd.DataFrame) -> pd.DataFrame:
     pq.write_table(table.cast(ROW_SCHEMA), path / "part-0.parquet")
     manifest = StoreManifest(
         store_version=version, fm_version=FM_VERSION, checkpoint_hash="none", layers=list(cfg.embed.layers),
-        raw_width=64, width=c.width, prefix_widths=list(c.prefix_widths), dtype=c.dtype, rows=len(store),
-        min_ts=0, max_ts=0,
+        raw_width=64, width=c.width, prefix_widths=list(c.prefix_widths), dtype=c.dtype,
     )
     seal(path, manifest, expected_rows=len(store))
     return store

@@ -18,7 +18,7 @@ WIDTH, DTYPE = 8, "int4"
 
 def manifest(**changes) -> StoreManifest:
     fields = dict(store_version="s1", fm_version="fm1", checkpoint_hash="fm1", layers=[1], raw_width=16, width=WIDTH,
-                  prefix_widths=[4, 8], dtype=DTYPE, rows=0, min_ts=0, max_ts=0)
+                  prefix_widths=[4, 8], dtype=DTYPE)
     return StoreManifest(**{**fields, **changes})
 
 

@@ -8,9 +8,7 @@ width) floats never exist all at once. Serving calls it on the rows of a request
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
@@ -18,8 +16,8 @@ import pyarrow as pa
 import ray
 
 from loopfm.datasets.schema import LABEL, SPLITS, idx
-from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.rundir import MANIFEST, RunDir
+from loopfm.errors import VersionMismatchError
+from loopfm.rundir import Manifest, RunDir
 from loopfm.store import codec
 
 HIST_ITEMS, HIST_CATS, HIST_LABELS = "hist_items", "hist_cats", "hist_labels"
@@ -34,8 +32,11 @@ LIST_COLUMNS = (*HISTORY_COLUMNS, DENSE, *RAW_COLUMNS)  # fixed-size list column
 
 
 @dataclass
-class FeaturesManifest:
+class FeaturesManifest(Manifest):
     """What a VM needs to know about its examples (`features/<fingerprint>/manifest.json`)."""
+
+    MISSING = "no features at {path}: run `loopfm features` first"
+    STAMP = True
 
     fingerprint: str
     store_version: str
@@ -56,17 +57,6 @@ class FeaturesManifest:
     retention: Optional[int] = None
     surfaces: Union[str, list[int]] = "all"
     seconds: float = 0.0
-
-    @classmethod
-    def read(cls, path: Path) -> "FeaturesManifest":
-        f = Path(path) / MANIFEST
-        if not f.is_file():
-            raise MissingInputError(f"no features at {path}: run `loopfm features` first")
-        raw = json.loads(f.read_text())
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def read_features(run: RunDir, features: Union[str, FeaturesManifest], split: str, columns: Optional[list[str]] = None):

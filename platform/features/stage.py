@@ -36,7 +36,7 @@ from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import ROWS_PER_PARTITION
 from loopfm.fm.train import fm_fingerprint
 from loopfm.ordering import ordered_data, sort_boundaries
-from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete, write_manifest
+from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete
 from loopfm.runtime import init_ray, log
 from loopfm.store import codec
 from loopfm.store.resolve import resolve_store
@@ -90,7 +90,7 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
             surfaces=cfg.features.surfaces,
             seconds=round(time.time() - started, 2),
         )
-        write_manifest(tmp, manifest.to_dict())
+        manifest.write(tmp)
     total = sum(rows.values())
     for name in SPLITS:
         log.info("features: %-5s %9d examples", name, rows[name])

@@ -79,8 +79,7 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
             store_version=version, fm_version=fm.fm_version, checkpoint_hash=fm.fm_version,
             layers=list(cfg.embed.layers), raw_width=int(sample.shape[1]), width=cfg.embed.compress.width,
             prefix_widths=list(cfg.embed.compress.prefix_widths), dtype=cfg.embed.compress.dtype,
-            rows=0, min_ts=0, max_ts=0, recon_error=stats["recon_error"], quant_error=stats["quant_error"],
-            compressor_hash=compressor_hash,
+            recon_error=stats["recon_error"], quant_error=stats["quant_error"], compressor_hash=compressor_hash,
         ), expected_rows=total_events, stage="embed")
     seconds = time.time() - started
     log.info("embed: %d events in %.1fs (%.0f events/s) -> store %s", manifest.rows, seconds,

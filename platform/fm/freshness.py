@@ -67,8 +67,8 @@ def drifting_store(run: RunDir, cfg: LoopFMConfig, stores: list[StoreManifest], 
         return seal(tmp, StoreManifest(
             store_version=version, fm_version=fm_version, checkpoint_hash=",".join(s.fm_version for s in stores),
             layers=last.layers, raw_width=last.raw_width, width=last.width, prefix_widths=last.prefix_widths,
-            dtype=last.dtype, rows=0, min_ts=0, max_ts=0, recon_error=last.recon_error,
-            quant_error=last.quant_error, compressor_hash=compressors), expected_rows=events, stage="freshness")
+            dtype=last.dtype, recon_error=last.recon_error, quant_error=last.quant_error,
+            compressor_hash=compressors), expected_rows=events, stage="freshness")
 
 
 def centroid_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> float:

@@ -119,7 +119,7 @@ def _extend_chain(cfg: LoopFMConfig, run: RunDir, base_path, since: str | int) -
         manifest = seal(tmp, StoreManifest(
             store_version=version, fm_version=base.fm_version, checkpoint_hash=base.checkpoint_hash,
             layers=base.layers, raw_width=base.raw_width, width=base.width, prefix_widths=base.prefix_widths,
-            dtype=base.dtype, rows=0, min_ts=0, max_ts=0, parent=parent, base=base.store_version, since=since_ts,
+            dtype=base.dtype, parent=parent, base=base.store_version, since=since_ts,
         ), expected_rows=expected, stage="embed --incremental")
     seconds = time.time() - started
     log.info("embed --incremental: %d events of %d users after ts %d in %.1fs -> delta %s", manifest.rows,

@@ -16,6 +16,7 @@ every reader would then refuse the chain), and an increment always extends the c
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -83,8 +84,8 @@ def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
                 for f in data_files(path):
                     shutil.copy2(f, tmp / f"{i:04d}-{f.name}")
             shutil.copy2(base_path / COMPRESSOR_FILE, tmp / COMPRESSOR_FILE)
-            manifest = StoreManifest(**{**base.to_dict(), "files": {}, "created_at": ""})
-            manifest = seal(tmp, manifest, expected_rows=sum(m.rows for _, m in chain), stage="store compact")
+            manifest = seal(tmp, dataclasses.replace(base), expected_rows=sum(m.rows for _, m in chain),
+                            stage="store compact")  # the base's fields; rows, ts range and files recomputed
         _remove_folded(run, base.store_version)
     log.info("store compact: %d deltas folded into %s (%d rows, ts up to %d)", len(chain) - 1, base_path,
              manifest.rows, manifest.max_ts)

@@ -8,23 +8,23 @@ bytes and refuses a file that does not match (torch.load(weights_only=True) neve
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from loopfm.config import TrainConfig, VMConfig
-from loopfm.errors import MissingInputError
 from loopfm.models.inputs import InputSpec
 from loopfm.models.vm import build_vm
-from loopfm.rundir import from_manifest
+from loopfm.rundir import Manifest
 from loopfm.weights import MODEL_FILE, model_hash, verified_state
 
 
 @dataclass
-class VMManifest:
+class VMManifest(Manifest):
+    MISSING = "no VM checkpoint at {path} (missing manifest.json)"
+
     fingerprint: str
     model_version: str
     arm: str
@@ -44,21 +44,13 @@ class VMManifest:
     num_surfaces: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)  # {"valid": {...}, "test": {...}, "epochs": n}
 
-    @classmethod
-    def read(cls, path: Path) -> "VMManifest":
-        f = Path(path) / "manifest.json"
-        if not f.is_file():
-            raise MissingInputError(f"no VM checkpoint at {path} (missing manifest.json)")
-        raw = json.loads(f.read_text())
-        return from_manifest(cls, raw, path)
-
 
 def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> None:
     """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
     directory = Path(directory)
     (directory / MODEL_FILE).write_bytes(model_state)
     manifest.model_version = model_hash(model_state)
-    (directory / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
+    manifest.write(directory)
 
 
 def input_spec(manifest: VMManifest) -> InputSpec:
