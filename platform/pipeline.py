@@ -14,7 +14,7 @@ from loopfm.config import LoopFMConfig
 from loopfm.datasets.append import logs_append_stage
 from loopfm.errors import MissingInputError
 from loopfm.fm.incremental import incremental_embed
-from loopfm.rundir import RunDir
+from loopfm.rundir import RunDir, atomic_write_text
 from loopfm.runtime import log
 from loopfm.serve_apps.stage import serve_refresh_stage
 
@@ -32,7 +32,7 @@ PIPELINE: tuple[str, ...] = (
 def run_pipeline(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace | None = None) -> None:
     by_name = {c.name: c for c in COMMANDS}
     run.ensure()
-    run.config_path.write_text(cfg.to_yaml())
+    atomic_write_text(run.config_path, cfg.to_yaml())
     missing = []
     for name in PIPELINE:
         if name == "data generate" and cfg.data.source != "synthetic":

@@ -25,7 +25,7 @@ from ray import serve
 
 from loopfm.config import LoopFMConfig
 from loopfm.errors import MissingInputError
-from loopfm.rundir import RunDir
+from loopfm.rundir import RunDir, atomic_write_text
 from loopfm.runtime import init_ray, log
 from loopfm.serve_apps.app import APP_NAME, ROUTE_PREFIX, app_args, build_app, deploy_config, logging_config
 
@@ -66,7 +66,7 @@ def serve_run_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
     start_http(cfg)
     deployed = deploy(cfg, run, _vm_option(args))
     serve_dir(run).mkdir(parents=True, exist_ok=True)
-    (serve_dir(run) / ADDRESS_FILE).write_text(ray.get_runtime_context().gcs_address)
+    atomic_write_text(serve_dir(run) / ADDRESS_FILE, ray.get_runtime_context().gcs_address)
     info = served_version() or {}
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     log.info("serve: VM %s (%s seed %s, store %s) from %s", info.get("model_version"), info.get("arm"),
@@ -89,7 +89,7 @@ def serve_build_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     header = ("# Ray Serve config written by `loopfm serve build`; deploy with `serve deploy " + str(out) + "`\n"
               "# (needs `loopfm` installed on the cluster and the run directory readable by it).\n")
-    out.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out, header + yaml.safe_dump(config, sort_keys=False))
     log.info("serve build: %s (VM %s) -> %s", APP_NAME, config["applications"][0]["args"]["vm_dir"], out)
     return out
 

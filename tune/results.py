@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from loopfm.config import LoopFMConfig
+from loopfm.rundir import atomic_file, atomic_write_text, write_manifest
 from loopfm.tune.space import encode_choice, optuna_space
 from loopfm.tune.trial import config_for
 
@@ -221,15 +221,8 @@ def plot_pareto(rows: list[TrialRow], metric: str, path: Path) -> None:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def best_config_yaml(cfg: LoopFMConfig, best: TrialRow) -> str:
@@ -245,11 +238,11 @@ def write_outputs(rows: list[TrialRow], cfg: LoopFMConfig, out: Path, extra: Opt
     keys = list(cfg.tune.space)
     metric = cfg.tune.metric
     best = best_row(rows, metric)
-    _write(out / "results.csv", results_csv(rows, keys))
-    _write(out / "results.md", results_markdown(rows, keys, metric, best))
+    atomic_write_text(out / "results.csv", results_csv(rows, keys))
+    atomic_write_text(out / "results.md", results_markdown(rows, keys, metric, best))
     imp = importances(rows, cfg)
-    _write(out / "importances.json", json.dumps(imp, indent=2, sort_keys=True))
-    _write(out / "importances.md", importances_markdown(imp))
+    atomic_write_text(out / "importances.json", json.dumps(imp, indent=2, sort_keys=True))
+    atomic_write_text(out / "importances.md", importances_markdown(imp))
     plot_objective(rows, metric, out / "objective.png")
     files = ["results.csv", "results.md", "importances.json", "importances.md", "objective.png"]
     front = []
@@ -258,12 +251,12 @@ def write_outputs(rows: list[TrialRow], cfg: LoopFMConfig, out: Path, extra: Opt
         front = [r.trial_id for r in pareto_front(rows, metric)]
         files.append("pareto.png")
     if best is not None:
-        _write(out / "best_config.yaml", best_config_yaml(cfg, best))
+        atomic_write_text(out / "best_config.yaml", best_config_yaml(cfg, best))
         files.append("best_config.yaml")
     manifest = {
         "metric": metric, "mode": mode_of(metric), "trials": len(rows),
         "finished": sum(r.finished for r in rows), "best": asdict(best) if best else None,
         "pareto_front": front, "files": files, **(extra or {}),
     }
-    _write(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    write_manifest(out, manifest, stamp=False)
     return manifest

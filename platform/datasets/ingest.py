@@ -30,7 +30,7 @@ from loopfm.datasets.readers import FILE_SHIFT, Source, generic_layout, open_sou
 from loopfm.datasets.schema import event_schema
 from loopfm.datasets.validate import BIT, CheckedSink, audit, check_batch, fail_if_invalid, keep_batch, num_surfaces
 from loopfm.errors import MissingInputError
-from loopfm.rundir import RunDir, atomic_output, is_complete, read_manifest, write_manifest
+from loopfm.rundir import RunDir, atomic_output, atomic_write_text, is_complete, read_manifest, write_manifest
 from loopfm.runtime import init_ray, log
 
 
@@ -140,6 +140,4 @@ def _file_entries(source: Source, file_rows: list[int]) -> list[dict]:
 
 def _write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))
