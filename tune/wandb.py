@@ -96,7 +96,7 @@ def read_offline_run(run_dir: Path) -> dict:
     chunks `crc32 u32 | length u16 | type u8 | data`, types full/first/middle/last) of protobuf
     `Record`s; wandb 0.31 no longer ships a Python reader for it.
     """
-    from wandb.proto import wandb_internal_pb2 as pb  # wandb is optional: only W&B logging (tune.wandb) needs it
+    from wandb.proto import wandb_internal_pb2 as pb  # optional dependency: only reading W&B runs needs it
 
     [path] = list(Path(run_dir).glob("run-*.wandb"))
     data = path.read_bytes()
