@@ -14,7 +14,6 @@ import os
 import platform
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -25,10 +24,10 @@ import pyarrow.parquet as pq
 from loopfm.config import LoopFMConfig
 from loopfm.datasets.schema import SPLITS
 from loopfm.datasets.splits import SplitInfo, boundaries, split_of
-from loopfm.features import store_version
-from loopfm.rundir import RunDir, write_manifest
+from loopfm.rundir import RunDir
 from loopfm.store import codec
 from loopfm.store.parquet import seal
+from loopfm.store.resolve import store_version
 from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,7 +300,7 @@ def write_splits(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: in
                      rows={s: int((which == i).sum()) for i, s in enumerate(SPLITS)}, label_rate={},
                      vocab_sizes={"user_id": users + 2, "item_id": NUM_ITEMS + 2, "category": NUM_CATEGORIES + 2},
                      categorical=[], num_surfaces=NUM_SURFACES, vertical=0)
-    write_manifest(run.splits, asdict(info))
+    info.write(run.splits)
     return events
 
 
@@ -320,7 +319,7 @@ def write_store(cfg: LoopFMConfig, run: RunDir, events: pa.Table, seed: int = 0)
     }).cast(ROW_SCHEMA)
     pq.write_table(store, path / "part-0.parquet", row_group_size=200_000)
     seal(path, StoreManifest(version, FM_VERSION, "none", list(cfg.embed.layers), 64, c.width, list(c.prefix_widths),
-                             c.dtype, 0, 0, 0), expected_rows=n)  # row count, ts range, file hashes
+                             c.dtype), expected_rows=n)  # seal computes the row count, ts range, file hashes
 
 
 def write_fm(cfg: LoopFMConfig, run: RunDir, seed: int = 0) -> int:

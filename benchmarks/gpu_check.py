@@ -204,7 +204,8 @@ def fm_part(cfg: LoopFMConfig, args) -> dict:
     from loopfm.fm.chunks import build_chunks, keep_chunks
     from loopfm.fm.train import TEST, TRAIN, VALID, fm_loop, split_cutoffs
     from loopfm.runtime import use_gpu
-    from loopfm.training.loop import final_state, ordered_data, run_trainer
+    from loopfm.ordering import ordered_data
+    from loopfm.training.loop import final_state, run_trainer
 
     cfg = cfg.updated({"fm.epochs": args.fm_epochs, "fm.patience": args.fm_epochs + 1})
     root = Path(tempfile.mkdtemp(prefix="gpu_check_fm_"))

@@ -65,8 +65,9 @@ from loopfm.rundir import RunDir  # noqa: E402
 from loopfm.runtime import free_port  # noqa: E402
 from loopfm.serve_apps.bundle import latest_vm  # noqa: E402
 from loopfm.serve_apps.stage import deploy, refresh, reload  # noqa: E402
-from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes, verified_state  # noqa: E402
+from loopfm.training.checkpoint import VMManifest, save_vm  # noqa: E402
 from loopfm.training.vm import arm_config, train_vm  # noqa: E402
+from loopfm.weights import state_bytes, verified_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = 86_400

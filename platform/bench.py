@@ -31,6 +31,7 @@ import numpy as np
 
 from loopfm.config import LoopFMConfig
 from loopfm.errors import LoopFMError
+from loopfm.logs import log
 
 SCRIPTS = {
     "extract": "bench_extract.py",
@@ -108,8 +109,6 @@ def command(name: str, repo: Path, extra: Sequence[str] = (), config: Optional[s
 
 def bench_stage(cfg: LoopFMConfig, run, args) -> None:
     """`loopfm bench <name> [-- harness args]`."""
-    from loopfm.runtime import log
-
     name = args.benchmark
     extra = list(args.args or [])
     if extra[:1] == ["--"]:

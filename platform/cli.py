@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from loopfm.config import ARMS, ConfigError, LoopFMConfig, load_config
 from loopfm.errors import LoopFMError
+from loopfm.logs import setup_logging
 from loopfm.rundir import RunDir
 
 
@@ -135,8 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from loopfm.runtime import setup_logging
-
     args = build_parser().parse_args(argv)
     cmd: Command = args._command
     try:

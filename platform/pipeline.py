@@ -9,9 +9,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from loopfm.cli import COMMANDS
 from loopfm.config import LoopFMConfig
-from loopfm.rundir import RunDir
+from loopfm.datasets.append import logs_append_stage
+from loopfm.errors import MissingInputError
+from loopfm.fm.incremental import incremental_embed
+from loopfm.rundir import RunDir, atomic_write_text
 from loopfm.runtime import log
+from loopfm.serve_apps.stage import serve_refresh_stage
 
 PIPELINE: tuple[str, ...] = (
     "data generate",
@@ -25,11 +30,9 @@ PIPELINE: tuple[str, ...] = (
 
 
 def run_pipeline(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace | None = None) -> None:
-    from loopfm.cli import COMMANDS
-
     by_name = {c.name: c for c in COMMANDS}
     run.ensure()
-    run.config_path.write_text(cfg.to_yaml())
+    atomic_write_text(run.config_path, cfg.to_yaml())
     missing = []
     for name in PIPELINE:
         if name == "data generate" and cfg.data.source != "synthetic":
@@ -55,16 +58,10 @@ def cycle_stage(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace) -> Non
     Appends the files to the log, embeds their events into a store delta with the same FM, then,
     when a Serve app of this run is reachable, makes its feature lookup load the delta now.
     """
-    from loopfm.datasets.append import logs_append_stage
-    from loopfm.errors import MissingInputError
-    from loopfm.fm.incremental import incremental_embed
-
     logs_append_stage(cfg, run, args)
     incremental_embed(cfg, run, "last")
     if getattr(args, "no_refresh", False):
         return
-    from loopfm.serve_apps.stage import serve_refresh_stage
-
     try:
         serve_refresh_stage(cfg, run)
     except MissingInputError as err:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -27,11 +28,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional, TypeVar
 
 from filelock import FileLock
 
-from loopfm.errors import RowCountError, VersionMismatchError
+from loopfm.errors import MissingInputError, RowCountError, VersionMismatchError
 
 MANIFEST = "manifest.json"
 LOCK_DIR = Path(tempfile.gettempdir()) / "loopfm-locks"
@@ -121,32 +122,104 @@ class RunDir:
         return self
 
 
+# -- single files and manifests ----------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a hidden temp path beside `final`; once the block has written it, it is renamed to
+    `final`; on error it is removed. Every single file the stages write (manifests, reports, plots,
+    tune tables) goes through here: a reader sees the old file or the new one, never half of one."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """`data` as the whole content of `path`, written atomically (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """`text` (UTF-8) as the whole content of `path`, written atomically (`atomic_file`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def now_stamp() -> str:
+    """A manifest's `created_at`: local time with its UTC offset."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def manifest_json(data: dict[str, Any]) -> str:
+    """The text of every `manifest.json`: sorted keys, two-space indent, anything else as str."""
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
 def read_manifest(path: Path) -> Optional[dict]:
+    """The manifest of output directory `path` as a dict; None when it has none (not finished)."""
     f = Path(path) / MANIFEST
     if not f.is_file():
         return None
     return json.loads(f.read_text())
 
 
-def from_manifest(cls, raw: dict[str, Any], path: Path):
-    """The manifest dataclass `cls` from its JSON; one lacking a required field is refused by name."""
-    import dataclasses
-
-    from loopfm.errors import VersionMismatchError
-
-    fields = dataclasses.fields(cls)
-    missing = [f.name for f in fields if f.name not in raw
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise VersionMismatchError(f"{Path(path) / MANIFEST} lacks {missing}: not a complete {cls.__name__}")
-    return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
+def write_manifest(path: Path, manifest: dict[str, Any], stamp: bool = True) -> None:
+    """`path/manifest.json`, atomically. `stamp` adds `created_at` (a `created_at` in `manifest` wins)."""
+    data = {"created_at": now_stamp(), **manifest} if stamp else dict(manifest)
+    atomic_write_text(Path(path) / MANIFEST, manifest_json(data))
 
 
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    data = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest}
-    tmp = Path(path) / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, Path(path) / MANIFEST)
+REQUIRED = "loopfm_required"  # field metadata: required in a manifest read back, though it has a default
+M = TypeVar("M", bound="Manifest")
+
+
+def computed(default: Any) -> Any:
+    """A manifest field its writer computes (`seal`: the row count and ts range): callers building
+    the manifest leave it out, and a manifest read back without it is refused like any other."""
+    return dataclasses.field(default=default, metadata={REQUIRED: True})
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Base of the manifest dataclasses (store, FM, VM, feature set, splits): one `manifest.json` in
+    an output directory, read with every required field checked and written atomically.
+
+    A subclass is a dataclass of its fields plus `MISSING`, the error when the directory holds no
+    manifest (it names the stage to run), and `STAMP`, whether `write` adds `created_at`.
+    """
+
+    MISSING: ClassVar[str] = "no output at {path} (missing manifest.json)"
+    STAMP: ClassVar[bool] = False
+
+    @classmethod
+    def read(cls: type[M], path: Path) -> M:
+        raw = read_manifest(path)
+        if raw is None:
+            raise MissingInputError(cls.MISSING.format(path=path))
+        return cls.from_dict(raw, path)
+
+    @classmethod
+    def from_dict(cls: type[M], raw: dict[str, Any], path: Path | str = "") -> M:
+        """The manifest from its JSON; one lacking a required field is refused by name, keys that
+        are not fields (`created_at` of a stamped one, fields of a newer version) are ignored."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in raw and (
+            f.metadata.get(REQUIRED) or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))]
+        if missing:
+            raise VersionMismatchError(f"{Path(path) / MANIFEST} lacks {missing}: not a complete {cls.__name__}")
+        return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, directory: Path) -> None:
+        """`directory/manifest.json`, atomically (inside `atomic_output`, the last file written)."""
+        write_manifest(directory, self.to_dict(), stamp=self.STAMP)
 
 
 def check_rows(stage: str, where: Path | str, got: int, expected: int, what: str) -> None:

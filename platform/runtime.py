@@ -8,34 +8,18 @@ reserves every CPU would otherwise starve Ray Data's read tasks and hang the pip
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
+import socket
+
+import ray
+import torch
+from ray.data import DataContext
 
 from loopfm.config import RayConfig
+from loopfm.logs import log, setup_logging
 
-log = logging.getLogger("loopfm")
-
-
-class _CurrentStdout(logging.StreamHandler):
-    """Writes to whatever `sys.stdout` is at the time (pytest and notebooks swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    if not log.handlers:
-        handler = _CurrentStdout()
-        handler.setFormatter(logging.Formatter("[loopfm %(asctime)s] %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level)
+__all__ = ["API_SERVER_ADDRESS", "free_port", "init_ray", "local_num_cpus", "log", "setup_logging", "start_local_ray",
+           "torch_device", "use_gpu"]  # log and setup_logging: loopfm.logs's, for the stages
 
 
 def local_num_cpus(cfg: RayConfig) -> int:
@@ -47,8 +31,6 @@ API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 
 def free_port() -> int:
     """A loopback TCP port free right now."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,8 +50,6 @@ def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool =
     and job-submission client, and a caller here may well mean another cluster).
     Without the dashboard the calls fail fast (the cleaner then logs a warning every second).
     """
-    import ray
-
     port = free_port()
     previous = os.environ.get(API_SERVER_ADDRESS)
     os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
@@ -85,9 +65,6 @@ def start_local_ray(num_cpus: int, dashboard: bool = True, log_to_driver: bool =
 
 def init_ray(cfg: RayConfig) -> None:
     """Connect to (or start) Ray once per process and apply the Data settings we rely on."""
-    import ray
-    from ray.data import DataContext
-
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -107,16 +84,10 @@ def use_gpu(cfg: RayConfig) -> bool:
     """`auto` uses GPUs when the cluster (or this machine, before Ray starts) has any."""
     if cfg.use_gpu != "auto":
         return cfg.use_gpu == "always"
-    import ray
-
     if ray.is_initialized():
         return ray.cluster_resources().get("GPU", 0) > 0
-    import torch
-
     return torch.cuda.is_available()
 
 
-def torch_device(gpu: bool) -> "torch.device":  # noqa: F821
-    import torch
-
+def torch_device(gpu: bool) -> torch.device:
     return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")

@@ -19,9 +19,16 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
 
 from loopfm.config import LoopFMConfig
+from loopfm.datasets.splits import SplitInfo
 from loopfm.rundir import RunDir
+from loopfm.runtime import use_gpu
+from loopfm.serve_apps.bundle import latest_vm
+from loopfm.serve_apps.ingress import ScoringIngress
+from loopfm.serve_apps.lookup import FeatureLookup
+from loopfm.serve_apps.model import VMModel
 
 APP_NAME = "loopfm"
 ROUTE_PREFIX = "/"
@@ -56,8 +63,6 @@ class AppArgs(BaseModel):
 
 
 def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
-    from loopfm.serve_apps.bundle import latest_vm
-
     s = cfg.serve
     vm_dir = Path(vm_dir) if vm_dir else latest_vm(run, s.arm, s.seed)
     return AppArgs(
@@ -72,8 +77,6 @@ def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> d
 def vm_gpus(cfg: LoopFMConfig) -> float:
     """GPU share of one VM replica: none unless `ray.use_gpu` says GPUs; then every replica (up to the
     autoscaler's most) gets an equal share of one, so they all fit on a one-GPU machine."""
-    from loopfm.runtime import use_gpu
-
     if not use_gpu(cfg.ray):
         return 0.0
     s = cfg.serve
@@ -88,11 +91,6 @@ def _scaling(a: AppArgs) -> dict:
 
 def build_app(args: dict) -> Application:
     """The Serve application for `args` (an `AppArgs` dict)."""
-    from loopfm.datasets.splits import SplitInfo
-    from loopfm.serve_apps.ingress import ScoringIngress
-    from loopfm.serve_apps.lookup import FeatureLookup
-    from loopfm.serve_apps.model import VMModel
-
     a = AppArgs.model_validate(args)
     context_columns = SplitInfo.load(RunDir(a.run_dir)).categorical
     lookup = FeatureLookup.options(
@@ -116,8 +114,6 @@ def logging_config(cfg: LoopFMConfig) -> dict:
 
 def deploy_config(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
     """The `serve deploy` config of this run's VM (validated with Ray's `ServeDeploySchema`)."""
-    from ray.serve.schema import ServeDeploySchema
-
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},

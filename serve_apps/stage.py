@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import ray
 import yaml
+from ray import serve
 
 from loopfm.config import LoopFMConfig
 from loopfm.errors import MissingInputError
-from loopfm.rundir import RunDir
+from loopfm.rundir import RunDir, atomic_write_text
+from loopfm.runtime import init_ray, log
 from loopfm.serve_apps.app import APP_NAME, ROUTE_PREFIX, app_args, build_app, deploy_config, logging_config
 
 ADDRESS_FILE = "ray_address"
@@ -34,15 +37,11 @@ def serve_dir(run: RunDir) -> Path:
 
 
 def start_http(cfg: LoopFMConfig) -> None:
-    from ray import serve
-
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
 
 
 def deploy(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
     """Deploy (or redeploy, rolling) the app for the run's newest VM; returns the app args."""
-    from ray import serve
-
     args = app_args(cfg, run, vm_dir)
     serve.run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, logging_config=logging_config(cfg))
     return args
@@ -50,8 +49,6 @@ def deploy(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dic
 
 def served_version() -> Optional[dict]:
     """What the running app serves (`VMModel.describe`), None when no app runs."""
-    from ray import serve
-
     try:
         handle = serve.get_deployment_handle("VMModel", APP_NAME)
         return handle.describe.remote().result(timeout_s=30)
@@ -65,16 +62,11 @@ def _vm_option(args) -> Optional[Path]:
 
 
 def serve_run_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
-    import ray
-    from ray import serve
-
-    from loopfm.runtime import init_ray, log
-
     init_ray(cfg.ray)
     start_http(cfg)
     deployed = deploy(cfg, run, _vm_option(args))
     serve_dir(run).mkdir(parents=True, exist_ok=True)
-    (serve_dir(run) / ADDRESS_FILE).write_text(ray.get_runtime_context().gcs_address)
+    atomic_write_text(serve_dir(run) / ADDRESS_FILE, ray.get_runtime_context().gcs_address)
     info = served_version() or {}
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     log.info("serve: VM %s (%s seed %s, store %s) from %s", info.get("model_version"), info.get("arm"),
@@ -92,14 +84,12 @@ def serve_run_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
 
 
 def serve_build_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> Path:
-    from loopfm.runtime import log
-
     config = deploy_config(cfg, run, _vm_option(args))
     out = Path(getattr(args, "output", None) or serve_dir(run) / "serve.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     header = ("# Ray Serve config written by `loopfm serve build`; deploy with `serve deploy " + str(out) + "`\n"
               "# (needs `loopfm` installed on the cluster and the run directory readable by it).\n")
-    out.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out, header + yaml.safe_dump(config, sort_keys=False))
     log.info("serve build: %s (VM %s) -> %s", APP_NAME, config["applications"][0]["args"]["vm_dir"], out)
     return out
 
@@ -115,8 +105,6 @@ def reload(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> tup
 
 def connect(cfg: LoopFMConfig, run: RunDir) -> None:
     """Join the Ray cluster a running app lives on: ray.address, RAY_ADDRESS, or what `serve run` saved."""
-    import ray
-
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     saved = serve_dir(run) / ADDRESS_FILE
     if not address and saved.is_file():
@@ -129,8 +117,6 @@ def connect(cfg: LoopFMConfig, run: RunDir) -> None:
 
 
 def serve_reload_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
-    from loopfm.runtime import log
-
     connect(cfg, run)
     before, after = reload(cfg, run, _vm_option(args))
     log.info("serve reload: VM %s (store %s) -> VM %s (store %s)", before.get("model_version"),
@@ -140,8 +126,6 @@ def serve_reload_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
 def refresh() -> dict:
     """Ask the running app's feature lookup to load new store deltas and appended logs now (one
     replica answers; the others find them within `serve.refresh_interval_s`)."""
-    from ray import serve
-
     try:
         handle = serve.get_deployment_handle("FeatureLookup", APP_NAME)
     except Exception as err:
@@ -150,8 +134,6 @@ def refresh() -> dict:
 
 
 def serve_refresh_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
-    from loopfm.runtime import log
-
     connect(cfg, run)
     state = refresh()
     log.info("serve refresh: store %s + %d deltas, %d appended batches, newest event ts %s (%.0fs old)",

@@ -19,10 +19,11 @@ from loopfm.datasets.splits import SplitInfo
 from loopfm.fm.chunks import block_chunks, chunk_users
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_fingerprint, fm_train_stage
+from loopfm.ordering import ordered_data, sort_boundaries
 from loopfm.rundir import RunDir
 from loopfm.store.parquet import data_files
-from loopfm.training.checkpoint import MODEL_FILE
-from loopfm.training.loop import ordered_data, shuffle_seed, sort_boundaries
+from loopfm.training.loop import shuffle_seed
+from loopfm.weights import MODEL_FILE
 
 
 def _store_rows(run: RunDir, version: str) -> dict[str, np.ndarray]:

@@ -94,7 +94,7 @@ def _published(stores: Path) -> list[Path]:
 
 
 def _store_path(cfg, run: RunDir) -> Path:
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
 
     return resolve_store(cfg, run)[0]
 
@@ -106,7 +106,7 @@ def _write_untrained_fm(cfg, run: RunDir) -> None:
     from loopfm.fm.train import fm_fingerprint
     from loopfm.models.fm import CausalFM
     from loopfm.rundir import atomic_output
-    from loopfm.training.checkpoint import state_bytes
+    from loopfm.weights import state_bytes
 
     info = SplitInfo.load(run)
     fingerprint = fm_fingerprint(cfg, info)

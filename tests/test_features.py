@@ -31,11 +31,12 @@ from loopfm.cli import main
 from loopfm.datasets.schema import SPLITS
 from loopfm.errors import VersionMismatchError
 from loopfm.features import stage
-from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features, store_version
+from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features
 from loopfm.features.collate import VMBatchCollate
 from loopfm.rundir import RunDir
 from loopfm.store import codec
 from loopfm.store.parquet import seal
+from loopfm.store.resolve import store_version
 from loopfm.store.schema import ROW_SCHEMA, StoreManifest
 
 FM_VERSION = "fm-fabricated"
@@ -133,8 +134,7 @@ def fabricate_store(cfg, run: RunDir, log: pd.DataFrame) -> pd.DataFrame:
     pq.write_table(table.cast(ROW_SCHEMA), path / "part-0.parquet")
     manifest = StoreManifest(
         store_version=version, fm_version=FM_VERSION, checkpoint_hash="none", layers=list(cfg.embed.layers),
-        raw_width=64, width=c.width, prefix_widths=list(c.prefix_widths), dtype=c.dtype, rows=len(store),
-        min_ts=0, max_ts=0,
+        raw_width=64, width=c.width, prefix_widths=list(c.prefix_widths), dtype=c.dtype,
     )
     seal(path, manifest, expected_rows=len(store))
     return store
@@ -268,7 +268,6 @@ def test_events_missing_from_the_store_are_refused(ray_session, run_with_store, 
 HELD_WRITER = """
 import sys, time
 from pathlib import Path
-from loopfm import runtime
 from loopfm.config import load_config
 from loopfm.features import stage
 from loopfm.rundir import RunDir
@@ -282,7 +281,7 @@ def held(*args):
     while True:
         time.sleep(1)
 
-runtime.init_ray = lambda cfg: None  # it never gets to the join: no Ray needed
+stage.init_ray = lambda cfg: None  # it never gets to the join: no Ray needed
 stage.build_examples = held
 stage.features_stage(load_config(sys.argv[3], ["ray.progress_bars=false"]), run)
 """

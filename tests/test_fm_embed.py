@@ -84,7 +84,7 @@ def test_current_store_is_skipped_and_the_fm_version_is_its_weights_hash(embedde
     stamp = (run.store(store.store_version) / "manifest.json").stat().st_mtime_ns
     assert embed_stage(smoke_config, run).store_version == store.store_version
     assert (run.store(store.store_version) / "manifest.json").stat().st_mtime_ns == stamp
-    from loopfm.training.checkpoint import MODEL_FILE, model_hash
+    from loopfm.weights import MODEL_FILE, model_hash
 
     fm_dir = run.fm(fm_fingerprint(smoke_config, SplitInfo.load(run)))
     assert model_hash((fm_dir / MODEL_FILE).read_bytes()) == fm.fm_version

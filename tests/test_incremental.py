@@ -81,7 +81,7 @@ def _full_reembed(cfg, run, context: int):
 
 @pytest.mark.timeout(300)
 def test_incremental_delta_equals_a_full_reembed_of_the_union(grown_run):
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.store.deltas import open_chain
 
     cfg, run, day, cut = grown_run
@@ -129,7 +129,7 @@ def test_append_refuses_events_that_are_not_newer(grown_run):
 @pytest.mark.timeout(300)
 def test_second_increment_needs_new_events_and_compaction_folds_the_chain(grown_run):
     from loopfm.errors import MissingInputError
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.fm.embed import embed_stage
     from loopfm.store.deltas import compact_stage, open_chain
 
@@ -217,7 +217,7 @@ def test_continued_chunks_give_new_events_the_full_pass_tokens_despite_timestamp
 @pytest.mark.timeout(120)
 def test_a_changed_compressor_is_refused(grown_run):
     from loopfm.errors import VersionMismatchError
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.fm.embed import embed_stage
 
     cfg, run, _, _ = grown_run
@@ -270,7 +270,7 @@ def test_a_delta_short_of_a_row_is_refused_before_it_is_published(grown_run, tmp
     delta, naming itself, the counts and the delta's directory; the chain is as it was."""
     from loopfm.datasets.append import logs_append_stage
     from loopfm.errors import VersionMismatchError
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.fm import incremental
     from loopfm.store.deltas import open_chain
 
@@ -300,7 +300,7 @@ def test_compaction_waits_for_a_running_increment_and_a_killed_one_loses_nothing
     The increment is SIGKILLed there: compaction then folds the chain, every event once, the dead
     increment's temp dir is reaped, and its events are still to embed (the next increment's count)."""
     from loopfm.datasets.append import logs_append_stage
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.fm.incremental import _new_events, incremental_embed
     from loopfm.store.deltas import compact_stage, open_chain
 

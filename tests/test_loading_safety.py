@@ -43,7 +43,8 @@ from conftest import REPO
 from loopfm.config import CompressConfig, FMConfig, TrainConfig, VMConfig
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.fm.checkpoint import FMManifest, load_fm, save_fm
-from loopfm.training.checkpoint import MODEL_FILE, VMManifest, load_vm, model_hash, save_vm, state_bytes
+from loopfm.training.checkpoint import VMManifest, load_vm, save_vm
+from loopfm.weights import MODEL_FILE, model_hash, state_bytes
 
 SOURCE_DIRS = ("platform", "actors", "models", "tune", "serve_apps", "benchmarks", "tests")
 VOCAB = {"user_id": 7, "item_id": 9, "category": 4}

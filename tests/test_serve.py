@@ -414,7 +414,8 @@ def perturbed_vm(run, vm_dir: Path, name: str, store_version=None, features=None
     `store_version`/`features` it claims to be trained on that store version and feature set."""
     import torch
 
-    from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes, verified_state
+    from loopfm.training.checkpoint import VMManifest, save_vm
+    from loopfm.weights import state_bytes, verified_state
 
     manifest = VMManifest.read(vm_dir)
     state = verified_state(vm_dir, manifest.model_version)

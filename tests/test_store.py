@@ -18,7 +18,7 @@ WIDTH, DTYPE = 8, "int4"
 
 def manifest(**changes) -> StoreManifest:
     fields = dict(store_version="s1", fm_version="fm1", checkpoint_hash="fm1", layers=[1], raw_width=16, width=WIDTH,
-                  prefix_widths=[4, 8], dtype=DTYPE, rows=0, min_ts=0, max_ts=0)
+                  prefix_widths=[4, 8], dtype=DTYPE)
     return StoreManifest(**{**fields, **changes})
 
 
@@ -100,7 +100,7 @@ def test_a_store_rebuilt_with_another_compressor_is_never_taken_for_the_old_one(
     from conftest import SERVED_ARM, SERVED_SEED
     from loopfm.datasets.splits import SplitInfo
     from loopfm.errors import MissingInputError
-    from loopfm.features.resolve import resolve_store
+    from loopfm.store.resolve import resolve_store
     from loopfm.features.stage import features_fingerprint
     from loopfm.fm.embed import embed_stage
     from loopfm.models import autoencoder

@@ -13,8 +13,9 @@ from loopfm.errors import VersionMismatchError
 from loopfm.features import features_stage, read_features
 from loopfm.features.collate import VMBatchCollate
 from loopfm.rundir import RunDir
-from loopfm.training.checkpoint import MODEL_FILE, load_vm
+from loopfm.training.checkpoint import load_vm
 from loopfm.training.vm import arm_config, predict, train_vm
+from loopfm.weights import MODEL_FILE
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,18 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import optuna
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from loopfm.config import LoopFMConfig
+from loopfm.rundir import atomic_file, atomic_write_text, write_manifest
+from loopfm.tune.space import encode_choice, optuna_space
+from loopfm.tune.trial import config_for
 
 METRIC_COLUMNS = ("best_valid_auc", "best_valid_ne")  # valid only: trials never see the test split
 
@@ -135,10 +141,6 @@ def importances(rows: list[TrialRow], cfg: LoopFMConfig) -> dict:
     Replays the trials into a fresh in-memory study with the space's distributions; returns
     `{"importances": {...}, "trials": n}` or `{"importances": {}, "note": why not}`.
     """
-    import optuna
-
-    from loopfm.tune.space import encode_choice, optuna_space
-
     space = cfg.tune.space
     dists = optuna_space(space)
     done = [r for r in rows if r.finished]
@@ -180,18 +182,20 @@ def importances_markdown(imp: dict) -> str:
     return "\n".join(lines + ["", f"{imp['trials']} finished trials.", ""])
 
 
+def _figure() -> tuple[Figure, Any]:
+    """A pyplot-free figure and its axes: no global backend state (the Agg canvas is its own)."""
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
 def plot_objective(rows: list[TrialRow], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = sorted((r for r in rows if r.finished), key=_order)
     xs = [_order(r) for r in done]
     ys = [r.objective for r in done]
     better = max if mode_of(metric) == "max" else min
     running = [better(ys[: i + 1]) for i in range(len(ys))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _figure()
     ax.scatter(xs, ys, label="trial", zorder=3)
     ax.step(xs, running, where="post", color="C1", label="best so far")
     ax.set_xlabel("trial")
@@ -203,14 +207,9 @@ def plot_objective(rows: list[TrialRow], metric: str, path: Path) -> None:
 
 
 def plot_pareto(rows: list[TrialRow], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in rows if r.finished and r.serving_bytes is not None]
     front = pareto_front(rows, metric)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _figure()
     ax.scatter([r.serving_bytes for r in done], [r.objective for r in done], color="C0", label="trial")
     ax.plot([r.serving_bytes for r in front], [r.objective for r in front], "o-", color="C3", label="Pareto front")
     ax.set_xlabel("serving bytes per request (L x width)")
@@ -221,24 +220,12 @@ def plot_pareto(rows: list[TrialRow], metric: str, path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def best_config_yaml(cfg: LoopFMConfig, best: TrialRow) -> str:
-    from loopfm.tune.trial import config_for
-
     chosen = config_for(cfg, {k: v for k, v in best.params.items() if k in cfg.tune.space})
     head = (f"# Best trial of `loopfm tune`: {best.trial_id}, valid {cfg.tune.metric} {best.objective:.4f} "
             f"(epoch {best.best_epoch}).\n# Train it alone: loopfm train --config <this file> --out <run>\n")
@@ -251,11 +238,11 @@ def write_outputs(rows: list[TrialRow], cfg: LoopFMConfig, out: Path, extra: Opt
     keys = list(cfg.tune.space)
     metric = cfg.tune.metric
     best = best_row(rows, metric)
-    _write(out / "results.csv", results_csv(rows, keys))
-    _write(out / "results.md", results_markdown(rows, keys, metric, best))
+    atomic_write_text(out / "results.csv", results_csv(rows, keys))
+    atomic_write_text(out / "results.md", results_markdown(rows, keys, metric, best))
     imp = importances(rows, cfg)
-    _write(out / "importances.json", json.dumps(imp, indent=2, sort_keys=True))
-    _write(out / "importances.md", importances_markdown(imp))
+    atomic_write_text(out / "importances.json", json.dumps(imp, indent=2, sort_keys=True))
+    atomic_write_text(out / "importances.md", importances_markdown(imp))
     plot_objective(rows, metric, out / "objective.png")
     files = ["results.csv", "results.md", "importances.json", "importances.md", "objective.png"]
     front = []
@@ -264,12 +251,12 @@ def write_outputs(rows: list[TrialRow], cfg: LoopFMConfig, out: Path, extra: Opt
         front = [r.trial_id for r in pareto_front(rows, metric)]
         files.append("pareto.png")
     if best is not None:
-        _write(out / "best_config.yaml", best_config_yaml(cfg, best))
+        atomic_write_text(out / "best_config.yaml", best_config_yaml(cfg, best))
         files.append("best_config.yaml")
     manifest = {
         "metric": metric, "mode": mode_of(metric), "trials": len(rows),
         "finished": sum(r.finished for r in rows), "best": asdict(best) if best else None,
         "pareto_front": front, "files": files, **(extra or {}),
     }
-    _write(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    write_manifest(out, manifest, stamp=False)
     return manifest

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from loopfm.rundir import atomic_write_text
+
 
 class CooperativeASHA(ASHAScheduler):
     def __init__(self, stop_dir: str, max_epochs: int, **kwargs):
@@ -32,6 +34,6 @@ class CooperativeASHA(ASHAScheduler):
             stop_dir.mkdir(parents=True, exist_ok=True)
             flag = stop_dir / trial.trial_id
             if not flag.exists():
-                flag.write_text(json.dumps({"training_iteration": result.get("training_iteration"),
-                                            "objective": result.get("objective"), "time": time.time()}))
+                atomic_write_text(flag, json.dumps({"training_iteration": result.get("training_iteration"),
+                                                    "objective": result.get("objective"), "time": time.time()}))
         return TrialScheduler.CONTINUE

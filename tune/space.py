@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import optuna.distributions as od
+
 from loopfm.config import LoopFMConfig, ParamSpec
 from loopfm.store import codec
 
@@ -31,8 +33,6 @@ def needs_labels(spec: ParamSpec) -> bool:
 
 def to_distribution(spec: ParamSpec):
     """One ParamSpec as an Optuna distribution."""
-    import optuna.distributions as od
-
     if spec.type == "categorical":
         return od.CategoricalDistribution([encode_choice(c) for c in spec.choices])
     if spec.type == "int":

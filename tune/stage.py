@@ -18,14 +18,24 @@ Train run resumes from its last epoch checkpoint when it has workers), and the s
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Optional
 
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from loopfm.cli import COMMANDS
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.errors import LoopFMError
 from loopfm.rundir import RunDir
-from loopfm.tune.trial import STOPS
+from loopfm.runtime import init_ray, log
+from loopfm.tune.results import METRIC_COLUMNS, TrialRow, mode_of, write_outputs
+from loopfm.tune.scheduler import CooperativeASHA
+from loopfm.tune.space import decode, optuna_space, validate_space
+from loopfm.tune.trial import STOPS, read_events, run_trial
+from loopfm.tune.wandb import wandb_callback
 
 UPSTREAM = ("data generate", "data validate", "data split", "fm train", "embed", "features")
 
@@ -42,10 +52,6 @@ def experiment_path(cfg: LoopFMConfig, run: RunDir) -> Path:
 
 def _upstream(cfg: LoopFMConfig, run: RunDir, args) -> None:
     """The stages a trial reads from, for the base config (each skipped when current)."""
-    import argparse
-
-    from loopfm.cli import COMMANDS
-
     by_name = {c.name: c for c in COMMANDS}
     for name in UPSTREAM:
         if name == "data generate" and cfg.data.source != "synthetic":
@@ -54,25 +60,12 @@ def _upstream(cfg: LoopFMConfig, run: RunDir, args) -> None:
 
 
 def trainable(cfg: LoopFMConfig, run: RunDir):
-    from ray import tune
-
-    from loopfm.tune.trial import run_trial
-
     fn = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), run_root=str(run.root))
     return tune.with_resources(fn, {"CPU": cfg.tune.trial_cpus})
 
 
 def build_tuner(cfg: LoopFMConfig, run: RunDir):
     """A new Tuner for this config."""
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    from loopfm.tune.scheduler import CooperativeASHA
-
-    from loopfm.tune.results import mode_of
-    from loopfm.tune.space import optuna_space
-    from loopfm.tune.wandb import wandb_callback
-
     t = cfg.tune
     mode = mode_of(t.metric)
     if t.second_objective:
@@ -97,13 +90,6 @@ def build_tuner(cfg: LoopFMConfig, run: RunDir):
 
 def tune_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
     """`loopfm tune`: search, or resume the interrupted search of this config; write `tune/`."""
-    from ray import tune
-
-    from loopfm.runtime import init_ray, log
-    from loopfm.tune.results import write_outputs
-    from loopfm.tune.space import validate_space
-    from loopfm.tune.wandb import wandb_callback
-
     try:
         validate_space(cfg)
     except ValueError as err:
@@ -146,10 +132,6 @@ def tune_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
 
 def trial_rows(grid, cfg: LoopFMConfig, stops: Path) -> list:
     """One TrialRow per Tune trial of the result grid (`stops`: ASHA's stop files)."""
-    from loopfm.tune.results import METRIC_COLUMNS, TrialRow
-    from loopfm.tune.space import decode
-    from loopfm.tune.trial import read_events
-
     ended = {e["trial_id"] for e in read_events(stops.parent) if e["event"] in ("done", "stopped")}
     rows = []
     for trial in _trials(grid):

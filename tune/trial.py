@@ -25,14 +25,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue as std_queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import ray.tune
+from filelock import FileLock
 from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Queue
 
 from loopfm.config import LoopFMConfig, validate_config
+from loopfm.features import features_stage
+from loopfm.fm.embed import embed_stage
+from loopfm.rundir import RunDir, is_complete
+from loopfm.runtime import setup_logging
+from loopfm.training.checkpoint import VMManifest
+from loopfm.training.loop import scalar_metrics
 from loopfm.training.vm import arm_config, arm_of, selection_value, train_vm, vm_fingerprint
+from loopfm.tune.space import decode, serving_bytes
 
 EVENTS = "trials.jsonl"
 LOCKS = ".locks"
@@ -86,11 +98,6 @@ class TrialReport(UserCallback):
 
 def train_reporting_to_tune(train, queue) -> Any:
     """Run `train()` in a thread; meanwhile pass every queued result to `ray.tune.report`."""
-    import queue as std_queue
-    import threading
-
-    import ray.tune
-
     box: dict = {}
 
     def target():
@@ -148,23 +155,11 @@ def config_for(base: LoopFMConfig, overrides: dict) -> LoopFMConfig:
 
 def trial_config(base: LoopFMConfig, params: dict) -> LoopFMConfig:
     """`config_for` of params as Optuna samples them (JSON labels for list choices)."""
-    from loopfm.tune.space import decode
-
     return config_for(base, decode(params, base.tune.space))
 
 
 def run_trial(params: dict, base: dict, run_root: str) -> None:
     """The Tune function trainable (wrapped with `tune.with_parameters`)."""
-    import ray.tune
-    from filelock import FileLock
-
-    from loopfm.features import features_stage
-    from loopfm.fm.embed import embed_stage
-    from loopfm.rundir import RunDir, is_complete
-    from loopfm.runtime import setup_logging
-    from loopfm.training.loop import _scalars
-    from loopfm.tune.space import serving_bytes
-
     setup_logging()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     run = RunDir(run_root)
@@ -178,18 +173,14 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
         embed_stage(cfg, run)
         features = features_stage(cfg, run)
     fingerprint = vm_fingerprint(cfg, features)
-    from ray.util.queue import Queue
-
     queue = Queue(actor_options={"num_cpus": 0})
     report = TrialReport(queue, cfg.tune.metric, serving_bytes(cfg), cfg.train.select_by)
     with FileLock(str(locks / f"vm-{fingerprint}.lock")):  # the same config twice: trained once
         done = run.vm(arm_of(cfg.train), cfg.train.seed, fingerprint)
         if is_complete(done, fingerprint):
-            from loopfm.training.checkpoint import VMManifest
-
             manifest = VMManifest.read(done)
             for entry in manifest.metrics["history"]:
-                ray.tune.report(report.objective({"epoch": entry["epoch"], **_scalars(entry)}))
+                ray.tune.report(report.objective({"epoch": entry["epoch"], **scalar_metrics(entry)}))
             replayed = True
         else:
             stop = stop_file(run.tune, trial_id)

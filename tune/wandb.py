@@ -9,11 +9,14 @@ later. `tune.wandb.mode: online` needs `WANDB_API_KEY` (checked before the tune 
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Optional
 
-from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+import ray
+from ray.air.integrations.wandb import WandbLoggerCallback, _force_on_current_node, _WandbLoggingActor
 
 from loopfm.config import WandbConfig
 from loopfm.errors import LoopFMError
@@ -48,9 +51,6 @@ class LoopFMWandbCallback(WandbLoggerCallback):
 
     def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
         if not self._remote_logger_class:
-            import ray
-            from ray.air.integrations.wandb import _force_on_current_node
-
             env = dict(self.env)
             if os.environ.get("WANDB_API_KEY"):
                 env["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
@@ -96,10 +96,7 @@ def read_offline_run(run_dir: Path) -> dict:
     chunks `crc32 u32 | length u16 | type u8 | data`, types full/first/middle/last) of protobuf
     `Record`s; wandb 0.31 no longer ships a Python reader for it.
     """
-    import json as _json
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # optional dependency: only reading W&B runs needs it
 
     [path] = list(Path(run_dir).glob("run-*.wandb"))
     data = path.read_bytes()
@@ -131,11 +128,11 @@ def read_offline_run(run_dir: Path) -> dict:
         if which == "run":
             out.update(run_id=r.run.run_id, project=r.run.project, group=r.run.run_group)
             for item in r.run.config.update:
-                out["config"][item.key] = _json.loads(item.value_json)
+                out["config"][item.key] = json.loads(item.value_json)
         elif which == "config":
             for item in r.config.update:
-                out["config"][item.key] = _json.loads(item.value_json)
+                out["config"][item.key] = json.loads(item.value_json)
         elif which == "history":
-            out["history"].append({(i.key or "/".join(i.nested_key)): _json.loads(i.value_json)
+            out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                    for i in r.history.item})
     return out

@@ -30,6 +30,7 @@ from loopfm.datasets.readers import generic_layout, open_source
 from loopfm.datasets.schema import EVENT_ID, TS
 from loopfm.errors import DataValidationError, MissingInputError
 from loopfm.rundir import RunDir, read_manifest
+from loopfm.runtime import init_ray, log
 
 APPEND_LOCK = "append.lock"
 
@@ -54,8 +55,6 @@ def _columns(paths: list[Path], names: list[str]) -> dict[str, np.ndarray]:
 
 def logs_append_stage(cfg: LoopFMConfig, run: RunDir, args) -> dict:
     """Validate `args.files` and append them to the run's log as one batch."""
-    from loopfm.runtime import init_ray, log
-
     events = read_manifest(run.events)
     if events is None:
         raise MissingInputError(f"no validated log in {run.events}: run `loopfm data validate` first")

@@ -22,13 +22,16 @@ import os
 import shutil
 from pathlib import Path
 
+import ray
+
 from loopfm.config import DataConfig, LoopFMConfig, stable_hash
 from loopfm.datasets import bars, movielens
 from loopfm.datasets.readers import FILE_SHIFT, Source, generic_layout, open_source
 from loopfm.datasets.schema import event_schema
 from loopfm.datasets.validate import BIT, CheckedSink, audit, check_batch, fail_if_invalid, keep_batch, num_surfaces
 from loopfm.errors import MissingInputError
-from loopfm.rundir import RunDir, atomic_output, is_complete, read_manifest, write_manifest
+from loopfm.rundir import RunDir, atomic_output, atomic_write_text, is_complete, read_manifest, write_manifest
+from loopfm.runtime import init_ray, log
 
 
 def report_path(run: RunDir) -> Path:
@@ -58,9 +61,6 @@ def open_configured_source(data: DataConfig, run: RunDir) -> tuple[Source, objec
 
 def validate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
     """`loopfm data validate`."""
-
-    from loopfm.runtime import init_ray, log
-
     data = cfg.data
     source, content = open_configured_source(data, run)
     fingerprint = stable_hash(content, data.model_dump(exclude={"synthetic", "split", "vertical"}))
@@ -85,10 +85,6 @@ def validate_source(cfg: LoopFMConfig, source: Source, out: Path, report: Path, 
     manifest of `out` holds `extra` plus the counts, columns, surfaces and files. Used by
     `loopfm data validate` (the log) and `loopfm logs append` (a batch of new events).
     """
-    import ray
-
-    from loopfm.runtime import log
-
     data = cfg.data
     usable = source.usable()
     categorical = list(source.layout.categorical)
@@ -144,6 +140,4 @@ def _file_entries(source: Source, file_rows: list[int]) -> list[dict]:
 
 def _write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -300,8 +301,6 @@ def _from_text(values: pa.Array, hash_text: bool) -> tuple[pa.Array, np.ndarray]
 
 def stable_hash_ids(text: np.ndarray) -> np.ndarray:
     """String ids -> non-negative int64, the same on every machine and run (SipHash, fixed key)."""
-    import pandas as pd
-
     return (pd.util.hash_array(np.asarray(text, dtype=object)) & _HASH_MASK).astype(np.int64)
 
 

@@ -14,26 +14,31 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from loopfm.config import LoopFMConfig, SplitConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
 from loopfm.datasets.vocab import Vocab, VocabBuilder
 from loopfm.errors import MissingInputError
-from loopfm.rundir import RunDir, atomic_output, is_complete, read_manifest, write_manifest
+from loopfm.rundir import Manifest, RunDir, atomic_output, is_complete, read_manifest
+from loopfm.runtime import init_ray, log
 
 VOCAB_COLUMNS = (USER_ID, ITEM_ID, CATEGORY)
 SPLIT_TAG = "_split"  # partition column of the one write pass; becomes the directory name
 
 
 @dataclass
-class SplitInfo:
+class SplitInfo(Manifest):
     """What downstream stages need to know about the splits (their `manifest.json`)."""
+
+    MISSING = "no splits in {path}: run `loopfm data split` first"
+    STAMP = True
 
     fingerprint: str
     valid_start_ts: int
@@ -47,10 +52,7 @@ class SplitInfo:
 
     @classmethod
     def load(cls, run: RunDir) -> "SplitInfo":
-        m = read_manifest(run.splits)
-        if m is None:
-            raise MissingInputError(f"no splits in {run.splits}: run `loopfm data split` first")
-        return cls(**{k: m[k] for k in cls.__dataclass_fields__ if k in m})
+        return cls.read(run.splits)
 
     def vocab(self, run: RunDir, column: str) -> Vocab:
         return Vocab.load(run.splits / "vocab" / f"{column}.npy")
@@ -64,8 +66,6 @@ def split_paths(run: RunDir, name: str) -> Path:
 
 def read_split(run: RunDir, name: str, columns: Optional[list[str]] = None):
     """One split as a Ray Dataset."""
-    import ray
-
     path = split_paths(run, name)
     if not path.is_dir():
         raise MissingInputError(f"split {name!r} not found at {path}: run `loopfm data split` first")
@@ -100,8 +100,6 @@ def _train_stats(batch: dict, *, columns: tuple[str, ...], valid_start: int, tes
 
 def _index_and_tag(batch: dict, *, vocabs_ref, valid_start: int, test_start: int) -> dict:
     """map_batches fn: `<column>_idx` for every vocabulary column and the split each row goes to."""
-    import ray
-
     for column, vocab in ray.get(vocabs_ref).items():
         batch[idx(column)] = vocab.lookup(batch[column])
     batch[SPLIT_TAG] = np.asarray(SPLITS)[split_of(batch[TS], valid_start, test_start)]
@@ -110,10 +108,6 @@ def _index_and_tag(batch: dict, *, vocabs_ref, valid_start: int, test_start: int
 
 def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
     """`loopfm data split`: at most three passes, two of them over a few columns only."""
-    import ray
-
-    from loopfm.runtime import init_ray, log
-
     events = read_manifest(run.events)
     if events is None:
         raise MissingInputError(f"no validated events in {run.events}: run `loopfm data validate` first")
@@ -173,7 +167,7 @@ def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
             num_surfaces=int(events.get("num_surfaces", 1)),
             vertical=cfg.data.vertical,
         )
-        write_manifest(tmp, asdict(info))
+        info.write(tmp)
     for name in SPLITS:
         log.info("data split: %-5s %9d events, label rate %.4f", name, counts[name], info.label_rate[name])
     log.info("data split: boundaries valid_start_ts=%d test_start_ts=%d -> %s", valid_start, test_start, run.splits)
@@ -181,4 +175,4 @@ def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
 
 
 def describe(run: RunDir) -> str:
-    return json.dumps(asdict(SplitInfo.load(run)), indent=2)
+    return json.dumps(SplitInfo.load(run).to_dict(), indent=2)

@@ -39,9 +39,12 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from loopfm.config import SyntheticConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID
+from loopfm.rundir import atomic_output, is_complete, write_manifest
+from loopfm.runtime import init_ray, log
 
 SEGMENT = "user_segment"
 NUM_SEGMENTS = 8
@@ -231,8 +234,6 @@ def _write_chunk(cfg_json: str, chunk: int, out_dir: str) -> int:
 
 def generate(cfg: SyntheticConfig, out_dir: Path, parallel: bool = True) -> dict:
     """Write the log as one parquet file per user chunk; returns a summary for the manifest."""
-    import ray
-
     out_dir = Path(out_dir)
     cfg_json = cfg.model_dump_json()
     n = num_chunks(cfg)
@@ -245,10 +246,6 @@ def generate(cfg: SyntheticConfig, out_dir: Path, parallel: bool = True) -> dict
 
 
 def _gather_with_progress(refs: list) -> list:
-    import ray
-
-    from loopfm.runtime import log
-
     done: dict = {}
     pending = list(refs)
     while pending:
@@ -260,9 +257,6 @@ def _gather_with_progress(refs: list) -> list:
 
 def generate_stage(cfg, run, args=None) -> Path:
     """`loopfm data generate`: the synthetic log under <out>/data/source (skipped if current)."""
-    from loopfm.rundir import atomic_output, is_complete, write_manifest
-    from loopfm.runtime import init_ray, log
-
     fingerprint = generator_fingerprint(cfg.data.synthetic)
     if is_complete(run.source, fingerprint):
         log.info("data generate: %s is current, skipped", run.source)

@@ -22,7 +22,12 @@ import pyarrow.dataset as pads
 
 from loopfm.errors import MissingInputError
 from loopfm.evaluation.metrics import auc
+from loopfm.evaluation.report import write_ablation
+from loopfm.logs import log
 from loopfm.store import codec
+from loopfm.store.deltas import chain_files, open_chain
+from loopfm.store.parquet import data_files, open_store
+from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, TS, Z, StoreManifest
 
 
@@ -86,12 +91,6 @@ def store_drift(a: tuple, b: tuple) -> dict:
 
 def drift_stage(cfg, run, args=None) -> list[dict]:
     """`loopfm drift [--slices K] [--stores A,B]`."""
-    from loopfm.evaluation.report import write_ablation
-    from loopfm.features.resolve import resolve_store
-    from loopfm.runtime import log
-    from loopfm.store.deltas import chain_files, open_chain
-    from loopfm.store.parquet import data_files, open_store
-
     rows = []
     chain = open_chain(run, *resolve_store(cfg, run))
     cols, z = read_z(chain_files(chain), chain[0][1])

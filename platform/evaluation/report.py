@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from loopfm.rundir import atomic_file, atomic_write_text
 
 from .transfer import ARMS, CHANNELS, improvement, paired, summarize, transfer_ratio
 
@@ -221,18 +221,6 @@ def to_json(report: Mapping) -> str:
     return json.dumps(_clean(report), indent=2, allow_nan=False)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write to a hidden temp name beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _f(x: Any, nd: int = 4) -> str:
     return "n/a" if x is None or _nan(float(x)) else f"{float(x):.{nd}f}"
 
@@ -325,7 +313,9 @@ def _figure(ncols: int, width: float = 5.0) -> tuple[Figure, list]:
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
 
 
 def _zoom(ax, lows: list, highs: list) -> None:
@@ -377,8 +367,8 @@ def write_report(report: Mapping, out_dir: Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [
-        _atomic(out / "report.json", lambda p: p.write_text(to_json(report), encoding="utf-8")),
-        _atomic(out / "report.md", lambda p: p.write_text(_markdown(report), encoding="utf-8")),
+        atomic_write_text(out / "report.json", to_json(report)),
+        atomic_write_text(out / "report.md", _markdown(report)),
     ]
     if report["arms"]:
         paths.append(_plot_arms(report, out / "arms.png"))
@@ -413,10 +403,9 @@ def write_ablation(rows: Sequence[Mapping], key: str, out_dir: Path, name: str,
          "|---|" + "---:|" * len(metrics)]
     for row in rows:
         L.append(f"| {row.get(key)} | " + " | ".join(cell(row, m) for m in metrics) + " |")
-    paths = [_atomic(out / f"{name}.md", lambda p: p.write_text("\n".join(L) + "\n", encoding="utf-8")),
-             _atomic(out / f"{name}.json",
-                     lambda p: p.write_text(json.dumps(_clean({"key": key, "rows": list(rows)}), indent=2,
-                                                       allow_nan=False), encoding="utf-8"))]
+    paths = [atomic_write_text(out / f"{name}.md", "\n".join(L) + "\n"),
+             atomic_write_text(out / f"{name}.json",
+                               json.dumps(_clean({"key": key, "rows": list(rows)}), indent=2, allow_nan=False))]
     fig, axes = _figure(max(len(metrics), 1), 4.5)
     x = np.arange(len(rows))
     for ax, m in zip(axes, metrics):

@@ -20,7 +20,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .report import ALPHA, LABELS, _atomic, _ci, _claim, _describe, _f, _figure, _pv, _save, build_report, to_json
+from loopfm.rundir import atomic_write_text
+
+from .report import ALPHA, LABELS, _ci, _claim, _describe, _f, _figure, _pv, _save, build_report, to_json
 from .transfer import ARMS, CHANNELS, improvement, paired, transfer_ratio
 
 __all__ = ["TR_METRICS", "build_scale", "write_scale", "slope"]
@@ -307,6 +309,6 @@ def write_scale(report: Mapping, out_dir: Path, name: str = "scale") -> list[Pat
     """<name>.json, <name>.md and <name>.png, each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [_atomic(out / f"{name}.json", lambda p: p.write_text(to_json(report), encoding="utf-8")),
-            _atomic(out / f"{name}.md", lambda p: p.write_text(_markdown(report), encoding="utf-8")),
+    return [atomic_write_text(out / f"{name}.json", to_json(report)),
+            atomic_write_text(out / f"{name}.md", _markdown(report)),
             _plot(report, out / f"{name}.png")]

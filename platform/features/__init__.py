@@ -2,17 +2,14 @@
 
 - `join`: the rule itself, one user at a time, in numpy;
 - `stage`: the streaming Ray Data job that applies it to every user and writes the splits;
-- `resolve`: which store a run's features read;
 - `reader`: the manifest, a Ray Dataset per split, and the decoder into the VM batch;
 - `collate`: that decoder as an `iter_torch_batches` collate_fn (imports torch; not re-exported).
 """
 
 from loopfm.features.join import JoinSpec, join_user
 from loopfm.features.reader import FeaturesManifest, decode_batch, read_features
-from loopfm.features.resolve import resolve_store, store_version
 from loopfm.features.stage import features_stage
 
 __all__ = [
     "FeaturesManifest", "JoinSpec", "decode_batch", "features_stage", "join_user", "read_features",
-    "resolve_store", "store_version",
 ]

@@ -8,16 +8,16 @@ width) floats never exist all at once. Serving calls it on the rows of a request
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
+import pyarrow as pa
+import ray
 
 from loopfm.datasets.schema import LABEL, SPLITS, idx
-from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.rundir import MANIFEST, RunDir
+from loopfm.errors import VersionMismatchError
+from loopfm.rundir import Manifest, RunDir
 from loopfm.store import codec
 
 HIST_ITEMS, HIST_CATS, HIST_LABELS = "hist_items", "hist_cats", "hist_labels"
@@ -32,8 +32,11 @@ LIST_COLUMNS = (*HISTORY_COLUMNS, DENSE, *RAW_COLUMNS)  # fixed-size list column
 
 
 @dataclass
-class FeaturesManifest:
+class FeaturesManifest(Manifest):
     """What a VM needs to know about its examples (`features/<fingerprint>/manifest.json`)."""
+
+    MISSING = "no features at {path}: run `loopfm features` first"
+    STAMP = True
 
     fingerprint: str
     store_version: str
@@ -55,22 +58,9 @@ class FeaturesManifest:
     surfaces: Union[str, list[int]] = "all"
     seconds: float = 0.0
 
-    @classmethod
-    def read(cls, path: Path) -> "FeaturesManifest":
-        f = Path(path) / MANIFEST
-        if not f.is_file():
-            raise MissingInputError(f"no features at {path}: run `loopfm features` first")
-        raw = json.loads(f.read_text())
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def read_features(run: RunDir, features: Union[str, FeaturesManifest], split: str, columns: Optional[list[str]] = None):
     """One split of a feature set (by fingerprint or manifest) as a Ray Dataset."""
-    import ray
-
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     fingerprint = features if isinstance(features, str) else features.fingerprint
@@ -84,8 +74,6 @@ def arrow_columns(table, manifest: FeaturesManifest) -> dict[str, np.ndarray]:
     """An Arrow batch of feature rows -> numpy columns for `decode_batch`, without a Python object
     per row: `seq_z` becomes (rows, L x bytes_per_row) uint8 over the Arrow buffer, `hist_items`
     (rows, raw_seq_len) from the list's flat values, scalars zero-copy where Arrow allows."""
-    import pyarrow as pa
-
     out = {}
     for name in table.column_names:
         column = table.column(name)

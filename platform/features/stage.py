@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import ray
+from ray.data.expressions import col
 
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
@@ -30,14 +32,15 @@ from loopfm.datasets.splits import SplitInfo, split_of, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.join import DENSE_NAMES, USER_EVENT_COLUMNS, JoinSpec, counts_before, join_user
 from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
-from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import ROWS_PER_PARTITION
 from loopfm.fm.train import fm_fingerprint
-from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete, write_manifest
+from loopfm.ordering import ordered_data, sort_boundaries
+from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete
+from loopfm.runtime import init_ray, log
 from loopfm.store import codec
+from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, Z, StoreManifest
-from loopfm.training.loop import ordered_data, sort_boundaries
 
 SPLIT = "split"
 FROM_STORE = "from_store"
@@ -46,8 +49,6 @@ ITEM_N, ITEM_POS = "item_n", "item_pos"  # the item counters, carried on vertica
 
 def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Optional[str] = None) -> FeaturesManifest:
     """`loopfm features`: build (or find current) the VM examples of `data.vertical`."""
-    from loopfm.runtime import init_ray, log
-
     info = SplitInfo.load(run)
     store_path, store = resolve_store(cfg, run, fm_version or configured_fm_version(cfg, run, info))
     fingerprint = features_fingerprint(cfg, info, store)
@@ -89,7 +90,7 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
             surfaces=cfg.features.surfaces,
             seconds=round(time.time() - started, 2),
         )
-        write_manifest(tmp, manifest.to_dict())
+        manifest.write(tmp)
     total = sum(rows.values())
     for name in SPLITS:
         log.info("features: %-5s %9d examples", name, rows[name])
@@ -128,9 +129,6 @@ def vertical_label_rate(run: RunDir, vertical: int) -> float:
 
 def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInfo, vertical: int):
     """The lazy Ray Dataset of examples (a `split` column says where each belongs)."""
-    import ray
-    from ray.data.expressions import col
-
     events_schema = pads.dataset(str(split_paths(run, "train")), format="parquet").schema.remove_metadata()
     schema = union_schema(events_schema)
     splits = ray.data.read_parquet([str(split_paths(run, name)) for name in SPLITS])

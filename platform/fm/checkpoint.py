@@ -7,18 +7,20 @@ the old one's embeddings.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopfm.errors import MissingInputError
-from loopfm.rundir import MANIFEST, from_manifest, read_manifest
-from loopfm.training.checkpoint import MODEL_FILE, model_hash, verified_state
+from loopfm.config import FMConfig
+from loopfm.models.fm import CausalFM
+from loopfm.rundir import Manifest
+from loopfm.weights import MODEL_FILE, model_hash, verified_state
 
 
 @dataclass
-class FMManifest:
+class FMManifest(Manifest):
+    MISSING = "no FM at {path}: run `loopfm fm train` first"
+
     fingerprint: str
     fm_version: str
     fm: dict[str, Any]  # FMConfig as JSON
@@ -29,27 +31,17 @@ class FMManifest:
     history: list = field(default_factory=list)  # one dict per epoch
     seconds: float = 0.0
 
-    @classmethod
-    def read(cls, path: Path) -> "FMManifest":
-        raw = read_manifest(path)
-        if raw is None:
-            raise MissingInputError(f"no FM at {path}: run `loopfm fm train` first")
-        return from_manifest(cls, raw, path)
-
 
 def save_fm(directory: Path, weights: bytes, manifest: FMManifest) -> FMManifest:
     """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
     (Path(directory) / MODEL_FILE).write_bytes(weights)
     manifest.fm_version = model_hash(weights)
-    (Path(directory) / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True, default=str))
+    manifest.write(directory)
     return manifest
 
 
 def load_fm(directory: Path):
     """(CausalFM in eval mode, manifest); refuses weights whose hash is not the manifest's version."""
-    from loopfm.config import FMConfig
-    from loopfm.models.fm import CausalFM
-
     manifest = FMManifest.read(directory)
     model = CausalFM(FMConfig.model_validate(manifest.fm), manifest.vocab_sizes, manifest.num_surfaces)
     model.load_state_dict(verified_state(directory, manifest.fm_version))

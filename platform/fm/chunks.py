@@ -21,10 +21,11 @@ from typing import Optional
 
 import numpy as np
 import pyarrow.dataset as pads
+import ray
 
-from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID, idx
-from loopfm.datasets.splits import split_of
-from loopfm.training.loop import sort_boundaries
+from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
+from loopfm.datasets.splits import split_of, split_paths
+from loopfm.ordering import sort_boundaries
 
 TOKENS = ("item", "category", "surface", "prev_label")
 CHUNK_COLUMNS = ("event_id", "ts", *TOKENS, "label", "split", "out")
@@ -122,7 +123,7 @@ def chunk_users(events, fn, boundaries: Optional[list[int]] = None, **fn_kwargs)
 
     The sort's reduce writes one block per key range, so no user straddles two blocks (what Ray
     Data's own `map_groups` relies on); `batch_size=None` hands `fn` each block whole. The reduce
-    splits a partition past `target_max_block_size`, so `boundaries` (`loop.sort_boundaries`) keep
+    splits a partition past `target_max_block_size`, so `boundaries` (`ordering.sort_boundaries`) keep
     partitions far smaller, and make them the same on every run; without them Ray samples its own.
     """
     return events.sort(USER_ID, boundaries=boundaries).map_batches(
@@ -131,16 +132,11 @@ def chunk_users(events, fn, boundaries: Optional[list[int]] = None, **fn_kwargs)
 
 def build_chunks(run, cfg, cutoffs: tuple[int, int]):
     """All users' chunks over every split, as a lazy Ray Dataset (one shuffle by user), in the
-    same blocks on every run (create it inside `training.loop.ordered_data` to keep their order too).
+    same blocks on every run (create it inside `ordering.ordered_data` to keep their order too).
 
     `cutoffs` = (valid_start, test_start) tag each position's split: the run's own boundaries,
     or earlier ones for an FM that may only see older events (`loopfm freshness`).
     """
-    import ray
-
-    from loopfm.datasets.schema import SPLITS
-    from loopfm.datasets.splits import split_paths
-
     paths = [str(split_paths(run, name)) for name in SPLITS]
     return chunk_users(ray.data.read_parquet(paths, columns=EVENT_COLUMNS), block_chunks, file_boundaries(paths),
                        chunk_len=cfg.fm.chunk_len, context=cfg.fm.context,

@@ -6,7 +6,7 @@ First a sample of train events goes through the FM uncompressed to train the Mat
 autoencoder (stop-gradient by construction: the FM is frozen here); then one pass over every
 chunk writes (event_id, user_id, ts, surface, fm_logit, z). The store version is
 `stable_hash(fm_version, embed.layers, embed.compress, compressor hash)`, named once the compressor
-is trained (`features.resolve.store_version`); the store is sealed (row count = event count, unique
+is trained (`store.resolve.store_version`); the store is sealed (row count = event count, unique
 ids, file hashes) inside a temp directory before it appears under that name. A store this config
 already built from this FM (any compressor) is current: the stage finds it by its manifest.
 """
@@ -21,32 +21,31 @@ import time
 import numpy as np
 import torch
 
+from loopfm.actors.extractor import ChunkExtractor
 from loopfm.config import LoopFMConfig
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError
-from loopfm.features.resolve import store_version, stores_of
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.extract import extract_rows, extractor_args
+from loopfm.fm.incremental import incremental_embed
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
+from loopfm.models import autoencoder
+from loopfm.ordering import ordered_data
 from loopfm.rundir import RunDir, atomic_output
-from loopfm.actors.extractor import ChunkExtractor
+from loopfm.runtime import init_ray, log
 from loopfm.store import codec
 from loopfm.store.parquet import seal
+from loopfm.store.resolve import store_version, stores_of
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
-from loopfm.training.checkpoint import MODEL_FILE
-from loopfm.training.loop import ordered_data
+from loopfm.weights import MODEL_FILE
 
 
 def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> StoreManifest:
     """`loopfm embed` (with `cutoffs`: the store of the FM trained only on events before them;
     with `--incremental`: only the log's events newer than the store, as a delta)."""
     if getattr(args, "incremental", False):
-        from loopfm.fm.incremental import incremental_embed
-
         return incremental_embed(cfg, run, getattr(args, "since", "last"))
-    from loopfm.runtime import init_ray, log
-
     info = SplitInfo.load(run)
     fm_dir = run.fm(fm_fingerprint(cfg, info, cutoffs))
     if not (fm_dir / MODEL_FILE).is_file():
@@ -80,8 +79,7 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
             store_version=version, fm_version=fm.fm_version, checkpoint_hash=fm.fm_version,
             layers=list(cfg.embed.layers), raw_width=int(sample.shape[1]), width=cfg.embed.compress.width,
             prefix_widths=list(cfg.embed.compress.prefix_widths), dtype=cfg.embed.compress.dtype,
-            rows=0, min_ts=0, max_ts=0, recon_error=stats["recon_error"], quant_error=stats["quant_error"],
-            compressor_hash=compressor_hash,
+            recon_error=stats["recon_error"], quant_error=stats["quant_error"], compressor_hash=compressor_hash,
         ), expected_rows=total_events, stage="embed")
     seconds = time.time() - started
     log.info("embed: %d events in %.1fs (%.0f events/s) -> store %s", manifest.rows, seconds,
@@ -110,11 +108,9 @@ def _train_compressor(sample: np.ndarray, cfg: LoopFMConfig, log) -> tuple[dict,
 
     Seeded by `fm.seed`, so the same FM and config train the same compressor on one machine; the
     store version hashes the trained weights too, for when they still come out different."""
-    from loopfm.models.autoencoder import train_autoencoder
-
     compress = cfg.embed.compress
     e = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
-    ae, stats = train_autoencoder(e, compress, seed=cfg.fm.seed, log=lambda line: log.info("embed: %s", line))
+    ae, stats = autoencoder.train_autoencoder(e, compress, seed=cfg.fm.seed, log=lambda line: log.info("embed: %s", line))
     with torch.no_grad():
         z = ae.encode(e).numpy()
         quant = {}

@@ -6,11 +6,13 @@ incremental.py can both use it without importing each other.
 
 from __future__ import annotations
 
+import ray
+
 from loopfm.actors.extractor import ChunkExtractor, pool_args
 from loopfm.config import LoopFMConfig
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.runtime import use_gpu
-from loopfm.training.checkpoint import verified_bytes
+from loopfm.weights import verified_bytes
 
 
 def extractor_args(fm_dir, fm: FMManifest, cfg: LoopFMConfig) -> dict:
@@ -34,7 +36,5 @@ def actor_gpus(actors: int, gpu: bool) -> float:
     what it has (more actors than GPUs would otherwise wait forever for a whole one)."""
     if not gpu:
         return 0
-    import ray
-
     have = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     return 1.0 if have >= actors or have == 0 else have / actors

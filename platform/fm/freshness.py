@@ -22,11 +22,18 @@ import pyarrow.parquet as pq
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import SPLITS, TS
 from loopfm.datasets.splits import SplitInfo, split_paths
-from loopfm.features.resolve import store_version
+from loopfm.evaluation.report import write_ablation
+from loopfm.evaluation.transfer import summarize
+from loopfm.features import features_stage
+from loopfm.fm.embed import embed_stage
+from loopfm.fm.train import fm_train_stage
 from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.runtime import init_ray, log
 from loopfm.store import codec
 from loopfm.store.parquet import data_files, seal
+from loopfm.store.resolve import store_version
 from loopfm.store.schema import StoreManifest
+from loopfm.training.vm import arm_config, train_vm
 
 
 def slice_bounds(run: RunDir, info: SplitInfo, slices: int) -> list[int]:
@@ -60,8 +67,8 @@ def drifting_store(run: RunDir, cfg: LoopFMConfig, stores: list[StoreManifest], 
         return seal(tmp, StoreManifest(
             store_version=version, fm_version=fm_version, checkpoint_hash=",".join(s.fm_version for s in stores),
             layers=last.layers, raw_width=last.raw_width, width=last.width, prefix_widths=last.prefix_widths,
-            dtype=last.dtype, rows=0, min_ts=0, max_ts=0, recon_error=last.recon_error,
-            quant_error=last.quant_error, compressor_hash=compressors), expected_rows=events, stage="freshness")
+            dtype=last.dtype, recon_error=last.recon_error, quant_error=last.quant_error,
+            compressor_hash=compressors), expected_rows=events, stage="freshness")
 
 
 def centroid_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> float:
@@ -77,14 +84,6 @@ def centroid_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> floa
 
 def freshness_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> list[dict]:
     """`loopfm freshness`."""
-    from loopfm.evaluation.report import write_ablation
-    from loopfm.evaluation.transfer import summarize
-    from loopfm.features import features_stage
-    from loopfm.fm.embed import embed_stage
-    from loopfm.fm.train import fm_train_stage
-    from loopfm.runtime import init_ray, log
-    from loopfm.training.vm import arm_config, train_vm
-
     slices = getattr(args, "slices", None) or 3
     init_ray(cfg.ray)
     info = SplitInfo.load(run)

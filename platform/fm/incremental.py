@@ -21,30 +21,31 @@ import functools
 import time
 
 import numpy as np
+import pyarrow.dataset as pads
+import ray
 
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.append import appended_batches
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.resolve import resolve_store
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import (EVENT_COLUMNS, ROWS_PER_PARTITION, block_chunks, chunk_users, file_boundaries,
                               prev_labels, runs)
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
+from loopfm.ordering import ordered_data, sort_boundaries
 from loopfm.rundir import RunDir, atomic_output
+from loopfm.runtime import init_ray, log
 from loopfm.store.deltas import chain_lock, chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, open_store, seal
+from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
-from loopfm.training.checkpoint import load_weights
-from loopfm.training.loop import ordered_data, sort_boundaries
+from loopfm.weights import load_weights
 
 
 def log_events(run: RunDir, info: SplitInfo):
     """Every event of the log (splits + appended batches) in `EVENT_COLUMNS`, as a Ray Dataset."""
-    import ray
-
     ds = ray.data.read_parquet([str(split_paths(run, s)) for s in SPLITS], columns=EVENT_COLUMNS)
     batches = appended_batches(run)
     if batches:
@@ -89,8 +90,6 @@ def incremental_embed(cfg: LoopFMConfig, run: RunDir, since: str | int = "last")
 
 
 def _extend_chain(cfg: LoopFMConfig, run: RunDir, base_path, since: str | int) -> StoreManifest:
-    from loopfm.runtime import init_ray, log
-
     base = open_store(base_path)  # as it is now: a compaction may have folded the chain while this waited
     chain = open_chain(run, base_path, base)
     stored_until = chain_max_ts(chain)
@@ -120,7 +119,7 @@ def _extend_chain(cfg: LoopFMConfig, run: RunDir, base_path, since: str | int) -
         manifest = seal(tmp, StoreManifest(
             store_version=version, fm_version=base.fm_version, checkpoint_hash=base.checkpoint_hash,
             layers=base.layers, raw_width=base.raw_width, width=base.width, prefix_widths=base.prefix_widths,
-            dtype=base.dtype, rows=0, min_ts=0, max_ts=0, parent=parent, base=base.store_version, since=since_ts,
+            dtype=base.dtype, parent=parent, base=base.store_version, since=since_ts,
         ), expected_rows=expected, stage="embed --incremental")
     seconds = time.time() - started
     log.info("embed --incremental: %d events of %d users after ts %d in %.1fs -> delta %s", manifest.rows,
@@ -159,8 +158,6 @@ def _same_space(cfg: LoopFMConfig, run: RunDir, base_path, base: StoreManifest):
 def _new_events(run: RunDir, since: int) -> tuple[np.ndarray, int]:
     """(users with events after `since`, how many such events). Only appended batches can hold
     any: `since` is at or after the full store's newest event, and that store holds every split."""
-    import pyarrow.dataset as pads
-
     files = [str(f) for batch in appended_batches(run) for f in sorted(batch.glob("*.parquet"))]
     if not files:
         return np.zeros(0, np.int64), 0

@@ -15,16 +15,23 @@ import time
 from typing import Optional
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 
 from loopfm.config import FMConfig, LoopFMConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
-from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
+from loopfm.evaluation.metrics import evaluate
 from loopfm.fm.checkpoint import FMManifest, save_fm
+from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
+from loopfm.models.fm import CausalFM, fm_loss
+from loopfm.ordering import ordered_data
 from loopfm.precision import autocast
 from loopfm.rundir import RunDir, atomic_output, is_complete
-from loopfm.training.checkpoint import state_bytes
-from loopfm.training.loop import ordered_data
+from loopfm.runtime import init_ray, log, use_gpu
+from loopfm.training.loop import (LoopTimer, cpu_state, final_state, gather, report_epoch, resume, run_trainer, say,
+                                  seed_everything, shuffle_seed, train_device)
+from loopfm.weights import state_bytes
 
 TRAIN, VALID, TEST = 0, 1, 2
 
@@ -44,9 +51,6 @@ def split_cutoffs(info: SplitInfo, cutoffs: Cutoffs = None) -> tuple[int, int]:
 
 def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> FMManifest:
     """`loopfm fm train`."""
-    from loopfm.runtime import init_ray, log, use_gpu
-    from loopfm.training.loop import final_state, run_trainer
-
     info = SplitInfo.load(run)
     fingerprint = fm_fingerprint(cfg, info, cutoffs)
     out = run.fm(fingerprint)
@@ -88,13 +92,6 @@ def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs =
 
 def fm_loop(config: dict) -> None:
     """The per-worker training loop (Ray Train)."""
-    import ray.train
-    import ray.train.torch
-
-    from loopfm.models.fm import CausalFM
-    from loopfm.training.loop import (LoopTimer, cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed,
-                                      train_device)
-
     timer = LoopTimer(config.get("timing_log"))  # benchmarks only (gpu_check): where the fit's time goes
     cfg = FMConfig.model_validate(config["fm"])
     seed_everything(cfg.seed)
@@ -133,8 +130,6 @@ def fm_loop(config: dict) -> None:
 def fm_step(model, optimizer, batch: dict, device) -> float:
     """One optimizer step on a batch of chunks; returns the loss. The forward runs under
     `loopfm.precision.autocast` (bf16 on CUDA, nothing on CPU), the loss in float32."""
-    from loopfm.models.fm import fm_loss
-
     with autocast(device):
         logit = model(_tokens(batch))["logit"]
     loss = fm_loss(logit.float(), batch["label"].float(), batch["out"] & (batch["split"] == TRAIN))
@@ -151,9 +146,6 @@ def _tokens(batch: dict) -> dict:
 @torch.no_grad()
 def evaluate_fm(model, shard, batch_size: int, device) -> dict:
     """Valid and test metrics over every worker's eval shard."""
-    from loopfm.evaluation.metrics import evaluate
-    from loopfm.training.loop import gather
-
     model.eval()
     parts = {"split": [], "label": [], "logit": [], "user": []}
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):

@@ -16,14 +16,17 @@ every reader would then refuse the chain), and an increment always extends the c
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 from filelock import FileLock
 
 from loopfm.errors import VersionMismatchError
+from loopfm.logs import log
 from loopfm.rundir import RunDir, atomic_output, output_lock, read_manifest, reap_dead_temps
 from loopfm.store.parquet import data_files, open_store, seal
+from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 
 
@@ -68,9 +71,6 @@ def chain_max_ts(chain: list[tuple[Path, StoreManifest]]) -> int:
 
 def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
     """`loopfm store compact`: fold this config's store and its deltas into one full store."""
-    from loopfm.features.resolve import resolve_store
-    from loopfm.runtime import log
-
     base_path, base = resolve_store(cfg, run)
     with chain_lock(run, base.store_version):
         base = open_store(base_path)  # as it is now: a compaction may have finished while this one waited
@@ -84,8 +84,8 @@ def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
                 for f in data_files(path):
                     shutil.copy2(f, tmp / f"{i:04d}-{f.name}")
             shutil.copy2(base_path / COMPRESSOR_FILE, tmp / COMPRESSOR_FILE)
-            manifest = StoreManifest(**{**base.to_dict(), "files": {}, "created_at": ""})
-            manifest = seal(tmp, manifest, expected_rows=sum(m.rows for _, m in chain), stage="store compact")
+            manifest = seal(tmp, dataclasses.replace(base), expected_rows=sum(m.rows for _, m in chain),
+                            stage="store compact")  # the base's fields; rows, ts range and files recomputed
         _remove_folded(run, base.store_version)
     log.info("store compact: %d deltas folded into %s (%d rows, ts up to %d)", len(chain) - 1, base_path,
              manifest.rows, manifest.max_ts)

@@ -9,9 +9,6 @@ the reader pins (FM version, layers, width, dtype) or whose files no longer hash
 from __future__ import annotations
 
 import hashlib
-import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loopfm.errors import VersionMismatchError
-from loopfm.rundir import MANIFEST, check_rows
+from loopfm.rundir import check_rows, now_stamp
 from loopfm.store.schema import EVENT_ID, TS, StoreManifest
 
 
@@ -38,8 +35,9 @@ def file_hash(path: Path) -> str:
 
 def seal(path: Path, manifest: StoreManifest, expected_rows: Optional[int] = None,
          stage: str = "store") -> StoreManifest:
-    """Fill rows, ts range and file hashes into `manifest` and write it; checks the row count
-    (`expected_rows`: one per event the `stage` embedded) and that event ids are unique."""
+    """Compute rows, ts range, file hashes and `created_at` into `manifest` and write it (what the
+    caller built it with for those is overwritten); checks the row count (`expected_rows`: one per
+    event the `stage` embedded) and that event ids are unique."""
     files = data_files(path)
     tables = [pq.read_table(f, columns=[EVENT_ID, TS]) for f in files]
     rows = sum(t.num_rows for t in tables)
@@ -54,8 +52,8 @@ def seal(path: Path, manifest: StoreManifest, expected_rows: Optional[int] = Non
     manifest.min_ts = min((pc.min(t[TS]).as_py() for t in tables if t.num_rows), default=0)
     manifest.max_ts = max((pc.max(t[TS]).as_py() for t in tables if t.num_rows), default=0)
     manifest.files = {str(f.relative_to(path)): file_hash(f) for f in files}
-    manifest.created_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    (Path(path) / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
+    manifest.created_at = now_stamp()
+    manifest.write(path)
     return manifest
 
 

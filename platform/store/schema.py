@@ -7,15 +7,14 @@ differing field named, when the manifest says otherwise.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow as pa
 
-from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.rundir import from_manifest
+from loopfm.errors import VersionMismatchError
+from loopfm.rundir import Manifest, computed
 
 EVENT_ID = "event_id"
 USER_ID = "user_id"
@@ -41,7 +40,12 @@ CHECKED_FIELDS = ("fm_version", "layers", "width", "dtype")
 
 
 @dataclass
-class StoreManifest:
+class StoreManifest(Manifest):
+    """A store's (or a store delta's) `manifest.json`. `seal` computes `rows`, `min_ts`, `max_ts`,
+    `files` and `created_at` from the files it seals: whoever builds one leaves them out."""
+
+    MISSING = "no store at {path} (missing manifest.json)"
+
     store_version: str
     fm_version: str
     checkpoint_hash: str
@@ -50,9 +54,9 @@ class StoreManifest:
     width: int
     prefix_widths: list[int]
     dtype: str
-    rows: int
-    min_ts: int
-    max_ts: int
+    rows: int = computed(0)
+    min_ts: int = computed(0)
+    max_ts: int = computed(0)
     recon_error: dict[str, float] = field(default_factory=dict)  # prefix width -> MSE of e'
     quant_error: dict[str, float] = field(default_factory=dict)  # dtype -> max |z - decode(encode(z))|
     parent: Optional[str] = None  # set on deltas: the version this one extends
@@ -61,17 +65,6 @@ class StoreManifest:
     compressor_hash: str = ""  # sha256 of compressor.pt, part of the version (a drifting store lists its slices')
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, checked on open
     created_at: str = ""
-
-    @classmethod
-    def read(cls, path: Path) -> "StoreManifest":
-        f = Path(path) / "manifest.json"
-        if not f.is_file():
-            raise MissingInputError(f"no store at {path} (missing {f.name})")
-        raw = json.loads(f.read_text())
-        return from_manifest(cls, raw, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def check(self, expected: dict[str, Any], where: Path | str = "") -> None:
         """Raise VersionMismatchError naming every pinned field that differs."""

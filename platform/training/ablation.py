@@ -10,17 +10,16 @@ on every seed; the table and plot land in `report/ablation_<key>.{md,json,png}`.
 from __future__ import annotations
 
 from loopfm.config import LoopFMConfig, parse_override
+from loopfm.evaluation.report import write_ablation
+from loopfm.evaluation.transfer import summarize
+from loopfm.features import features_stage
+from loopfm.fm.embed import embed_stage
 from loopfm.rundir import RunDir
+from loopfm.runtime import init_ray, log
+from loopfm.training.vm import arm_config, train_vm
 
 
 def ablate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> list[dict]:
-    from loopfm.evaluation.report import write_ablation
-    from loopfm.evaluation.transfer import summarize
-    from loopfm.features import features_stage
-    from loopfm.fm.embed import embed_stage
-    from loopfm.runtime import init_ray, log
-    from loopfm.training.vm import arm_config, train_vm
-
     key, values = args.param, [parse_override(f"{args.param}={v}")[1] for v in _split(args.values)]
     init_ray(cfg.ray)
     rows = []

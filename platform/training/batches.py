@@ -29,7 +29,7 @@ class ShardBatches:
     `shuffle_seed`: None keeps the shard's order (evaluation); otherwise epoch k is shuffled with
     `loop.shuffle_seed(shuffle_seed, k)`: `shuffle_seed + k` gave VM seed s in epoch k+1 the order
     of seed s+1 in epoch k, so "independent" seeds shared their data orders. The shard's own order
-    must be the same every run for the shuffle to be (`loop.ordered_data` around reading and
+    must be the same every run for the shuffle to be (`ordering.ordered_data` around reading and
     training).
     """
 

@@ -8,26 +8,23 @@ bytes and refuses a file that does not match (torch.load(weights_only=True) neve
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from loopfm.config import TrainConfig, VMConfig
-from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.models.inputs import InputSpec
 from loopfm.models.vm import build_vm
-from loopfm.rundir import from_manifest
-
-MODEL_FILE = "model.pt"
+from loopfm.rundir import Manifest
+from loopfm.weights import MODEL_FILE, model_hash, verified_state
 
 
 @dataclass
-class VMManifest:
+class VMManifest(Manifest):
+    MISSING = "no VM checkpoint at {path} (missing manifest.json)"
+
     fingerprint: str
     model_version: str
     arm: str
@@ -47,34 +44,13 @@ class VMManifest:
     num_surfaces: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)  # {"valid": {...}, "test": {...}, "epochs": n}
 
-    @classmethod
-    def read(cls, path: Path) -> "VMManifest":
-        f = Path(path) / "manifest.json"
-        if not f.is_file():
-            raise MissingInputError(f"no VM checkpoint at {path} (missing manifest.json)")
-        raw = json.loads(f.read_text())
-        return from_manifest(cls, raw, path)
-
-
-def state_bytes(state: "torch.nn.Module | dict") -> bytes:
-    """A module's (or a state dict's) tensors on CPU, serialized: the bytes a version hashes."""
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
-    return buf.getvalue()
-
-
-def model_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
 
 def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> None:
     """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
     directory = Path(directory)
     (directory / MODEL_FILE).write_bytes(model_state)
     manifest.model_version = model_hash(model_state)
-    (directory / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
+    manifest.write(directory)
 
 
 def input_spec(manifest: VMManifest) -> InputSpec:
@@ -88,37 +64,6 @@ def input_spec(manifest: VMManifest) -> InputSpec:
 def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
     train = TrainConfig.model_validate(manifest.train)
     return build_vm(VMConfig.model_validate(manifest.vm), input_spec(manifest), aux_head=train.use_kd and train.aux_head)
-
-
-def verified_bytes(directory: Path, version: str) -> bytes:
-    """`model.pt` of `directory`, refused unless its hash is `version`."""
-    path = Path(directory) / MODEL_FILE
-    if not path.is_file():
-        raise MissingInputError(f"no weights at {path}")
-    data = path.read_bytes()
-    if model_hash(data) != version:
-        raise VersionMismatchError(
-            f"{path} does not match its manifest (version {version}, file hashes to {model_hash(data)}); "
-            "the checkpoint was modified or is incomplete"
-        )
-    return data
-
-
-def verified_state(directory: Path, version: str) -> dict:
-    """`model.pt` of `directory` as a state dict (`torch.load(weights_only=True)`), hash checked."""
-    return load_weights(io.BytesIO(verified_bytes(directory, version)), Path(directory) / MODEL_FILE)
-
-
-def load_weights(source, name) -> dict:
-    """`torch.load(weights_only=True)`: a file that is not plain tensors (a pickle that would run
-    code, say) is refused with an error naming it, not a traceback from the unpickler."""
-    import pickle
-
-    try:
-        return torch.load(source, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise VersionMismatchError(f"{name} is not a weights-only torch file ({type(err).__name__}: it holds more "
-                                   "than tensors, e.g. objects that would run code when unpickled); refused") from None
 
 
 def load_vm(directory: Path) -> tuple[torch.nn.Module, VMManifest]:

@@ -16,14 +16,19 @@ import numpy as np
 
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import USER_ID
+from loopfm.evaluation.metrics import evaluate
+from loopfm.evaluation.report import build_report, write_report
+from loopfm.features import features_stage
 from loopfm.features.reader import KD_LOGIT, LABEL, FeaturesManifest, read_features
+from loopfm.fm.embed import embed_stage
+from loopfm.fm.train import fm_train_stage
 from loopfm.rundir import RunDir
+from loopfm.runtime import init_ray, log
+from loopfm.training.vm import arm_config, train_vm
 
 
 def fm_on_test(run: RunDir, features: FeaturesManifest) -> dict:
     """FM metrics on the vertical's test events (the stored FM logits of those events)."""
-    from loopfm.evaluation.metrics import evaluate
-
     batches = read_features(run, features, "test", columns=[LABEL, KD_LOGIT, USER_ID]).iter_batches(
         batch_format="numpy", batch_size=None)
     parts = list(batches)
@@ -38,10 +43,6 @@ def replicate_config(cfg: LoopFMConfig, fm_seed: int) -> LoopFMConfig:
 
 def replicate_features(cfg: LoopFMConfig, run: RunDir) -> FeaturesManifest:
     """The FM, store and features of one replicate (each stage skipped when current)."""
-    from loopfm.features import features_stage
-    from loopfm.fm.embed import embed_stage
-    from loopfm.fm.train import fm_train_stage
-
     fm = fm_train_stage(cfg, run)
     embed_stage(cfg, run)
     return features_stage(cfg, run, fm_version=fm.fm_version)
@@ -53,9 +54,6 @@ def run_experiment(cfg: LoopFMConfig, run: RunDir) -> tuple[dict[str, list[dict]
     Returns (arms, fm, features): `arms[arm]` is one test-metrics dict per (fm_seed, seed) pair,
     tagged with both, in the same order in every arm; `fm` the FM's test metrics per replicate.
     """
-    from loopfm.runtime import log
-    from loopfm.training.vm import arm_config, train_vm
-
     results: dict[str, list[dict]] = {}
     fm_results, feature_sets = [], []
     total = len(cfg.experiment.fm_seeds) * len(cfg.experiment.arms) * cfg.experiment.seeds
@@ -76,9 +74,6 @@ def run_experiment(cfg: LoopFMConfig, run: RunDir) -> tuple[dict[str, list[dict]
 
 def report_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
     """`loopfm report`: train what is missing, evaluate, write report.json, report.md and plots."""
-    from loopfm.evaluation.report import build_report, write_report
-    from loopfm.runtime import init_ray, log
-
     init_ray(cfg.ray)
     started = time.time()
     arms, fm, feature_sets = run_experiment(cfg, run)

@@ -9,7 +9,6 @@ numbers every worker has gathered, so all workers stop on the same epoch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -18,11 +17,15 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
-from ray.data import DataContext
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from loopfm.precision import gpu_precision
 
@@ -132,8 +135,6 @@ def cpu_state(model: torch.nn.Module) -> dict:
 
 def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patience: int) -> LoopState:
     """The state of the last reported epoch, or a fresh one."""
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return LoopState(0, EarlyStopping(patience), cpu_state(model), {}, {})
@@ -147,8 +148,6 @@ def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patience: i
 
 def report_epoch(epoch: int, metrics: dict, model, optimizer, state: LoopState) -> None:
     """Checkpoint this epoch (rank 0 writes, everyone calls) and report its metrics."""
-    import ray.train
-
     state.history.append({"epoch": epoch, "pid": os.getpid(), **metrics})  # pid: which worker trained it
     d = tempfile.mkdtemp(prefix="loopfm-ckpt-")
     checkpoint = None
@@ -157,7 +156,7 @@ def report_epoch(epoch: int, metrics: dict, model, optimizer, state: LoopState) 
                     "stopper": asdict(state.stopper), "best": state.best_state, "history": state.history},
                    os.path.join(d, STATE_FILE))
         checkpoint = ray.train.Checkpoint.from_directory(d)
-    ray.train.report({"epoch": epoch, **_scalars(metrics)}, checkpoint=checkpoint,
+    ray.train.report({"epoch": epoch, **scalar_metrics(metrics)}, checkpoint=checkpoint,
                      delete_local_checkpoint_after_upload=True)
     if checkpoint is None:
         shutil.rmtree(d, ignore_errors=True)
@@ -185,8 +184,6 @@ def train_device(gpu: bool) -> torch.device:
     Ray Train's own choice (the GPU it assigned this worker, else the CPU), except in local mode
     (`num_workers: 0`, the loop runs in the driver), where Train assigns nothing and says CPU:
     there a stage that asked for a GPU (`ray.use_gpu`) gets this process's CUDA device."""
-    import ray.train.torch
-
     device = ray.train.torch.get_device()
     if gpu and device.type == "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -195,8 +192,6 @@ def train_device(gpu: bool) -> torch.device:
 
 def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Concatenate each worker's arrays on every worker (evaluation over all shards)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return arrays
     parts: list = [None] * dist.get_world_size()
@@ -212,9 +207,6 @@ def run_trainer(loop: Callable, loop_config: dict, datasets: dict, *, name: str,
     `callbacks` (Train callbacks, e.g. Tune's `TuneReportCallback`) go to `RunConfig`; Train's local
     mode calls none of them.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         loop,
@@ -233,11 +225,12 @@ def run_trainer(loop: Callable, loop_config: dict, datasets: dict, *, name: str,
     return trainer.fit()
 
 
-def _scalars(metrics: dict) -> dict:
+def scalar_metrics(metrics: dict) -> dict:
+    """Nested metrics flattened to `{"valid/auc": float, ...}`: the numbers Train and Tune report."""
     out = {}
     for k, v in metrics.items():
         if isinstance(v, dict):
-            out.update({f"{k}/{kk}": vv for kk, vv in _scalars(v).items()})
+            out.update({f"{k}/{kk}": vv for kk, vv in scalar_metrics(v).items()})
         elif isinstance(v, (int, float, np.floating, np.integer)):
             out[k] = float(v)
     return out
@@ -260,41 +253,3 @@ def shuffle_seed(seed: int, epoch: int, rank: int = 0) -> int:
     so a resumed run shuffles epoch k as the uninterrupted one did, and seeds never collide as
     `seed + epoch` would (seed 0's epoch 1 is not seed 1's epoch 0)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-@contextlib.contextmanager
-def ordered_data() -> Iterator[None]:
-    """Ray Datasets created, and Train runs started, inside keep their blocks in order.
-
-    Ray Data otherwise hands on blocks as their tasks finish, so the order of examples (hence
-    the batches, a seeded local shuffle's output, a kept shard's permutation, the compressor's
-    sample) would change from run to run, and the weights with it.
-
-    Each Dataset copies the current DataContext when it is read, and Ray Train copies it when
-    the trainer is made, so setting it for the stage's duration reaches both without changing
-    other stages of the same process.
-    """
-    options = DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
-
-
-def sort_boundaries(keys: np.ndarray, rows_per_partition: int) -> list[int]:
-    """`Dataset.sort(key, boundaries=...)` for integer `keys` (the key of every row to be sorted):
-    key values at equal-row quantiles, so partitions hold about `rows_per_partition` rows each and
-    the partitioning is a function of the data alone.
-
-    Ray Data samples its own boundaries at random, and partitions decide blocks: which rows share
-    a batch, what a local shuffle buffer holds when it shuffles, where a kept shard's order comes
-    from. One boundary above every key when one partition holds everything (with none, Ray samples).
-    """
-    keys = np.asarray(keys)
-    if not len(keys):
-        return [0]
-    parts = -(-len(keys) // rows_per_partition)
-    inner = np.quantile(keys, np.arange(1, parts) / parts, method="higher") if parts > 1 else []
-    return sorted({int(b) for b in inner} - {int(keys.min())}) or [int(keys.max()) + 1]

@@ -16,14 +16,28 @@ import os
 import time
 
 import numpy as np
+import pyarrow.dataset as pads
+import ray.train
+import ray.train.collective
+import ray.train.torch
 import torch
 
 from loopfm.config import ARM_CHANNELS, ARMS, LoopFMConfig, TrainConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
+from loopfm.evaluation.metrics import evaluate
+from loopfm.features import features_stage
+from loopfm.features.collate import VMBatchCollate
 from loopfm.features.reader import LABEL, RAW_COLUMNS, SEQ_Z, FeaturesManifest, read_features
+from loopfm.models.losses import vm_loss
+from loopfm.ordering import ordered_data
 from loopfm.precision import autocast, float32, model_device
 from loopfm.rundir import RunDir, atomic_output, is_complete
-from loopfm.training.checkpoint import VMManifest, save_vm, state_bytes
+from loopfm.runtime import init_ray, log, torch_device, use_gpu
+from loopfm.training.batches import ShardBatches
+from loopfm.training.checkpoint import VMManifest, build_from_manifest, save_vm
+from loopfm.training.loop import (LoopTimer, cpu_state, final_state, gather, report_epoch, resume, run_trainer, say,
+                                  seed_everything, shuffle_seed, train_device)
+from loopfm.weights import state_bytes
 
 
 def arm_config(cfg: LoopFMConfig, arm: str, seed: int) -> LoopFMConfig:
@@ -61,9 +75,6 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     metrics. `loopfm tune` stops trials so (ASHA), letting Train shut its workers down itself.
     `timing_log`: a file the workers append their wall-clock stamps to (`LoopTimer`; benchmarks).
     """
-    from loopfm.runtime import init_ray, log, torch_device, use_gpu
-    from loopfm.training.loop import final_state, ordered_data, run_trainer
-
     arm, seed = arm_of(cfg.train), cfg.train.seed
     fingerprint = vm_fingerprint(cfg, features)
     out = run.vm(arm, seed, fingerprint)
@@ -124,9 +135,6 @@ def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest
                    device: torch.device = torch.device("cpu")) -> dict:
     """Test metrics of the kept epoch's weights, in the driver, once: the test split never takes
     part in choosing anything, and is not scored every epoch for nothing."""
-    from loopfm.features.collate import VMBatchCollate
-    from loopfm.training.checkpoint import build_from_manifest
-
     model = build_from_manifest(manifest)
     model.load_state_dict(state)
     model.to(device)
@@ -144,7 +152,7 @@ def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
     """
     if mode != "auto":
         return mode == "memory"
-    import psutil
+    import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported): not a dependency of ours
 
     files = run.features(features.fingerprint).rglob("*.parquet")
     return 3 * sum(f.stat().st_size for f in files) < psutil.virtual_memory().available / 4
@@ -152,8 +160,6 @@ def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
 
 def feature_columns(run: RunDir, features: FeaturesManifest, loopfm: bool, rawseq: bool) -> list[str]:
     """The feature columns an arm reads: the sequence slots of the other arms are never decoded."""
-    import pyarrow.dataset as pads
-
     names = pads.dataset(str(run.features(features.fingerprint) / "train"), format="parquet").schema.names
     skip = ({SEQ_Z} if not loopfm else set()) | (set(RAW_COLUMNS) if not rawseq else set())
     return [n for n in names if n not in skip]
@@ -161,15 +167,6 @@ def feature_columns(run: RunDir, features: FeaturesManifest, loopfm: bool, rawse
 
 def vm_loop(config: dict) -> None:
     """The per-worker training loop (Ray Train)."""
-    import ray.train
-    import ray.train.collective
-    import ray.train.torch
-
-    from loopfm.features.collate import VMBatchCollate
-    from loopfm.training.batches import ShardBatches
-    from loopfm.training.checkpoint import build_from_manifest
-    from loopfm.training.loop import LoopTimer, cpu_state, report_epoch, resume, say, seed_everything, shuffle_seed, train_device
-
     timer = LoopTimer(config.get("timing_log"))
     manifest = VMManifest(**config["manifest"])
     features = FeaturesManifest(**config["features"])
@@ -216,8 +213,6 @@ def vm_loop(config: dict) -> None:
 def vm_step(model, optimizer, batch: dict, train_cfg: TrainConfig, device) -> float:
     """One optimizer step on a VM batch; returns the loss. The forward runs under
     `loopfm.precision.autocast` (bf16 on CUDA, nothing on CPU), the loss in float32."""
-    from loopfm.models.losses import vm_loss
-
     with autocast(device):
         out = model(batch)
     loss, _ = vm_loss(float32(out), batch, train_cfg.use_kd, train_cfg.kd_lambda, train_cfg.kd_temperature)
@@ -262,17 +257,12 @@ def predict(model, batches) -> dict[str, np.ndarray]:
 
 def evaluate_vm(model, batches) -> dict:
     """AUC, GAUC, log loss and NE of `model` over `batches` (every worker's, gathered)."""
-    from loopfm.evaluation.metrics import evaluate
-    from loopfm.training.loop import gather
-
     arrays = gather(predict(model, batches))
     return evaluate(arrays["label"], arrays["logit"], arrays["user"])
 
 
 def train_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> VMManifest:
     """`loopfm train [--arm A] [--seed N]`: one VM on this config's features."""
-    from loopfm.features import features_stage
-
     arm = getattr(args, "arm", None) or arm_of(cfg.train)
     seed = cfg.train.seed if getattr(args, "seed", None) is None else args.seed
     return train_vm(arm_config(cfg, arm, seed), run, features_stage(cfg, run))

@@ -1,4 +1,4 @@
-"""Which store a run's features read: the one this config's `embed` section built.
+"""Which store a config reads: the one its `embed` section built (features, increments, compaction, drift).
 
 A store version is `stable_hash(fm_version, embed.layers, embed.compress, compressor_hash)` (the
 embed stage names its output so, once the compressor is trained), so a store built with other
