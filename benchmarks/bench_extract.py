@@ -57,7 +57,20 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, append_row, figure, probe_threads, device_name, gpu, machine, peak_flops, save_png, start_ray, versions, write_result  # noqa: E402
+from common import (  # noqa: E402
+    Timer,
+    append_row,
+    device_name,
+    figure,
+    gpu,
+    machine,
+    peak_flops,
+    probe_threads,
+    save_png,
+    start_ray,
+    versions,
+    write_result,
+)
 
 from loopfm.actors.extractor import ChunkExtractor, build_compressor, pool_args  # noqa: E402
 from loopfm.config import CompressConfig, EmbedConfig, FMConfig, LoopFMConfig  # noqa: E402

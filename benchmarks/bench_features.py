@@ -30,12 +30,10 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MemorySampler, append_row, config_hash, memory_now, write_log, write_result  # noqa: E402
+
 from loopfm.config import LoopFMConfig  # noqa: E402
 from loopfm.features import features_stage  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402
-
-
-
 
 
 def bench_size(cfg: LoopFMConfig, users: int, events_per_user: int) -> dict:

@@ -38,8 +38,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MemorySampler, Timer, append_row, device_name, figure, machine, memory_now, save_png,  # noqa: E402
-                    start_ray, versions, write_fm, write_log, write_result, write_splits)
+from common import (  # noqa: E402
+    MemorySampler,
+    Timer,
+    append_row,
+    device_name,
+    figure,
+    machine,
+    memory_now,
+    save_png,
+    start_ray,
+    versions,
+    write_fm,
+    write_log,
+    write_result,
+    write_splits,
+)
 
 from loopfm.config import load_config  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402

@@ -38,8 +38,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Timer, append_row, device_name, figure, machine, save_png, start_ray, versions,  # noqa: E402
-                    write_fm, write_result, write_splits)
+from common import (  # noqa: E402
+    Timer,
+    append_row,
+    device_name,
+    figure,
+    machine,
+    save_png,
+    start_ray,
+    versions,
+    write_fm,
+    write_result,
+    write_splits,
+)
 
 from loopfm.bench import loglog_slope  # noqa: E402
 from loopfm.config import load_config  # noqa: E402

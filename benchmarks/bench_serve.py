@@ -56,12 +56,11 @@ def percentiles(seconds: list[float]) -> dict:
 
 def scratch_run(cfg: LoopFMConfig, root: Path, users: int, events_per_user: int) -> RunDir:
     """Splits + store written directly, then the real `features` and `train` stages (kd_loopfm, 1 epoch)."""
-    from loopfm.features import features_stage
-    from loopfm.training.vm import arm_config, train_vm
-
     from common import NUM_CATEGORIES, NUM_ITEMS
 
     from loopfm.datasets.vocab import Vocab
+    from loopfm.features import features_stage
+    from loopfm.training.vm import arm_config, train_vm
 
     run = RunDir(root)
     write_log(cfg, run, users, events_per_user)

@@ -41,14 +41,24 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, append_row, device_name, gpu, machine, probe_threads, start_ray, versions, write_log, write_result  # noqa: E402
+from common import (  # noqa: E402
+    Timer,
+    append_row,
+    device_name,
+    gpu,
+    machine,
+    probe_threads,
+    start_ray,
+    versions,
+    write_log,
+    write_result,
+)
 
 from loopfm.config import LoopFMConfig  # noqa: E402
 from loopfm.datasets.schema import SPLITS  # noqa: E402
 from loopfm.datasets.splits import SplitInfo  # noqa: E402
 from loopfm.features import features_stage  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402
-
 
 
 def read_split(run: RunDir, features, split: str, with_seq: bool) -> dict[str, np.ndarray]:

@@ -184,7 +184,7 @@ def descendants(root: int) -> list[int]:
 class Timer:
     """`with Timer() as t: ...; t.seconds`"""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.started = time.perf_counter()
         return self
 

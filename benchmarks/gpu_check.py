@@ -203,8 +203,8 @@ def fm_part(cfg: LoopFMConfig, args) -> dict:
     from loopfm.datasets.splits import SplitInfo
     from loopfm.fm.chunks import build_chunks, keep_chunks
     from loopfm.fm.train import TEST, TRAIN, VALID, fm_loop, split_cutoffs
-    from loopfm.runtime import use_gpu
     from loopfm.ordering import ordered_data
+    from loopfm.runtime import use_gpu
     from loopfm.training.loop import final_state, run_trainer
 
     cfg = cfg.updated({"fm.epochs": args.fm_epochs, "fm.patience": args.fm_epochs + 1})
@@ -289,10 +289,10 @@ def markdown(r: dict) -> str:
             f"{e['events']:,} events, {e['chunks']:,} chunks of {e['fm']['chunk_len']}; Ray {e['ray']['events_per_s']:,} vs bare "
             f"{e['bare']['events_per_s']:,} events/s; Ray wall {e['ray']['seconds']} s = {e['ray']['to_first_call_s']} s to "
             f"first call + {e['ray']['calls_s']} s of calls |",
-            f"| extraction, fraction of bf16 peak | " + (f"{frac.get('ray_end_to_end', 0):.2%} (Ray, end to end)" if frac else "no GPU")
+            "| extraction, fraction of bf16 peak | " + (f"{frac.get('ray_end_to_end', 0):.2%} (Ray, end to end)" if frac else "no GPU")
             + " | " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in e["fm_flop_per_s"].items())
-            + (f"; as fractions of peak: " + ", ".join(f"{k} {v:.2%}" for k, v in frac.items()) if frac else "")
-            + (f"; of the measured matmul: " + ", ".join(f"{k} {v:.2%}" for k, v in e["fraction_of_measured_matmul"].items())
+            + ("; as fractions of peak: " + ", ".join(f"{k} {v:.2%}" for k, v in frac.items()) if frac else "")
+            + ("; of the measured matmul: " + ", ".join(f"{k} {v:.2%}" for k, v in e["fraction_of_measured_matmul"].items())
                if "fraction_of_measured_matmul" in e else "") + " |",
         ]
     f = r["parts"].get("fm")

@@ -44,13 +44,20 @@ from pathlib import Path
 import fuxictr
 import numpy as np
 import pandas as pd
+import peers_features as pf  # this folder is on sys.path when the script runs
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 import sklearn
 import torch
 from fuxictr.features import FeatureMap
 from fuxictr.pytorch.dataloaders.npz_dataloader import NpzDataLoader
-from fuxictr.pytorch.layers import DIN_Attention, FactorizationMachine, FeatureEmbedding, FeatureEmbeddingDict, MLP_Block
+from fuxictr.pytorch.layers import (
+    DIN_Attention,
+    FactorizationMachine,
+    FeatureEmbedding,
+    FeatureEmbeddingDict,
+    MLP_Block,
+)
 from fuxictr.pytorch.models import BaseModel
 from fuxictr.pytorch.torch_utils import seed_everything
 from sklearn.linear_model import LogisticRegression
@@ -62,8 +69,6 @@ from loopfm.datasets.schema import SPLITS
 from loopfm.datasets.splits import SplitInfo
 from loopfm.evaluation.metrics import auc, entropy, logloss
 from loopfm.rundir import RunDir
-
-import peers_features as pf  # this folder is on sys.path when the script runs
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["event_id", "user_id", "item_id", "category", "surface", "ts", "label",

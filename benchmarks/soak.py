@@ -150,7 +150,7 @@ class Clients:
                 state = (j["model_version"], j["store_version"], j["store_head"], j["log_head"])
                 self.answers.append((started, seconds, b, 200, state, np.array(j["logits"])))
 
-    def __enter__(self) -> "Clients":
+    def __enter__(self) -> Clients:
         for t in self.threads:
             t.start()
         return self

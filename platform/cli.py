@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from loopfm.config import ARMS, ConfigError, LoopFMConfig, load_config
 from loopfm.errors import LoopFMError

@@ -10,7 +10,7 @@ alike (chunks, embed, features), so it lives apart from the Train plumbing (`tra
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from ray.data import DataContext

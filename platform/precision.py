@@ -18,7 +18,8 @@ No Ray here: models/, actors/ and the training loops all use it.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Union
+from contextlib import AbstractContextManager
+from typing import Union
 
 import torch
 
@@ -40,7 +41,7 @@ def gpu_precision(device: Union[torch.device, str]) -> torch.device:
     return device
 
 
-def autocast(device: Union[torch.device, str]) -> ContextManager:
+def autocast(device: Union[torch.device, str]) -> AbstractContextManager:
     """bf16 autocast on CUDA; elsewhere a context that does nothing."""
     device = torch.device(device)
     if not uses_autocast(device):

@@ -27,8 +27,9 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 from filelock import FileLock
 
@@ -117,7 +118,7 @@ class RunDir:
         """Ray Train / Tune `storage_path`: checkpoints of in-flight runs, for resume."""
         return self.root / "ray"
 
-    def ensure(self) -> "RunDir":
+    def ensure(self) -> RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
 

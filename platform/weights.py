@@ -21,7 +21,7 @@ from loopfm.errors import MissingInputError, VersionMismatchError
 MODEL_FILE = "model.pt"
 
 
-def state_bytes(state: "torch.nn.Module | dict") -> bytes:
+def state_bytes(state: torch.nn.Module | dict) -> bytes:
     """A module's (or a state dict's) tensors on CPU, serialized: the bytes a version hashes."""
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()

@@ -37,7 +37,7 @@ class Bundle:
     store_dir: Optional[Path]  # None when the VM does not read the store
 
     @classmethod
-    def open(cls, run_dir: str | Path, vm_dir: str | Path, store_dir: Optional[str | Path] = None) -> "Bundle":
+    def open(cls, run_dir: str | Path, vm_dir: str | Path, store_dir: Optional[str | Path] = None) -> Bundle:
         run, vm_dir = RunDir(run_dir), Path(vm_dir).resolve()
         vm = VMManifest.read(vm_dir)
         features = FeaturesManifest.read(run.features(vm.features_fingerprint))

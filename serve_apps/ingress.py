@@ -40,7 +40,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loopfm.serve_apps.model import STALE
 from loopfm.serve_apps.schemas import (
-    TS, TS_LIMIT, ErrorResponse, Health, ModelInfo, ModelsResponse, ScoreRequest, ScoreResponse, exact_bounds,
+    TS,
+    TS_LIMIT,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    ModelsResponse,
+    ScoreRequest,
+    ScoreResponse,
+    exact_bounds,
 )
 
 logger = logging.getLogger("ray.serve")

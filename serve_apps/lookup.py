@@ -36,8 +36,15 @@ from loopfm.datasets.append import appended_batches
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, OOV_INDEX, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.join import (USER_EVENT_COLUMNS, ItemHistory, JoinSpec, dense_features, raw_sequence,
-                                  stored_sequence, vertical_history)
+from loopfm.features.join import (
+    USER_EVENT_COLUMNS,
+    ItemHistory,
+    JoinSpec,
+    dense_features,
+    raw_sequence,
+    stored_sequence,
+    vertical_history,
+)
 from loopfm.features.reader import DENSE, HISTORY_COLUMNS, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z
 from loopfm.serve_apps.bundle import Bundle
 from loopfm.store import codec

@@ -44,7 +44,7 @@ INT64_BOUNDS = {"minimum": INT64_MIN, "maximum": INT64_MAX}
 EXAMPLE = {"user_id": 17, "items": [3, 42, 99], "context": {"ts": 500000}}
 
 
-def _exact_limits(schema: dict[str, Any], cls: type["ScoreRequest"]) -> None:
+def _exact_limits(schema: dict[str, Any], cls: type[ScoreRequest]) -> None:
     """The deployment's limits in the JSON schema: what a generator reads is what the server takes.
 
     FastAPI's OpenAPI models hold bounds as floats; `exact_bounds` turns them back into integers.

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_loopfm
 
+from conftest import run_loopfm
 from loopfm.rundir import read_manifest
 
 

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import yaml
+
 from conftest import REPO
 
 

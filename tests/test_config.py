@@ -2,8 +2,8 @@
 
 import pytest
 import yaml
-from conftest import REPO, SMOKE
 
+from conftest import REPO, SMOKE
 from loopfm.config import ConfigError, LoopFMConfig, load_config
 
 

@@ -75,7 +75,6 @@ def test_chunk_users_gives_the_same_blocks_in_the_same_order_every_time(ray_sess
     executions of the same events give identical block lists."""
     import pandas as pd
     import ray
-
     from test_fm_chunks import SIZES, block_of_users
 
     events = block_of_users(SIZES * 4, seed=9)

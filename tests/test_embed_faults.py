@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from loopfm.datasets.splits import SplitInfo
 from loopfm.rundir import MANIFEST, RunDir
 
@@ -102,6 +103,7 @@ def _store_path(cfg, run: RunDir) -> Path:
 def _write_untrained_fm(cfg, run: RunDir) -> None:
     """What `fm_train_stage` leaves behind, with seeded random weights."""
     import torch
+
     from loopfm.fm.checkpoint import FMManifest, save_fm
     from loopfm.fm.train import fm_fingerprint
     from loopfm.models.fm import CausalFM
@@ -256,6 +258,7 @@ def test_driver_killed_while_writing_leaves_no_store(ray_session, embed_cfg, run
 def test_embed_on_two_node_cluster(two_node_cluster, embed_cfg, run_copy):
     """Last in the file: the fixture shuts the shared local Ray down (`ray_session` restarts it)."""
     import ray
+
     from loopfm.fm.embed import embed_stage
 
     run = run_copy

@@ -21,17 +21,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from features_reference import (
+    join_frames,
+    reference_counts,
+    reference_sequences,
+    reference_window,
+    sequence_tags,
+    tagged_z,
+    tags_of,
+    unpad,
+)
 from ray.data.expressions import col
 
 from conftest import SMOKE, held_process, waiting_on_a_lock
-from features_reference import (
-    join_frames, reference_counts, reference_sequences, reference_window, sequence_tags, tagged_z, tags_of, unpad,
-)
 from loopfm.cli import main
 from loopfm.datasets.schema import SPLITS
 from loopfm.errors import VersionMismatchError
-from loopfm.features import stage
-from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features
+from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features, stage
 from loopfm.features.collate import VMBatchCollate
 from loopfm.rundir import RunDir
 from loopfm.store import codec

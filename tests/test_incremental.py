@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from ray.data.expressions import col
-from conftest import SMOKE, ensure_local_ray, held_process, waiting_on_a_lock
 
+from conftest import SMOKE, ensure_local_ray, held_process, waiting_on_a_lock
 from loopfm.store import codec
 from loopfm.store.deltas import chain_max_ts
 
@@ -81,8 +81,8 @@ def _full_reembed(cfg, run, context: int):
 
 @pytest.mark.timeout(300)
 def test_incremental_delta_equals_a_full_reembed_of_the_union(grown_run):
-    from loopfm.store.resolve import resolve_store
     from loopfm.store.deltas import open_chain
+    from loopfm.store.resolve import resolve_store
 
     cfg, run, day, cut = grown_run
     chain = open_chain(run, resolve_store(cfg, run)[0])  # `cycle` appended the day and embedded it as a delta
@@ -129,9 +129,9 @@ def test_append_refuses_events_that_are_not_newer(grown_run):
 @pytest.mark.timeout(300)
 def test_second_increment_needs_new_events_and_compaction_folds_the_chain(grown_run):
     from loopfm.errors import MissingInputError
-    from loopfm.store.resolve import resolve_store
     from loopfm.fm.embed import embed_stage
     from loopfm.store.deltas import compact_stage, open_chain
+    from loopfm.store.resolve import resolve_store
 
     cfg, run, day, _ = grown_run
     chain = open_chain(run, resolve_store(cfg, run)[0])
@@ -217,8 +217,8 @@ def test_continued_chunks_give_new_events_the_full_pass_tokens_despite_timestamp
 @pytest.mark.timeout(120)
 def test_a_changed_compressor_is_refused(grown_run):
     from loopfm.errors import VersionMismatchError
-    from loopfm.store.resolve import resolve_store
     from loopfm.fm.embed import embed_stage
+    from loopfm.store.resolve import resolve_store
 
     cfg, run, _, _ = grown_run
     path = resolve_store(cfg, run)[0] / "compressor.pt"
@@ -270,9 +270,9 @@ def test_a_delta_short_of_a_row_is_refused_before_it_is_published(grown_run, tmp
     delta, naming itself, the counts and the delta's directory; the chain is as it was."""
     from loopfm.datasets.append import logs_append_stage
     from loopfm.errors import VersionMismatchError
-    from loopfm.store.resolve import resolve_store
     from loopfm.fm import incremental
     from loopfm.store.deltas import open_chain
+    from loopfm.store.resolve import resolve_store
 
     cfg, run, day, _ = grown_run
     n = _later_batch(run, day, 10, tmp_path / "batch.parquet")
@@ -300,9 +300,9 @@ def test_compaction_waits_for_a_running_increment_and_a_killed_one_loses_nothing
     The increment is SIGKILLed there: compaction then folds the chain, every event once, the dead
     increment's temp dir is reaped, and its events are still to embed (the next increment's count)."""
     from loopfm.datasets.append import logs_append_stage
-    from loopfm.store.resolve import resolve_store
     from loopfm.fm.incremental import _new_events, incremental_embed
     from loopfm.store.deltas import compact_stage, open_chain
+    from loopfm.store.resolve import resolve_store
 
     cfg, run, day, _ = grown_run
     _later_batch(run, day, 20, tmp_path / "first.parquet")

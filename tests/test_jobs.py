@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 from loopfm.config import DEFAULT_ARMS
 
@@ -64,7 +65,7 @@ def _start_head(log: Path) -> tuple[subprocess.Popen, str]:
         except Exception:
             if head.poll() is not None or time.time() > deadline:
                 _stop(head)
-                raise RuntimeError(f"ray head (exit {head.poll()}) did not come up:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"ray head (exit {head.poll()}) did not come up:\n{log.read_text()[-3000:]}") from None
             time.sleep(1)
 
 

@@ -19,8 +19,8 @@ def test_stdlib_platform_wins_from_repo_root():
 @pytest.mark.ray
 def test_stdlib_platform_wins_with_repo_root_as_sys_path0():
     code = (
-        "import sys; sys.path.insert(0, %r); import platform; "
-        "assert hasattr(platform, 'system'), platform; print(platform.system())" % str(REPO)
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import platform; "
+        "assert hasattr(platform, 'system'), platform; print(platform.system())"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
     assert out.stdout.strip() in {"Linux", "Darwin", "Windows"}

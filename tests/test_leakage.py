@@ -13,10 +13,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from features_reference import (
+    join_frames,
+    reference_counts,
+    reference_sequences,
+    reference_window,
+    sequence_tags,
+    tagged_z,
+    unpad,
+)
 
 import loopfm.features.join as join
-from features_reference import (join_frames, reference_counts, reference_sequences, reference_window, sequence_tags,
-                                tagged_z, unpad)
 from loopfm.features.join import JoinSpec
 from loopfm.store import codec
 
@@ -101,7 +108,7 @@ def own_moment(events, log, got) -> dict[str, int]:
     """Examples that hold their own event or another event of their own timestamp, per column."""
     ts_of = dict(zip(log["event_id"], log["ts"]))
     found = {"seq_z": 0, "history": 0, "rawseq": 0}
-    for (event_id, t), seq, hist, raw in zip(events[["event_id", "ts"]].itertuples(index=False),
+    for (_, t), seq, hist, raw in zip(events[["event_id", "ts"]].itertuples(index=False),
                                             got["seq"], got["hist"], got["raw"]):
         found["seq_z"] += any(ts_of[e] >= t for e in seq)
         found["history"] += any(ts_of[h[0] - 1] >= t for h in hist)

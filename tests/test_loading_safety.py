@@ -38,8 +38,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from loopfm.config import CompressConfig, FMConfig, TrainConfig, VMConfig
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.fm.checkpoint import FMManifest, load_fm, save_fm
@@ -336,8 +336,9 @@ def test_store_file_with_one_byte_changed_in_place_is_refused(store):
 
 
 def test_store_manifest_hash_edited_or_an_unlisted_file_is_refused(store):
-    from loopfm.store.parquet import open_store
     from test_store import write_rows
+
+    from loopfm.store.parquet import open_store
 
     raw = json.loads((store / "manifest.json").read_text())
     raw["files"]["part-0.parquet"] = "0" * 64

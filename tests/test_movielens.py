@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_loopfm
 
+from conftest import run_loopfm
 from loopfm.config import load_config
 from loopfm.datasets import movielens
 from loopfm.errors import MissingInputError

@@ -9,9 +9,8 @@ import pytest
 
 from conftest import SMOKE
 from loopfm.cli import main
-from loopfm.rundir import RunDir
-
 from loopfm.config import DEFAULT_ARMS as ARMS
+from loopfm.rundir import RunDir
 
 
 @pytest.mark.timeout(900)

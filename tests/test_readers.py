@@ -14,8 +14,17 @@ from hypothesis import strategies as st
 
 from loopfm.config import ColumnMapping
 from loopfm.datasets.readers import (
-    ERROR, FILE_SHIFT, SRC, UNTYPED, Contract, EventFileDatasource, generic_layout, list_files, open_source,
-    stable_hash_ids, to_int64,
+    ERROR,
+    FILE_SHIFT,
+    SRC,
+    UNTYPED,
+    Contract,
+    EventFileDatasource,
+    generic_layout,
+    list_files,
+    open_source,
+    stable_hash_ids,
+    to_int64,
 )
 from loopfm.errors import DataValidationError, MissingInputError
 

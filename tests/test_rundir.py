@@ -33,17 +33,17 @@ with atomic_output(final) as tmp:
         (tmp / f"part-{{i}}").write_text(tag)
     write_manifest(tmp, {{"tag": tag}})
 """.format(half=FILES // 2, files=FILES)
-REPLACER = """
+REPLACER = f"""
 import sys
 from pathlib import Path
 from loopfm.rundir import atomic_output, write_manifest
 final, n = Path(sys.argv[1]), int(sys.argv[2])
 for k in range(n):
     with atomic_output(final) as tmp:
-        for i in range({files}):
+        for i in range({FILES}):
             (tmp / f"part-{{i}}").write_text(str(k))
         write_manifest(tmp, {{"tag": str(k)}})
-""".format(files=FILES)
+"""
 
 
 def write(final: Path, tag: str) -> None:

@@ -84,9 +84,10 @@ def running(deployment: str = VM) -> int:
 @pytest.fixture(scope="module")
 def replicated_server(served_run, smoke_config):
     import httpx
+    from ray import serve
+
     from conftest import ensure_local_ray
     from loopfm.serve_apps.stage import deploy
-    from ray import serve
 
     serving = smoke_config.serve.model_copy(update={"replicas": REPLICAS, "num_cpus": 0.5, "frontend_cpus": 0.25,
                                                     "batch_wait_timeout_s": BATCH_WAIT_S})

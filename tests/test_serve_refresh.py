@@ -21,9 +21,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import test_serve
-from conftest import SMOKE, held_process
 from test_serve import free_port
 
+from conftest import SMOKE, held_process
 from loopfm.datasets.append import appended_batches, log_paths, logs_append_stage
 from loopfm.training.checkpoint import VMManifest
 

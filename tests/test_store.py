@@ -100,13 +100,13 @@ def test_a_store_rebuilt_with_another_compressor_is_never_taken_for_the_old_one(
     from conftest import SERVED_ARM, SERVED_SEED
     from loopfm.datasets.splits import SplitInfo
     from loopfm.errors import MissingInputError
-    from loopfm.store.resolve import resolve_store
     from loopfm.features.stage import features_fingerprint
     from loopfm.fm.embed import embed_stage
     from loopfm.models import autoencoder
     from loopfm.rundir import RunDir
     from loopfm.serve_apps.bundle import Bundle
     from loopfm.serve_apps.lookup import FeatureTable
+    from loopfm.store.resolve import resolve_store
 
     src, features, vm = smoke_trained
     run = RunDir(tmp_path / "run")

@@ -60,7 +60,6 @@ def test_shards_are_kept_when_asked_or_small(smoke_trained):
 
 @pytest.mark.timeout(120)
 def test_kept_shard_batches_hold_the_same_rows_every_epoch_reshuffled(smoke_trained, ray_session):
-    import numpy as np
 
     from loopfm.features.collate import VMBatchCollate
     from loopfm.features.reader import read_features

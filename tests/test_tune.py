@@ -49,8 +49,8 @@ def _csv(path) -> list[dict]:
 def _leftover_placement_groups(before: set) -> None:
     """Remove the placement groups of Train runs killed with an interrupted tune, so later tests get
     every CPU (Ray's own PlacementGroupCleaner removes them too, but on its own schedule)."""
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
     from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     for pg_id, info in placement_group_table().items():
         if info["state"] == "CREATED" and pg_id not in before:

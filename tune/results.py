@@ -150,7 +150,7 @@ def importances(rows: list[TrialRow], cfg: LoopFMConfig) -> dict:
     study = optuna.create_study(direction="maximize" if mode_of(cfg.tune.metric) == "max" else "minimize")
     for r in done:
         params = {}
-        for key, dist in dists.items():
+        for key in dists:
             if key not in r.params:
                 continue
             value = r.params[key]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 from pydantic import Field, ValidationError
 
 from .base import ConfigError, Section, format_validation_error, register_root, stable_hash
-from .data import ColumnMapping, DataConfig, SplitConfig, SyntheticConfig, ValidationConfig
 from .compress import CompressConfig
+from .data import ColumnMapping, DataConfig, SplitConfig, SyntheticConfig, ValidationConfig
 from .features import FeaturesConfig
 from .fm import EmbedConfig, FMConfig
 from .scale import FM_PRESETS, FMSize, ScaleConfig
@@ -37,7 +38,7 @@ class LoopFMConfig(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def updated(self, overrides: dict[str, Any]) -> "LoopFMConfig":
+    def updated(self, overrides: dict[str, Any]) -> LoopFMConfig:
         """A copy with dotted-path overrides applied and re-validated (used by arms and tune)."""
         raw = self.model_dump(mode="json")
         for key, value in overrides.items():

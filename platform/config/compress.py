@@ -22,7 +22,7 @@ class CompressConfig(Section):
     lr: PositiveFloat = 2e-3
 
     @model_validator(mode="after")
-    def _prefixes(self) -> "CompressConfig":
+    def _prefixes(self) -> CompressConfig:
         bad = [w for w in self.prefix_widths if w > self.width]
         if bad:
             raise ValueError(f"prefix_widths {bad} exceed width {self.width}")

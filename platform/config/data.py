@@ -22,7 +22,7 @@ class ColumnMapping(Section):
     categorical: list[str] = Field(default_factory=list, description="other categorical int columns (VM context)")
 
     @model_validator(mode="after")
-    def _context_names_are_free(self) -> "ColumnMapping":
+    def _context_names_are_free(self) -> ColumnMapping:
         taken = {"event_id", "user_id", "item_id", "category", "surface", "ts", "label"}
         clash = sorted(taken.intersection(self.categorical))
         if clash:
@@ -73,7 +73,7 @@ class SplitConfig(Section):
     test_start_ts: Optional[int] = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> "SplitConfig":
+    def _ordered(self) -> SplitConfig:
         if self.method == "quantile" and not self.valid_quantile < self.test_quantile:
             raise ValueError("valid_quantile must be < test_quantile")
         if self.method == "cutoff":
@@ -101,7 +101,7 @@ class DataConfig(Section):
     vertical: int = Field(0, ge=0, description="the surface the vertical model serves")
 
     @model_validator(mode="after")
-    def _path_when_not_synthetic(self) -> "DataConfig":
+    def _path_when_not_synthetic(self) -> DataConfig:
         if self.source not in ("synthetic", "movielens100k") and not self.path:
             raise ValueError(f"source '{self.source}' needs data.path")
         return self

@@ -29,7 +29,7 @@ class FMConfig(Section):
     seed: int = Field(0, description="initialisation and data-order seed; experiment.fm_seeds sets it per replicate")
 
     @model_validator(mode="after")
-    def _shapes(self) -> "FMConfig":
+    def _shapes(self) -> FMConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.chunk_len <= self.context:

@@ -47,7 +47,7 @@ class FMSize(Section):
     d_ff: PositiveInt
 
     @model_validator(mode="after")
-    def _shape(self) -> "FMSize":
+    def _shape(self) -> FMSize:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.name is None:
@@ -83,7 +83,7 @@ class ScaleConfig(Section):
         return out
 
     @model_validator(mode="after")
-    def _distinct(self) -> "ScaleConfig":
+    def _distinct(self) -> ScaleConfig:
         shapes = [tuple(s.shape.values()) for s in self.fm_sizes]
         if len(set(shapes)) < len(shapes):
             raise ValueError("fm_sizes repeats a shape: each size must be a different FM")

@@ -19,7 +19,7 @@ class ParamSpec(Section):
     choices: Optional[list[Any]] = None
 
     @model_validator(mode="after")
-    def _complete(self) -> "ParamSpec":
+    def _complete(self) -> ParamSpec:
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs a non-empty 'choices'")

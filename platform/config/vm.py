@@ -94,7 +94,7 @@ class TrainConfig(Section):
 
 
     @model_validator(mode="after")
-    def _one_sequence(self) -> "TrainConfig":
+    def _one_sequence(self) -> TrainConfig:
         if self.use_loopfm and self.use_rawseq:
             raise ValueError("use_loopfm and use_rawseq are exclusive: rawseq is LoopFM's control")
         return self

@@ -51,7 +51,7 @@ class SplitInfo(Manifest):
     vertical: int = 0
 
     @classmethod
-    def load(cls, run: RunDir) -> "SplitInfo":
+    def load(cls, run: RunDir) -> SplitInfo:
         return cls.read(run.splits)
 
     def vocab(self, run: RunDir, column: str) -> Vocab:

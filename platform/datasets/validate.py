@@ -13,9 +13,9 @@ copy after the first in file order) and reports them. Both fail when nothing val
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

@@ -38,7 +38,7 @@ class Vocab:
         np.save(Path(path), self.keys)
 
     @classmethod
-    def load(cls, path: Path) -> "Vocab":
+    def load(cls, path: Path) -> Vocab:
         return cls(np.load(Path(path)))
 
 

@@ -28,7 +28,7 @@ from loopfm.store import codec
 from loopfm.store.deltas import chain_files, open_chain
 from loopfm.store.parquet import data_files, open_store
 from loopfm.store.resolve import resolve_store
-from loopfm.store.schema import EVENT_ID, TS, Z, StoreManifest
+from loopfm.store.schema import EVENT_ID, TS, StoreManifest, Z
 
 
 def drift_stats(a: np.ndarray, b: np.ndarray, seed: int = 0, max_rows: int = 20_000) -> dict[str, float]:

@@ -157,7 +157,7 @@ class MetricAccumulator:
         self._label.append(y)
         self._logit.append(z)
 
-    def merge(self, other: "MetricAccumulator") -> "MetricAccumulator":
+    def merge(self, other: MetricAccumulator) -> MetricAccumulator:
         self._user += other._user
         self._label += other._label
         self._logit += other._logit

@@ -9,7 +9,7 @@ two-sided p-value: the evidence every claim of the report needs.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from scipy.stats import t as student_t

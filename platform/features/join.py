@@ -49,12 +49,12 @@ class JoinSpec:
     prior_strength: float = 10.0
 
     @classmethod
-    def from_config(cls, cfg: FeaturesConfig, row_bytes: int, prior: float) -> "JoinSpec":
+    def from_config(cls, cfg: FeaturesConfig, row_bytes: int, prior: float) -> JoinSpec:
         return cls(cfg.seq_len, cfg.raw_seq_len, cfg.lag, cfg.retention, cfg.surface_filter(), row_bytes,
                    cfg.counter_window, float(prior), cfg.prior_strength)
 
     @classmethod
-    def from_manifest(cls, features) -> "JoinSpec":
+    def from_manifest(cls, features) -> JoinSpec:
         """The spec a feature set was built with (its `FeaturesManifest`): serving applies the same."""
         surfaces = None if features.surfaces == "all" else tuple(features.surfaces)
         return cls(features.seq_len, features.raw_seq_len, features.lag, features.retention, surfaces,

@@ -40,7 +40,7 @@ from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_comple
 from loopfm.runtime import init_ray, log
 from loopfm.store import codec
 from loopfm.store.resolve import resolve_store
-from loopfm.store.schema import EVENT_ID, FM_LOGIT, Z, StoreManifest
+from loopfm.store.schema import EVENT_ID, FM_LOGIT, StoreManifest, Z
 
 SPLIT = "split"
 FROM_STORE = "from_store"

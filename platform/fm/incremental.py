@@ -30,8 +30,15 @@ from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID
 from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.fm.checkpoint import FMManifest
-from loopfm.fm.chunks import (EVENT_COLUMNS, ROWS_PER_PARTITION, block_chunks, chunk_users, file_boundaries,
-                              prev_labels, runs)
+from loopfm.fm.chunks import (
+    EVENT_COLUMNS,
+    ROWS_PER_PARTITION,
+    block_chunks,
+    chunk_users,
+    file_boundaries,
+    prev_labels,
+    runs,
+)
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
 from loopfm.ordering import ordered_data, sort_boundaries

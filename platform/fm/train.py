@@ -29,8 +29,19 @@ from loopfm.ordering import ordered_data
 from loopfm.precision import autocast
 from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.runtime import init_ray, log, use_gpu
-from loopfm.training.loop import (LoopTimer, cpu_state, final_state, gather, report_epoch, resume, run_trainer, say,
-                                  seed_everything, shuffle_seed, train_device)
+from loopfm.training.loop import (
+    LoopTimer,
+    cpu_state,
+    final_state,
+    gather,
+    report_epoch,
+    resume,
+    run_trainer,
+    say,
+    seed_everything,
+    shuffle_seed,
+    train_device,
+)
 from loopfm.weights import state_bytes
 
 TRAIN, VALID, TEST = 0, 1, 2

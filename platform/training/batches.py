@@ -13,7 +13,8 @@ splits larger than a worker's memory. The shard a worker keeps is the one `strea
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa

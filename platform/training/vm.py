@@ -35,8 +35,19 @@ from loopfm.rundir import RunDir, atomic_output, is_complete
 from loopfm.runtime import init_ray, log, torch_device, use_gpu
 from loopfm.training.batches import ShardBatches
 from loopfm.training.checkpoint import VMManifest, build_from_manifest, save_vm
-from loopfm.training.loop import (LoopTimer, cpu_state, final_state, gather, report_epoch, resume, run_trainer, say,
-                                  seed_everything, shuffle_seed, train_device)
+from loopfm.training.loop import (
+    LoopTimer,
+    cpu_state,
+    final_state,
+    gather,
+    report_epoch,
+    resume,
+    run_trainer,
+    say,
+    seed_everything,
+    shuffle_seed,
+    train_device,
+)
 from loopfm.weights import state_bytes
 
 
