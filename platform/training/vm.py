@@ -71,9 +71,14 @@ def seq_width(cfg: LoopFMConfig, features: FeaturesManifest):
     return cfg.vm.loopfm_width or features.width
 
 
+# Bumped when the training loop changes what a given config trains, so a run directory never
+# keeps the VMs of an older loop as current.
+LOOP_VERSION = 2
+
+
 def vm_fingerprint(cfg: LoopFMConfig, features: FeaturesManifest) -> str:
-    """What a VM depends on: its features, its architecture and its training settings."""
-    return stable_hash(features.fingerprint, cfg.vm, cfg.train)
+    """What a VM depends on: its features, its architecture, its training settings and the loop."""
+    return stable_hash(features.fingerprint, cfg.vm, cfg.train, LOOP_VERSION)
 
 
 def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbacks=None,
