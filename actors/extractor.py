@@ -58,7 +58,8 @@ class ChunkExtractor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]):
-        tokens = {name: torch.tensor(batch[name], dtype=torch.long, device=self.device) for name in TOKENS}  # copies: Ray hands read-only arrays
+        # copies: Ray hands read-only arrays
+        tokens = {name: torch.tensor(batch[name], dtype=torch.long, device=self.device) for name in TOKENS}
         with autocast(self.device):
             logit, emb = self.fm.extract(tokens, self.layers)
         mask = batch["out"] & (batch["split"] == 0) if self.mode == "raw" else batch["out"]

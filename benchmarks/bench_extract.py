@@ -203,7 +203,8 @@ def alternating_rounds(ds, chunks: dict[str, np.ndarray], models: dict, repeats:
             pair = {}
             for side in (("ray", "bare") if i % 2 == 0 else ("bare", "ray")):
                 if side == "ray":
-                    pair["ray"], out = ray_pass(ds, models, actors, batch_size, actor_cpus, str(Path(tmp) / f"round-{i}.jsonl"))
+                    pair["ray"], out = ray_pass(ds, models, actors, batch_size, actor_cpus,
+                                                str(Path(tmp) / f"round-{i}.jsonl"))
                 else:
                     pair["bare"] = bare_pass(chunks, models, batch_size, threads)
             pair["ratio"] = round(pair["ray"]["events_per_s"] / pair["bare"]["events_per_s"], 3)
@@ -231,7 +232,8 @@ def breakdown(log_path: str, started: float, ended: float, actors: int) -> dict:
     events = sum(c["events"] for c in calls)
     wall = ended - started
     return {
-        "actor_threads": sorted({e["threads"] for e in inits + calls}), "actor_omp_num_threads": sorted({str(e["omp"]) for e in inits}),
+        "actor_threads": sorted({e["threads"] for e in inits + calls}),
+        "actor_omp_num_threads": sorted({str(e["omp"]) for e in inits}),
         "actor_init_s": round(max(e["end"] - e["start"] for e in inits), 3),
         "to_first_call_s": round(first - started, 3),
         "calls_s": round(last - first, 3), "after_last_call_s": round(ended - last, 3),
@@ -322,13 +324,16 @@ def main() -> None:
     parser.add_argument("--chunk-len", type=int, default=d.fm.chunk_len)
     parser.add_argument("--window", type=int, default=d.fm.window)
     parser.add_argument("--batch-size", type=int, default=d.embed.batch_size, help="chunks per call (embed.batch_size)")
-    parser.add_argument("--actors", type=int, default=d.embed.num_actors, help="actors of the headline Ray run (embed.num_actors)")
-    parser.add_argument("--actor-cpus", type=float, default=d.embed.actor_num_cpus, help="num_cpus per actor (embed.actor_num_cpus)")
+    parser.add_argument("--actors", type=int, default=d.embed.num_actors,
+                        help="actors of the headline Ray run (embed.num_actors)")
+    parser.add_argument("--actor-cpus", type=float, default=d.embed.actor_num_cpus,
+                        help="num_cpus per actor (embed.actor_num_cpus)")
     parser.add_argument("--sweep-actors", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--sweep-batch", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (Ray pass, bare loop); medians reported")
-    parser.add_argument("--blocks", type=int, default=16, help="blocks of the event rows before the user sort (its reducers)")
+    parser.add_argument("--blocks", type=int, default=16,
+                        help="blocks of the event rows before the user sort (its reducers)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--device-name", default=None)
     parser.add_argument("--result-name", default="extract",
@@ -353,7 +358,8 @@ def main() -> None:
 
     def rates(seconds: float) -> dict:
         achieved = fm_flops / seconds
-        return {"fm_flop_per_s": float(f"{achieved:.4g}"), **({"fraction_of_peak_bf16": round(achieved / peak, 5)} if peak else {})}
+        return {"fm_flop_per_s": float(f"{achieved:.4g}"),
+                **({"fraction_of_peak_bf16": round(achieved / peak, 5)} if peak else {})}
 
     actor = probe_threads(args.actor_cpus)
     info["driver_warmup_s"] = warm_driver()
@@ -402,7 +408,8 @@ def main() -> None:
         "threads": {"driver_default": torch.get_num_threads(), "actor": actor["threads"],
                     "actor_omp_num_threads": actor["omp"], "bare": bare["threads"],
                     **({"bare_all_cores": bare_all["threads"]} if bare_all else {})},
-        "ray": headline, "bare": bare, "extractor_in_process": inprocess, **({"bare_all_cores": bare_all} if bare_all else {}),
+        "ray": headline, "bare": bare, "extractor_in_process": inprocess,
+        **({"bare_all_cores": bare_all} if bare_all else {}),
         "rounds": rounds,
         "ratio_ray_over_bare": round(float(np.median([r["ratio"] for r in rounds])), 3),
         "ratio_ray_over_bare_steady": round(float(np.median([r["ratio_steady"] for r in rounds])), 3),
@@ -423,7 +430,8 @@ def main() -> None:
 
 
 def plot_sweep(r: dict) -> None:
-    """docs/bench_extract_sweep.png: events/s against actors (per batch size) and against batch size (per actor count)."""
+    """docs/bench_extract_sweep.png: events/s against actors (per batch size) and against batch size
+    (per actor count)."""
     sweep, c = r["sweep"], r["config"]
     fig, (by_actors, by_batch) = figure(2)
     for batch in sorted({p["batch_size"] for p in sweep}):
@@ -459,7 +467,8 @@ def notes(r: dict) -> str:
     text += (f". Median Ray wall {h['seconds']}s = {h['to_first_call_s']}s to first call (actor constructor "
              f"{h['actor_init_s']}s) + {h['calls_s']}s of calls (actor busy {h['actor_busy_fraction']:.0%}) + "
              f"{h['after_last_call_s']}s after")
-    text += (f". ChunkExtractor called in-process (pyarrow table included) {r['extractor_in_process']['events_per_s']:,} "
+    text += (f". ChunkExtractor called in-process (pyarrow table included) "
+             f"{r['extractor_in_process']['events_per_s']:,} "
              f"events/s vs bare loop {r['bare']['events_per_s']:,}")
     return text + "."
 
@@ -471,13 +480,17 @@ def row(r: dict) -> None:
     flops = f"FM {h['fm_flop_per_s'] / 1e9:.1f} GFLOP/s (ray) vs {b['fm_flop_per_s'] / 1e9:.1f} (bare)"
     if "fraction_of_peak_bf16" in h:
         flops += f", {h['fraction_of_peak_bf16']:.2%} of bf16 peak"
-    extra = f"; bare at {r['bare_all_cores']['threads']} threads {r['bare_all_cores']['events_per_s']:,} ev/s" if "bare_all_cores" in r else ""
+    extra = (f"; bare at {r['bare_all_cores']['threads']} threads {r['bare_all_cores']['events_per_s']:,} ev/s"
+             if "bare_all_cores" in r else "")
     append_row(
         r["date"], "extract (Ray Data actors vs bare loop)", f"{r['device']}, Ray {r['versions']['ray']}",
-        f"{h['events_per_s']:,} vs {b['events_per_s']:,} events/s (median runs), median ratio of rounds {r['ratio_ray_over_bare']}x"
+        f"{h['events_per_s']:,} vs {b['events_per_s']:,} events/s (median runs), "
+        f"median ratio of rounds {r['ratio_ray_over_bare']}x"
         + f" (steady {r['ratio_ray_over_bare_steady']}x)",
-        f"{c['events']:,} events in {c['chunks']:,} chunks of {fm['chunk_len']}; FM d={fm['d_model']} L={fm['n_layers']} "
-        f"d_ff={fm['d_ff']}, int4 z width {c['compress']['width']}; {h['actors']} actor x {r['threads']['actor']} thread vs bare "
+        f"{c['events']:,} events in {c['chunks']:,} chunks of {fm['chunk_len']}; "
+        f"FM d={fm['d_model']} L={fm['n_layers']} "
+        f"d_ff={fm['d_ff']}, int4 z width {c['compress']['width']}; "
+        f"{h['actors']} actor x {r['threads']['actor']} thread vs bare "
         f"{b['threads']} thread, batch {c['batch_size']}; {flops}{extra}; sweep actors/batch events/s: {sweep}; "
         f"{r['notes']} Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
     )

@@ -74,7 +74,8 @@ def plot(r: dict) -> None:
     ax.plot(events, [p["ratio"] for p in points], "o-", label="end to end (median round)")
     ax.plot(events, [p["ratio_steady"] for p in points], "s--", label="steady state (first call to last call)")
     grid = np.geomspace(events.min(), events.max(), 100)
-    model = (f["bare_fixed_s"] + f["bare_per_million_s"] * grid / 1e6) / (f["ray_fixed_s"] + f["ray_per_million_s"] * grid / 1e6)
+    model = ((f["bare_fixed_s"] + f["bare_per_million_s"] * grid / 1e6)
+             / (f["ray_fixed_s"] + f["ray_per_million_s"] * grid / 1e6))
     ax.plot(grid, model, color="grey", lw=1, label=f"affine fit (tends to {f['asymptotic_ratio']}x)")
     ax.axhline(target, color="red", ls=":", lw=1, label=f"target {target}x")
     ax.axvline(r["default_events"], color="black", ls=":", lw=1, label="default config's log")
@@ -84,7 +85,8 @@ def plot(r: dict) -> None:
     ax.set_ylim(0, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(f"FM extraction at default settings, {r['device']} (load {r['load_avg_1m_start']}->{r['load_avg_1m_end']})",
+    fig.suptitle(f"FM extraction at default settings, {r['device']} "
+                 f"(load {r['load_avg_1m_start']}->{r['load_avg_1m_end']})",
                  fontsize=9)
     save_png(fig, "bench_extract_scale.png")
 
@@ -109,7 +111,8 @@ def main() -> None:
     models = make_models(d.fm, CompressConfig(), EmbedConfig().layers)
     threads = probe_threads(d.embed.actor_num_cpus)["threads"] * d.embed.num_actors
     info["driver_warmup_s"] = warm_driver()
-    points = [measure(users, args.events_per_user, d, models, threads, args.repeats) for users in sorted(set(args.users))]
+    points = [measure(users, args.events_per_user, d, models, threads, args.repeats)
+              for users in sorted(set(args.users))]
     default_events = len(make_events(d.data.synthetic.num_users, args.events_per_user)["event_id"])
     result = {
         "benchmark": "extract_scale", "device": device, **info, "load_avg_1m_end": round(os.getloadavg()[0], 2),
@@ -125,11 +128,14 @@ def main() -> None:
     append_row(
         result["date"], "extract vs events (Ray Data actors / bare loop)", f"{device}, Ray {result['versions']['ray']}",
         f"reaches {args.target}x from {reach} (default log: {default_events:,}); tends to {f['asymptotic_ratio']}x",
-        "; ".join(f"{p['events']:,} events: {p['ratio']}x (steady {p['ratio_steady']}x, {p['to_first_call_s']}s to first call)"
+        "; ".join(f"{p['events']:,} events: {p['ratio']}x "
+                  f"(steady {p['ratio_steady']}x, {p['to_first_call_s']}s to first call)"
                   for p in points)
         + f". Affine fit: Ray {f['ray_fixed_s']}s + {f['ray_per_million_s']}s/M events, bare {f['bare_fixed_s']}s + "
-        f"{f['bare_per_million_s']}s/M events. Default settings: {d.embed.num_actors} actor x {d.embed.actor_num_cpus} CPU, "
-        f"batch {d.embed.batch_size}, bare at {threads} thread(s); median of {args.repeats} alternating rounds per size. "
+        f"{f['bare_per_million_s']}s/M events. "
+        f"Default settings: {d.embed.num_actors} actor x {d.embed.actor_num_cpus} CPU, "
+        f"batch {d.embed.batch_size}, bare at {threads} thread(s); "
+        f"median of {args.repeats} alternating rounds per size. "
         f"Load avg {result['load_avg_1m_start']}->{result['load_avg_1m_end']}",
     )
     plot(result)

@@ -56,7 +56,8 @@ def bench_size(cfg: LoopFMConfig, users: int, events_per_user: int) -> dict:
             "private_mib_before": round(private_before, 1), "private_mib_peak": private_peak,
             "shm_mib_before": round(shm_before, 1), "shm_mib_peak": shm_peak,
             "dense_sequences_mib": round(examples * manifest.seq_len * manifest.width * 4 / 2**20, 1),
-            "output_mib": round(sum(f.stat().st_size for f in run.features(manifest.fingerprint).rglob("*.parquet")) / 2**20, 1),
+            "output_mib": round(
+                sum(f.stat().st_size for f in run.features(manifest.fingerprint).rglob("*.parquet")) / 2**20, 1),
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -74,15 +75,18 @@ def main() -> None:
     from loopfm.runtime import init_ray, setup_logging
 
     setup_logging()
-    cfg = LoopFMConfig().updated({"ray.progress_bars": False, **({"ray.num_cpus": args.num_cpus} if args.num_cpus else {})})
+    cfg = LoopFMConfig().updated({"ray.progress_bars": False,
+                                  **({"ray.num_cpus": args.num_cpus} if args.num_cpus else {})})
     init_ray(cfg.ray)
     sizes = [bench_size(cfg, users, args.events_per_user) for users in args.users]
     device = f"cpu-{os.cpu_count()}core"
     result = {
         "benchmark": "features", "device": device, "cpu": platform.processor() or platform.machine(),
         "ray_cpus": ray.cluster_resources().get("CPU"), "load_avg_1m": round(os.getloadavg()[0], 2),
-        "versions": {"ray": ray.__version__, "pyarrow": pa.__version__, "numpy": np.__version__, "python": platform.python_version()},
-        "config": {"features": cfg.features.model_dump(mode="json"), "width": cfg.embed.compress.width, "dtype": cfg.embed.compress.dtype},
+        "versions": {"ray": ray.__version__, "pyarrow": pa.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "config": {"features": cfg.features.model_dump(mode="json"), "width": cfg.embed.compress.width,
+                   "dtype": cfg.embed.compress.dtype},
         "sizes": sizes,
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -98,8 +102,10 @@ def row(result: dict) -> None:
         f"{big['examples_per_s']:,} examples/s ({big['input_rows_per_s']:,} input rows/s)",
         f"{big['events']:,} events, {big['examples']:,} examples, L={cfg['features']['seq_len']}, "
         f"width {cfg['width']} {cfg['dtype']}; private memory growth "
-        + ", ".join(f"+{s['private_mib_peak'] - s['private_mib_before']:.0f} MiB at {s['events']:,} events" for s in result["sizes"])
-        + f" (the first includes starting Ray's workers; dense sequences would be {big['dense_sequences_mib']:,.0f} MiB);"
+        + ", ".join(f"+{s['private_mib_peak'] - s['private_mib_before']:.0f} MiB at {s['events']:,} events"
+                    for s in result["sizes"])
+        + f" (the first includes starting Ray's workers; dense sequences would be "
+        f"{big['dense_sequences_mib']:,.0f} MiB);"
         f" load avg {result['load_avg_1m']}", config_hash(result["config"]))
 
 

@@ -120,8 +120,10 @@ def main() -> None:
                    f"at data ratio {result['data_ratio']:.3f}",
                    f"{args.days}-day synthetic log, {args.users} users; increment = the last day ({new_rows:,} of "
                    f"{old_rows + new_rows:,} events); same FM (d={cfg.fm.d_model}, {cfg.fm.n_layers} layers, "
-                   f"receptive field {cfg.fm.context}) and compressor, {cfg.embed.num_actors} actor(s); full = one pass "
-                   f"over every event written as parquet (no compressor training); best of {args.rounds} alternating rounds. Load avg "
+                   f"receptive field {cfg.fm.context}) and compressor, {cfg.embed.num_actors} actor(s); "
+                   f"full = one pass "
+                   f"over every event written as parquet (no compressor training); "
+                   f"best of {args.rounds} alternating rounds. Load avg "
                    f"{load_start['load_avg_1m_start']}->{result['machine']['load_avg_1m_end']}")
 
 

@@ -92,7 +92,8 @@ def join_and_train(base, users: int, events_per_user: int, seq_len: int, width: 
         output = sum(f.stat().st_size for f in run.features(features.fingerprint).rglob("*.parquet"))
         _, train = measured(lambda: train_vm(arm_config(cfg, "loopfm", 0), run, features))
         point = {"seq_len": seq_len, "width": width, "dtype": cfg.embed.compress.dtype, "events": events,
-                 "examples": examples, "train_rows": features.rows["train"], "load_avg_1m": [load, round(os.getloadavg()[0], 2)],
+                 "examples": examples, "train_rows": features.rows["train"],
+                 "load_avg_1m": [load, round(os.getloadavg()[0], 2)],
                  "dense_sequences_mib": round(examples * seq_len * width * 4 / 2**20, 1),
                  "features_output_mib": round(output / 2**20, 1), "join": join, "train": train}
         print("point:", {k: v for k, v in point.items() if k not in ("join", "train")},
@@ -166,7 +167,8 @@ def plot(r: dict) -> None:
         xs = [p[key] for p in pts]
         ax.plot(xs, [p["join"]["private_mib_growth"] for p in pts], "o-", label="join: private growth")
         ax.plot(xs, [p["train"]["private_mib_growth"] for p in pts], "s-", label="train: private growth")
-        ax.plot(xs, [p["join"]["shm_mib_peak"] - p["join"]["shm_mib_before"] for p in pts], "o:", label="join: object store growth")
+        ax.plot(xs, [p["join"]["shm_mib_peak"] - p["join"]["shm_mib_before"] for p in pts], "o:",
+                label="join: object store growth")
         ax.plot(xs, [p["train"]["largest_process_rss_mib"] for p in pts], "s--", label="train: largest process RSS")
         ax.plot(xs, [p["dense_sequences_mib"] for p in pts], "x:", color="grey", label="dense float32 sequences")
         ax.set_xscale("log", base=2)
@@ -246,7 +248,8 @@ def row(r: dict) -> None:
     def line(p: dict) -> str:
         return (f"L={p['seq_len']} w={p['width']}: join +{p['join']['private_mib_growth']:.0f} MiB private "
                 f"(+{p['join']['shm_mib_peak'] - p['join']['shm_mib_before']:.0f} object store), train "
-                f"+{p['train']['private_mib_growth']:.0f} MiB (worker {p['train']['largest_process_rss_mib']:.0f} MiB RSS)")
+                f"+{p['train']['private_mib_growth']:.0f} MiB "
+                f"(worker {p['train']['largest_process_rss_mib']:.0f} MiB RSS)")
 
     store = ", ".join(f"{s['dtype']} w{s['width']} {s['bytes_per_event']} B/event (z {s['z_bytes_per_event_on_disk']} "
                       f"on disk, {s['z_bytes_per_event_raw']} raw)" for s in r["store"])

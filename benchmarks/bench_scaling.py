@@ -138,7 +138,8 @@ def plot(r: dict) -> None:
     rate.grid(alpha=0.3)
     c = r["config"]
     fig.suptitle(f"Cost growth, {r['device']}: FM d={c['fm']['d_model']} x{c['fm']['n_layers']}, L={c['seq_len']}, "
-                 f"VM {c['vm_model']} x{c['train_epochs']} epochs (load {r['load_avg_1m_start']}->{r['load_avg_1m_end']})",
+                 f"VM {c['vm_model']} x{c['train_epochs']} epochs "
+                 f"(load {r['load_avg_1m_start']}->{r['load_avg_1m_end']})",
                  fontsize=9)
     save_png(fig, "bench_scaling.png")
 
@@ -194,13 +195,16 @@ def row(r: dict) -> None:
     slopes = ", ".join(f"{stage} {f[stage]['slope']:.2f}" for stage in STAGES)
     per = "; ".join(f"{s['events']:,} events: " + ", ".join(f"{stage} {s[f'{stage}_s']}s" for stage in STAGES)
                     + f" (load {s['load_avg_1m'][0]}->{s['load_avg_1m'][-1]})" for s in sizes)
-    affine = ", ".join(f"{stage} {f[stage]['fixed_s']}s + {f[stage]['per_million_events_s']}s/M events" for stage in STAGES)
+    affine = ", ".join(f"{stage} {f[stage]['fixed_s']}s + {f[stage]['per_million_events_s']}s/M events"
+                       for stage in STAGES)
     append_row(
         r["date"], "scaling (stage time vs events)", f"{r['device']}, Ray {r['versions']['ray']}",
         f"log-log slope {slopes} (all stages {f['all']['slope']:.2f}) over {r['span']}x events",
-        f"{per}. Affine fit: {affine}. FM d={c['fm']['d_model']} x{c['fm']['n_layers']} ({c['fm_params']:,} params, random "
+        f"{per}. Affine fit: {affine}. FM d={c['fm']['d_model']} x{c['fm']['n_layers']} "
+        f"({c['fm_params']:,} params, random "
         f"init), {c['embed']['num_actors']} actor; features L={c['seq_len']}; VM {c['vm_model']} loopfm arm, "
-        f"{c['train_epochs']} epochs, 1 Train worker; untimed warm-up first. Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
+        f"{c['train_epochs']} epochs, 1 Train worker; untimed warm-up first. "
+        f"Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
     )
 
 

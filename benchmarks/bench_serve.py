@@ -187,7 +187,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     parser.add_argument("--device", default=None, help="device label (default: cpu-<cores>core or the GPU)")
     parser.add_argument("--no-table", action="store_true", help="do not append a row to docs/BENCHMARKS.md")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. serve.max_batch_size=16")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override, e.g. serve.max_batch_size=16")
     a = parser.parse_args()
 
     from loopfm.serve_apps.bundle import Bundle, latest_vm
@@ -238,12 +239,14 @@ def main() -> None:
     result["load_avg_1m_start"] = round(load_start, 2)
     write_result("serve", result)
     if not a.no_table:
-        append_row(time.strftime("%Y-%m-%d"), "serve (HTTP vs in-process)", f"{result['device']}, Ray {versions()['ray']}",
+        append_row(time.strftime("%Y-%m-%d"), "serve (HTTP vs in-process)",
+                   f"{result['device']}, Ray {versions()['ray']}",
                    table_result(result), table_details(result))
 
 
 def table_result(r: dict) -> str:
-    parts = [f"c={lv['concurrency']}: p50 {lv.get('p50_ms')} / p99 {lv.get('p99_ms')} ms, {lv['requests_per_s']} req/s, "
+    parts = [f"c={lv['concurrency']}: p50 {lv.get('p50_ms')} / p99 {lv.get('p99_ms')} ms, "
+             f"{lv['requests_per_s']} req/s, "
              f"{lv['errors']} errors" for lv in r["serve"]["levels"]]
     ip = r["in_process"]
     return "; ".join(parts) + f" (in-process: p50 {ip['p50_ms']} / p99 {ip['p99_ms']} ms, {ip['requests_per_s']} req/s)"

@@ -127,7 +127,8 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
                         metrics[split] = evaluate(arrays["label"], arrays["logit"], arrays["user"])
                 train_s, eval_s = train_s + tr.seconds, eval_s + ev.seconds
                 epochs.append({"epoch": epoch, "train_s": round(tr.seconds, 3), "eval_s": round(ev.seconds, 3),
-                               "train_loss": round(float(np.mean(losses)), 5), "valid_auc": round(metrics["valid"]["auc"], 5)})
+                               "train_loss": round(float(np.mean(losses)), 5),
+                               "valid_auc": round(metrics["valid"]["auc"], 5)})
         return {"threads": threads, "load_s": round(load.seconds, 3), "seconds": round(total.seconds, 3),
                 "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "train_rows": n, "epochs": epochs,
                 "examples_per_s": round(n * t.epochs / total.seconds),
@@ -181,7 +182,8 @@ def breakdown(log_path: str, started: float, ended: float) -> dict:
            if len(epochs) > 1 else {}),
         "per_epoch": [{"epoch": e["epoch"], "train_s": round(e["train_end"] - e["start"], 3),
                        "wait_s": round(e["wait_s"], 3), "compute_s": round(e["compute_s"], 3),
-                       "eval_s": round(e["eval_end"] - e["train_end"], 3), "report_s": round(e["end"] - e["eval_end"], 3)}
+                       "eval_s": round(e["eval_end"] - e["train_end"], 3),
+                       "report_s": round(e["end"] - e["eval_end"], 3)}
                       for e in epochs],
     }
 
@@ -288,16 +290,19 @@ def notes(r: dict) -> str:
 
 def row(r: dict) -> None:
     c = r["config"]
-    result = ", ".join(f"{arm} {e['ray']['examples_per_s']:,} vs {e['bare']['examples_per_s']:,} ex/s ({e['ratio_fit']}x fit"
+    result = ", ".join(f"{arm} {e['ray']['examples_per_s']:,} vs {e['bare']['examples_per_s']:,} ex/s "
+                       f"({e['ratio_fit']}x fit"
                        + f", {e['ratio_train_epochs']}x train epochs"
                        + (f", {e['ratio_steady']}x steady" if "ratio_steady" in e else "") + ")"
                        for arm, e in r["arms"].items())
     append_row(
         r["date"], "train (Ray Train vs bare loop)", f"{r['device']}, Ray {r['versions']['ray']}", result,
-        f"{c['features_rows']['train']:,} train examples x {c['train']['epochs']} epochs, batch {c['train']['batch_size']}, "
+        f"{c['features_rows']['train']:,} train examples x {c['train']['epochs']} epochs, "
+        f"batch {c['train']['batch_size']}, "
         f"VM {c['vm']['model']} {c['vm']['hidden']} pooling {c['vm']['pooling']}, L={c['seq_len']} width {c['width']} "
         f"{c['dtype']}, shards {'kept in worker memory after epoch 1' if c['shards_kept'] else 'streamed every epoch'} "
-        f"(train.data_cache={c['train']['data_cache']}); 1 Train worker (1 CPU, {r['threads']['worker_probe']} torch thread) vs bare at "
+        f"(train.data_cache={c['train']['data_cache']}); "
+        f"1 Train worker (1 CPU, {r['threads']['worker_probe']} torch thread) vs bare at "
         f"{r['threads']['bare']} thread, both evaluating valid+test each epoch; {r['notes']} "
         f"Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
     )

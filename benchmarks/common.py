@@ -162,7 +162,8 @@ def process_memory(root: Optional[int] = None) -> list[dict]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80]
         except OSError:
             continue
-        out.append({"pid": pid, "rss": fields.get("VmRSS", 0.0), "anon": fields.get("RssAnon", 0.0), "cmd": cmd.strip()})
+        out.append({"pid": pid, "rss": fields.get("VmRSS", 0.0), "anon": fields.get("RssAnon", 0.0),
+                    "cmd": cmd.strip()})
     return out
 
 
@@ -295,8 +296,10 @@ def write_splits(cfg: LoopFMConfig, run: RunDir, users: int, events_per_user: in
     which = split_of(ts, valid_start, test_start)
     for i, name in enumerate(SPLITS):
         (run.splits / name).mkdir(parents=True)
-        pq.write_table(events.filter(pa.array(which == i)), run.splits / name / "part-0.parquet", row_group_size=200_000)
-    info = SplitInfo(fingerprint=f"bench-{users}-{events_per_user}", valid_start_ts=valid_start, test_start_ts=test_start,
+        pq.write_table(events.filter(pa.array(which == i)), run.splits / name / "part-0.parquet",
+                       row_group_size=200_000)
+    info = SplitInfo(fingerprint=f"bench-{users}-{events_per_user}", valid_start_ts=valid_start,
+                     test_start_ts=test_start,
                      rows={s: int((which == i).sum()) for i, s in enumerate(SPLITS)}, label_rate={},
                      vocab_sizes={"user_id": users + 2, "item_id": NUM_ITEMS + 2, "category": NUM_CATEGORIES + 2},
                      categorical=[], num_surfaces=NUM_SURFACES, vertical=0)
@@ -341,7 +344,8 @@ def write_fm(cfg: LoopFMConfig, run: RunDir, seed: int = 0) -> int:
     torch.save(fm.state_dict(), buf)
     fingerprint = fm_fingerprint(cfg, info)
     with atomic_output(run.fm(fingerprint)) as tmp:
-        save_fm(tmp, buf.getvalue(), FMManifest(fingerprint=fingerprint, fm_version="", fm=cfg.fm.model_dump(mode="json"),
+        save_fm(tmp, buf.getvalue(), FMManifest(fingerprint=fingerprint, fm_version="",
+                                                 fm=cfg.fm.model_dump(mode="json"),
                                                  vocab_sizes=vocab, num_surfaces=info.num_surfaces,
                                                  splits_fingerprint=info.fingerprint))
     return sum(p.numel() for p in fm.parameters())

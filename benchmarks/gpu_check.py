@@ -183,11 +183,13 @@ def fm_bare(cfg: LoopFMConfig, train: dict, evaluation: dict, info, threads: int
                 model.train()
                 with Timer() as tr:
                     losses = [fm_step(model, optimizer, batch, device)
-                              for batch in ArrayShard(train, rng.permutation(n)).iter_torch_batches(f.batch_size, device)]
+                              for batch in ArrayShard(train, rng.permutation(n)).iter_torch_batches(
+                                  f.batch_size, device)]
                 with Timer() as ev:
                     metrics = evaluate_fm(model, ArrayShard(evaluation), f.batch_size, device)
                 epochs.append({"epoch": epoch, "train_s": round(tr.seconds, 3), "eval_s": round(ev.seconds, 3),
-                               "train_loss": round(float(np.mean(losses)), 5), "valid_auc": round(metrics["valid"]["auc"], 5)})
+                               "train_loss": round(float(np.mean(losses)), 5),
+                               "valid_auc": round(metrics["valid"]["auc"], 5)})
         train_s = sum(e["train_s"] for e in epochs)
         out = {"threads": threads, "seconds": round(total.seconds, 3), "train_s": round(train_s, 3),
                "eval_s": round(sum(e["eval_s"] for e in epochs), 3), "train_chunks": n, "epochs": epochs,
@@ -285,32 +287,43 @@ def markdown(r: dict) -> str:
     if e and "error" not in e:
         frac = e.get("fraction_of_peak_bf16", {})
         lines += [
-            f"| extraction Ray/bare, end to end | {e['ratio_ray_over_bare']}x (steady {e['ratio_ray_over_bare_steady']}x) | "
-            f"{e['events']:,} events, {e['chunks']:,} chunks of {e['fm']['chunk_len']}; Ray {e['ray']['events_per_s']:,} vs bare "
-            f"{e['bare']['events_per_s']:,} events/s; Ray wall {e['ray']['seconds']} s = {e['ray']['to_first_call_s']} s to "
+            f"| extraction Ray/bare, end to end | {e['ratio_ray_over_bare']}x "
+            f"(steady {e['ratio_ray_over_bare_steady']}x) | "
+            f"{e['events']:,} events, {e['chunks']:,} chunks of {e['fm']['chunk_len']}; "
+            f"Ray {e['ray']['events_per_s']:,} vs bare "
+            f"{e['bare']['events_per_s']:,} events/s; Ray wall {e['ray']['seconds']} s = "
+            f"{e['ray']['to_first_call_s']} s to "
             f"first call + {e['ray']['calls_s']} s of calls |",
-            "| extraction, fraction of bf16 peak | " + (f"{frac.get('ray_end_to_end', 0):.2%} (Ray, end to end)" if frac else "no GPU")
+            "| extraction, fraction of bf16 peak | "
+            + (f"{frac.get('ray_end_to_end', 0):.2%} (Ray, end to end)" if frac else "no GPU")
             + " | " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in e["fm_flop_per_s"].items())
             + ("; as fractions of peak: " + ", ".join(f"{k} {v:.2%}" for k, v in frac.items()) if frac else "")
-            + ("; of the measured matmul: " + ", ".join(f"{k} {v:.2%}" for k, v in e["fraction_of_measured_matmul"].items())
+            + ("; of the measured matmul: "
+               + ", ".join(f"{k} {v:.2%}" for k, v in e["fraction_of_measured_matmul"].items())
                if "fraction_of_measured_matmul" in e else "") + " |",
         ]
     f = r["parts"].get("fm")
     if f and "error" not in f:
         lines.append(
             f"| FM training Ray/bare | {f['ratio_fit']}x fit, {f['ratio_train_epochs']}x train epochs"
-            + (f", {f['ratio_steady']}x steady" if "ratio_steady" in f else "") + f" | {f['train_chunks']:,} train chunks x "
-            f"{f['ray']['epochs']} epochs, FM d={f['fm']['d_model']} x{f['fm']['n_layers']}, batch {f['fm']['batch_size']}, "
-            f"{f['workers']} Train worker(s); fit {f['ray']['seconds']} s (start-up {f['ray']['startup_s']} s, teardown "
+            + (f", {f['ratio_steady']}x steady" if "ratio_steady" in f else "")
+            + f" | {f['train_chunks']:,} train chunks x "
+            f"{f['ray']['epochs']} epochs, FM d={f['fm']['d_model']} x{f['fm']['n_layers']}, "
+            f"batch {f['fm']['batch_size']}, "
+            f"{f['workers']} Train worker(s); fit {f['ray']['seconds']} s "
+            f"(start-up {f['ray']['startup_s']} s, teardown "
             f"{f['ray']['teardown_s']} s) vs bare {f['bare']['seconds']} s |")
     v = r["parts"].get("vm")
     if v and "error" not in v:
         for arm, a in v["arms"].items():
             lines.append(
                 f"| VM training Ray/bare ({arm}) | {a['ratio_fit']}x fit, {a['ratio_train_epochs']}x train epochs"
-                + (f", {a['ratio_steady']}x steady" if "ratio_steady" in a else "") + f" | {v['features_rows']['train']:,} train "
-                f"examples x {v['train']['epochs']} epochs, batch {v['train']['batch_size']}; fit {a['ray']['seconds']} s "
-                f"(start-up {a['ray'].get('startup_s')} s, teardown {a['ray'].get('teardown_s')} s) vs bare {a['bare']['seconds']} s |")
+                + (f", {a['ratio_steady']}x steady" if "ratio_steady" in a else "")
+                + f" | {v['features_rows']['train']:,} train "
+                f"examples x {v['train']['epochs']} epochs, batch {v['train']['batch_size']}; "
+                f"fit {a['ray']['seconds']} s "
+                f"(start-up {a['ray'].get('startup_s')} s, teardown {a['ray'].get('teardown_s')} s) "
+                f"vs bare {a['bare']['seconds']} s |")
     for name, part in r["parts"].items():
         if "error" in part:
             lines.append(f"| {name} | failed | {part['error']} |")
@@ -376,7 +389,8 @@ def main() -> None:
     parser.add_argument("--vm-users", type=int, default=6000)
     parser.add_argument("--vm-epochs", type=int, default=3)
     parser.add_argument("--arms", nargs="+", default=["loopfm", "base"])
-    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: the stages')")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray (default: the stages')")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip a part that starts later than this (default 450 s; --tiny: no limit)")
     parser.add_argument("--preflight", action="store_true", help="only start Ray, probe a GPU worker, time a matmul")
@@ -398,7 +412,8 @@ def main() -> None:
     args.extract_users = args.extract_users or s.num_users
     args.events_per_user = args.events_per_user or s.events_per_user
 
-    r = {"benchmark": "gpu_check", "device": device_name(), "gpu_name": torch.cuda.get_device_name(0) if gpu() else None,
+    r = {"benchmark": "gpu_check", "device": device_name(),
+         "gpu_name": torch.cuda.get_device_name(0) if gpu() else None,
          "date": time.strftime("%Y-%m-%d"), "command": " ".join(["benchmarks/gpu_check.sh", *sys.argv[1:]]),
          "config": args.config if not args.tiny else "tiny", "machine": machine(), "versions": versions(),
          "args": vars(args), "parts": {}, "skipped": []}

@@ -82,9 +82,11 @@ FUXI_GRID = [  # FuxiCTR's usual knobs: embedding size and the embedding L2 (its
     {"embedding_dim": 32, "embedding_regularizer": 1e-3},
 ]
 FUXI_TRAINING = {"learning_rate": 1e-3, "batch_size": 1024, "epochs": 10, "early_stop_patience": 2}
-DEEPFM_DEFAULTS = {"hidden_units": [64, 64, 64], "hidden_activations": "ReLU", "net_dropout": 0.0}  # FuxiCTR's DeepFM defaults
+# FuxiCTR's DeepFM defaults
+DEEPFM_DEFAULTS = {"hidden_units": [64, 64, 64], "hidden_activations": "ReLU", "net_dropout": 0.0}
+# its DIN defaults
 DIN_DEFAULTS = {"dnn_hidden_units": [512, 128, 64], "dnn_activations": "ReLU", "attention_hidden_units": [64],
-                "attention_hidden_activations": "Dice", "din_use_softmax": False, "net_dropout": 0.0}  # its DIN defaults
+                "attention_hidden_activations": "Dice", "din_use_softmax": False, "net_dropout": 0.0}
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -287,7 +289,8 @@ def run_fuxictr(kind: str, grid: list[dict], seeds: int, data: dict[str, str], s
     for setting in grid:
         result = fit_fuxictr(kind, setting, 0, data, sizes, y, train_rate, root, epochs)
         tried.append({"settings": setting, "valid_auc": result["valid_auc"], "epochs_run": result["epochs_run"]})
-        print(f"peers: {kind} {setting} valid AUC {result['valid_auc']:.4f} ({result['epochs_run']} epochs)", flush=True)
+        print(f"peers: {kind} {setting} valid AUC {result['valid_auc']:.4f} ({result['epochs_run']} epochs)",
+              flush=True)
         if not tried[:-1] or result["valid_auc"] > max(t["valid_auc"] for t in tried[:-1]):
             best, best_result = setting, result
     runs = [best_result] + [fit_fuxictr(kind, best, s, data, sizes, y, train_rate, root, epochs)
@@ -334,7 +337,8 @@ def markdown(report: dict) -> str:
         "model. ± is the std over seeds of the picked setting. NE = test log loss / H(train positive rate); "
         "NE (test rate) divides by H(test rate), as the platform's report does.",
         "",
-        "| model | settings picked on valid | valid AUC | test AUC | test log loss | NE | NE (test rate) | n test | wall s |",
+        "| model | settings picked on valid | valid AUC | test AUC | test log loss | NE | NE (test rate) "
+        "| n test | wall s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows_table"]:
@@ -360,7 +364,8 @@ def markdown(report: dict) -> str:
         "",
         f"Versions: scikit-learn {report['versions']['scikit-learn']}, fuxictr {report['versions']['fuxictr']}, "
         f"torch {report['versions']['torch']}, python {report['versions']['python']}; "
-        f"{report['versions']['cpus']} CPUs, {report['versions']['threads']} torch threads; total {report['wall_s']:.0f} s wall, "
+        f"{report['versions']['cpus']} CPUs, {report['versions']['threads']} torch threads; "
+        f"total {report['wall_s']:.0f} s wall, "
         f"{report['cpu_s']:.0f} s CPU (1-minute load average at the end: {report['load_avg_1m']}).",
         "",
     ]

@@ -25,7 +25,8 @@ class MatryoshkaAE(nn.Module):
         self.prefix_widths = sorted(set(cfg.prefix_widths) | {cfg.width})
         self.register_buffer("mean", torch.zeros(raw_width))
         self.register_buffer("std", torch.ones(raw_width))
-        self.enc = nn.Sequential(nn.Linear(raw_width, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.width), nn.Tanh())
+        self.enc = nn.Sequential(nn.Linear(raw_width, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.width),
+                                 nn.Tanh())
         self.dec = nn.Sequential(nn.Linear(cfg.width, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, raw_width))
 
     @torch.no_grad()

@@ -84,7 +84,8 @@ class VMInputs(nn.Module):
             tokens = (self.emb.item(batch["hist_items"]) + self.emb.category(batch["hist_cats"])
                       + self.label(batch["hist_labels"]))  # (B, L_raw, dim)
             mask = batch["hist_labels"] != 0
-            fields.append(self.hist_attn(cand, tokens, mask) if self.hist_attn is not None else masked_mean(tokens, mask))
+            fields.append(self.hist_attn(cand, tokens, mask) if self.hist_attn is not None
+                          else masked_mean(tokens, mask))
         if self.dense is not None:
             fields.append(self.dense(batch["dense"]))
         if self.spec.rawseq:

@@ -19,7 +19,8 @@ def kd_loss(student_logit: torch.Tensor, teacher_logit: torch.Tensor, temperatur
     """Mean BCE of student/T against sigmoid(teacher/T); rows with a NaN teacher (no FM logit) are skipped."""
     has = ~torch.isnan(teacher_logit)
     target = torch.sigmoid(torch.where(has, teacher_logit, torch.zeros_like(teacher_logit)) / temperature)
-    per = F.binary_cross_entropy_with_logits(student_logit / temperature, target.to(student_logit.dtype), reduction="none")
+    per = F.binary_cross_entropy_with_logits(student_logit / temperature, target.to(student_logit.dtype),
+                                             reduction="none")
     return torch.where(has, per, torch.zeros_like(per)).sum() / has.sum().clamp_min(1)
 
 

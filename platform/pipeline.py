@@ -65,4 +65,5 @@ def cycle_stage(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace) -> Non
     try:
         serve_refresh_stage(cfg, run)
     except MissingInputError as err:
-        log.info("cycle: no running Serve app refreshed (%s); it picks the delta up within serve.refresh_interval_s", err)
+        log.info("cycle: no running Serve app refreshed (%s); it picks the delta up within serve.refresh_interval_s",
+                 err)

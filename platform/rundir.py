@@ -1,4 +1,5 @@
-"""The run directory (docs/DESIGN.md, 'Run directory and stage outputs'): where every stage reads its inputs and writes its outputs.
+"""The run directory (docs/DESIGN.md, 'Run directory and stage outputs'): where every stage reads its inputs and
+writes its outputs.
 
 Each stage output is a directory holding a `manifest.json` with the stage's fingerprint (a hash of
 the config sections and upstream versions it depends on). A stage whose output exists with the same
@@ -210,7 +211,8 @@ class Manifest:
         are not fields (`created_at` of a stamped one, fields of a newer version) are ignored."""
         fields = dataclasses.fields(cls)
         missing = [f.name for f in fields if f.name not in raw and (
-            f.metadata.get(REQUIRED) or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))]
+            f.metadata.get(REQUIRED)
+            or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))]
         if missing:
             raise VersionMismatchError(f"{Path(path) / MANIFEST} lacks {missing}: not a complete {cls.__name__}")
         return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})

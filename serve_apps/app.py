@@ -46,7 +46,8 @@ class AppArgs(BaseModel):
 
     run_dir: str = Field(description="the run directory (splits, features manifests, store)")
     vm_dir: str = Field(description="the VM checkpoint to serve, vm/<arm>/seed<k>-<fingerprint>/")
-    store_dir: Optional[str] = Field(None, description="store directory (default: <run>/store/<the VM's store version>)")
+    store_dir: Optional[str] = Field(None,
+                                     description="store directory (default: <run>/store/<the VM's store version>)")
     replicas: PositiveInt = 1
     autoscaling: Optional[dict[str, Any]] = None
     max_batch_size: PositiveInt = 32

@@ -218,7 +218,8 @@ class ScoringIngress:
         problems = []
         for key in req.context:
             if key not in self.context_keys:
-                problems.append((f"context.{key}", f"unknown context key; allowed: {', '.join(sorted(self.context_keys))}"))
+                problems.append((f"context.{key}",
+                                 f"unknown context key; allowed: {', '.join(sorted(self.context_keys))}"))
         ts = req.context.get(TS)
         if ts is not None and abs(ts) > TS_LIMIT:
             problems.append((f"context.{TS}", f"must be within +-2**62, got {ts}"))
@@ -261,7 +262,8 @@ class ScoringIngress:
         )
 
     @api.get("/healthz", response_model=Health,
-             summary="liveness: both backends answer; `degraded` (still 200) when the store is staler than serve.staleness_sla_s")
+             summary="liveness: both backends answer; `degraded` (still 200) "
+             "when the store is staler than serve.staleness_sla_s")
     async def healthz(self):
         try:
             model = await self.model.describe.remote()
@@ -272,7 +274,8 @@ class ScoringIngress:
         degraded = self.staleness_sla_s is not None and stale is not None and stale > self.staleness_sla_s
         return Health(status="degraded" if degraded else "ok", model_version=model["model_version"],
                       store_version=model["store_version"], staleness_s=stale,
-                      detail=f"newest stored event is {stale:.0f}s old, SLA {self.staleness_sla_s:.0f}s" if degraded else None)
+                      detail=f"newest stored event is {stale:.0f}s old, SLA {self.staleness_sla_s:.0f}s"
+                      if degraded else None)
 
     @api.get("/v1/models", response_model=ModelsResponse, summary="the served VM, its store and settings")
     async def models(self):

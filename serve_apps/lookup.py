@@ -156,7 +156,8 @@ class FeatureTable:
             raise VersionMismatchError(
                 f"store at {path} is version {manifest.store_version}, but VM {bundle.vm.model_version} was "
                 f"trained on store version {bundle.vm.store_version}: serve the VM with its own store")
-        chain = open_chain(bundle.run, path, manifest)  # the store and its deltas (`embed --incremental`), every link checked
+        # the store and its deltas (`embed --incremental`), every link checked
+        chain = open_chain(bundle.run, path, manifest)
         self.store_manifest = manifest
         self.store_chain = [m.store_version for _, m in chain]
         self.newest_event_ts = chain_max_ts(chain)
@@ -303,7 +304,8 @@ class FeatureLookup:
             table = await asyncio.to_thread(FeatureTable, self.bundle)
         except Exception as err:  # a bad delta or batch: keep serving the table we have, say why
             self.refresh_error = f"{type(err).__name__}: {err}"
-            logger.exception("feature lookup: reload failed; still serving the table loaded at %s", self.table.loaded_at)
+            logger.exception("feature lookup: reload failed; still serving the table loaded at %s",
+                             self.table.loaded_at)
             return False
         self.table, self.loaded_from, self.refresh_error = table, now, None
         logger.info("feature lookup: reloaded %s (%d store rows, %d deltas)", self.bundle.store_version,

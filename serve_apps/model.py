@@ -79,7 +79,8 @@ class VMScorer:
                 continue
             n = len(r[idx(ITEM_ID)])
             part = logits[start : start + n]
-            out.append({"logits": part, "scores": 1.0 / (1.0 + np.exp(-part.astype(np.float64))), "model_version": self.manifest.model_version,
+            out.append({"logits": part, "scores": 1.0 / (1.0 + np.exp(-part.astype(np.float64))),
+                        "model_version": self.manifest.model_version,
                         "store_version": self.manifest.store_version, "store_head": r.get("store_head"),
                         "log_head": r.get("log_head"), "arm": self.manifest.arm,
                         "cold_start": r["cold_start"], "oov_items": r["oov_items"], "ts": r["ts"]})

@@ -149,7 +149,8 @@ class ModelInfo(BaseModel):
     newest_event_ts: Optional[int] = Field(None, description="ts of the newest stored event")
     staleness_s: Optional[float] = Field(None, description="now minus `newest_event_ts`")
     staleness_sla_s: Optional[float] = None
-    refresh_error: Optional[str] = Field(None, description="why the last background reload failed (the old table still serves)")
+    refresh_error: Optional[str] = Field(
+        None, description="why the last background reload failed (the old table still serves)")
     users_with_history: int
     vertical: int
     seq_len: int

@@ -129,7 +129,8 @@ def refresh() -> dict:
     try:
         handle = serve.get_deployment_handle("FeatureLookup", APP_NAME)
     except Exception as err:
-        raise MissingInputError(f"no Serve app {APP_NAME!r} is running on this Ray cluster ({type(err).__name__})") from err
+        raise MissingInputError(
+            f"no Serve app {APP_NAME!r} is running on this Ray cluster ({type(err).__name__})") from err
     return handle.refresh.remote().result(timeout_s=600)
 
 

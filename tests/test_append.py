@@ -49,7 +49,8 @@ def test_a_refused_batch_is_never_visible_and_a_good_one_lands_whole(log_run, sm
 
     monkeypatch.setattr(append, "_conflict", observed)
     newest = int(pc.max(tail["ts"]).as_py())
-    later = tail.set_column(tail.schema.get_field_index("ts"), "ts", pc.add(tail["ts"], pa.scalar(10 * DAY, tail["ts"].type)))
+    later = tail.set_column(tail.schema.get_field_index("ts"), "ts",
+                            pc.add(tail["ts"], pa.scalar(10 * DAY, tail["ts"].type)))
     reused = tmp_path / "reused.parquet"
     pq.write_table(later, reused)  # newer events, but the log already holds their event ids
     with pytest.raises(DataValidationError, match=r"300 event_id values in reused.parquet are already in the log"):

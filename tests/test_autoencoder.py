@@ -52,7 +52,8 @@ def test_training_orders_prefixes_and_compresses():
     assert err["4"] > err["8"] > err["16"], err
     variance = data.var(0).mean().item()
     assert err["16"] < 0.1 * variance and err["4"] < variance, (err, variance)
-    assert not ae.training and len(lines) == CFG.epochs and lines[-1].startswith(f"compress epoch {CFG.epochs}/{CFG.epochs} loss ")
+    assert not ae.training and len(lines) == CFG.epochs and lines[-1].startswith(
+        f"compress epoch {CFG.epochs}/{CFG.epochs} loss ")
     assert torch.allclose(ae.mean, data.mean(0), atol=0.3)  # normalizer fitted, in raw units
 
 

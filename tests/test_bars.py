@@ -61,7 +61,8 @@ def test_taobao_ad_mapping_surfaces_and_row_order(ray_session, tmp_path):
 @pytest.mark.timeout(120)
 def test_kuaivideo_keeps_timestamps_and_drops_other_labels(ray_session, tmp_path):
     source, rows = read(release(tmp_path, KUAI_HEADER, KUAI), "kuaivideo")
-    assert [(r["ts"], r["user_id"], r["item_id"], r["label"]) for r in rows] == [(1, 3, 100, 1), (4, 3, 101, 0), (9, 2, 102, 1)]
+    assert [(r["ts"], r["user_id"], r["item_id"], r["label"]) for r in rows] == [
+        (1, 3, 100, 1), (4, 3, 101, 0), (9, 2, 102, 1)]
     assert not {"is_like", "is_follow", "pos_items"} & set(rows[0])
     assert [r["surface"] for r in rows] == [None] * 3 and source.layout.sorted_by_ts  # files are sorted by time
 
@@ -70,7 +71,8 @@ def test_kuaivideo_keeps_timestamps_and_drops_other_labels(ray_session, tmp_path
 def test_amazon_orders_a_users_rows_by_history_length(ray_session, tmp_path):
     _, rows = read(release(tmp_path, AMAZON_HEADER, AMAZON), "amazon_electronics")
     assert [r["ts"] for r in rows] == [3, 1, 1, (1 << FILE_SHIFT) + 4]
-    assert [(r["item_id"], r["category"], r["label"]) for r in rows] == [(13179, 738, 1), (41, 7, 0), (5, 9, 1), (77, 738, 1)]
+    assert [(r["item_id"], r["category"], r["label"]) for r in rows] == [
+        (13179, 738, 1), (41, 7, 0), (5, 9, 1), (77, 738, 1)]
     assert len({r["event_id"] for r in rows}) == 4  # a positive and its negative share ts, not the id
 
 
@@ -81,7 +83,8 @@ def test_taobao_validates_into_events_with_file_boundaries(ray_session, tmp_path
     cfg = load_config(None, ["data.source=taobao_ad", f"data.path={log}", "ray.progress_bars=false"])
     manifest = validate_stage(cfg, RunDir(tmp_path / "run"))
     assert manifest["rows"] == 3 and manifest["ts_unit"] == "order" and manifest["num_surfaces"] == 2
-    assert manifest["files"] == [{"name": "train.csv", "rows": 2, "ts_start": 0}, {"name": "test.csv", "rows": 1, "ts_start": 1 << FILE_SHIFT}]
+    assert manifest["files"] == [{"name": "train.csv", "rows": 2, "ts_start": 0},
+                                 {"name": "test.csv", "rows": 1, "ts_start": 1 << FILE_SHIFT}]
     assert manifest["categorical"] == list(LAYOUTS["taobao_ad"].categorical)
     report = json.loads((tmp_path / "run" / "data" / "validation.json").read_text())
     assert report["rows_kept"] == 3 and sum(r["count"] for r in report["rules"].values()) == 0

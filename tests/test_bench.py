@@ -39,7 +39,8 @@ def test_loglog_slope_sees_fixed_cost_and_noise():
     assert noisy["r2"] < 0.999 and abs(noisy["slope"] - 1.0) < 0.3
 
 
-@pytest.mark.parametrize("x, y", [([1e5], [2.0]), ([1e5, 1e5], [1.0, 2.0]), ([0, 1e5], [1.0, 2.0]), ([1e4, 1e5], [0.0, 2.0])])
+@pytest.mark.parametrize("x, y", [([1e5], [2.0]), ([1e5, 1e5], [1.0, 2.0]), ([0, 1e5], [1.0, 2.0]),
+                                  ([1e4, 1e5], [0.0, 2.0])])
 def test_loglog_slope_refuses_what_it_cannot_fit(x, y):
     with pytest.raises(ValueError):
         loglog_slope(x, y)
@@ -59,7 +60,8 @@ def test_parser_and_stage_agree_on_the_names():
     bench = next(c for c in COMMANDS if c.words == ("bench",))
     choices = next(kw["choices"] for flags, kw in bench.options if flags == ("benchmark",))
     assert set(choices) == set(NAMES) and set(ALL) <= set(SCRIPTS)
-    args = build_parser().parse_args(["bench", "--config", str(BENCH_YAML), "extract", "--", "--users", "200", "--no-sweep"])
+    args = build_parser().parse_args(["bench", "--config", str(BENCH_YAML), "extract", "--", "--users", "200",
+                                      "--no-sweep"])
     assert (args.benchmark, args.args, args.config) == ("extract", ["--users", "200", "--no-sweep"], str(BENCH_YAML))
     for name in SCRIPTS:
         assert (REPO / "benchmarks" / SCRIPTS[name]).is_file(), name
@@ -80,7 +82,8 @@ def test_flags_after_dashes_come_last_so_they_win():
     assert cmd[0] == sys.executable and cmd[1].endswith("bench_extract.py")
     assert cmd[-2:] == ["--users", "200"] and cmd.index("--users") < len(cmd) - 2  # the config's, then ours
     assert cmd[cmd.index("--d-model") + 1] == "768"
-    assert command("extract", REPO, ["--no-sweep"]) == [sys.executable, str(REPO / "benchmarks" / "bench_extract.py"), "--no-sweep"]
+    assert command("extract", REPO, ["--no-sweep"]) == [sys.executable, str(REPO / "benchmarks" / "bench_extract.py"),
+                                                        "--no-sweep"]
     assert command("scaling", REPO, [], str(BENCH_YAML), cfg)[2:4] == ["--config", str(BENCH_YAML.resolve())]
     assert "--epochs" in config_flags("train", cfg)
 

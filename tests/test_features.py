@@ -180,7 +180,8 @@ def built(smoke_splits, smoke_config, tmp_path_factory):
 def test_every_vertical_event_once_in_its_split_with_its_logit(built):
     examples, vertical = built.examples, built.log[built.log["surface"] == 0]
     assert sorted(examples["event_id"]) == sorted(vertical["event_id"])
-    assert built.manifest.rows == examples["split"].value_counts().to_dict() == vertical["split"].value_counts().to_dict()
+    assert (built.manifest.rows == examples["split"].value_counts().to_dict()
+            == vertical["split"].value_counts().to_dict())
     merged = examples.merge(vertical[["event_id", "split"]], on="event_id", suffixes=("", "_source"))
     assert (merged["split"] == merged["split_source"]).all()
     logit = dict(zip(built.store["event_id"], built.store["fm_logit"]))
@@ -227,7 +228,8 @@ def test_reader_gives_the_vm_batch(built):
     assert [list(t[mask]) for t, mask in zip(tags_of(vm["seq"]), vm["seq_mask"])] == expected
     np.testing.assert_array_equal(decode_batch(batch, m, width=4)["seq"], vm["seq"][:, :, :4])
 
-    torch_batches = read_features(built.run, m, "valid").iter_torch_batches(batch_size=64, collate_fn=VMBatchCollate(m, width=4))
+    torch_batches = read_features(built.run, m, "valid").iter_torch_batches(
+        batch_size=64, collate_fn=VMBatchCollate(m, width=4))
     tensors = next(iter(torch_batches))
     np.testing.assert_array_equal(tensors["seq"].numpy(), vm["seq"][:, :, :4])
     assert tensors["seq_mask"].dtype == torch.bool and tensors["user"].dtype == torch.int64

@@ -38,7 +38,8 @@ def test_store_holds_every_event_once_with_its_manifest(embedded, smoke_config):
     events, rows = events_frame(run), store_frame(run, store.store_version)
     assert len(rows) == len(events) == store.rows
     assert rows[EVENT_ID].is_unique and set(rows[EVENT_ID]) == set(events[EVENT_ID])
-    m = open_store(run.store(store.store_version), {"fm_version": fm.fm_version, "layers": [1], "width": 16, "dtype": "int4"})
+    m = open_store(run.store(store.store_version),
+                   {"fm_version": fm.fm_version, "layers": [1], "width": 16, "dtype": "int4"})
     assert m.raw_width == smoke_config.fm.d_model  # layer 1 of the FM
     errors = [m.recon_error[str(w)] for w in sorted(smoke_config.embed.compress.prefix_widths)]
     assert errors == sorted(errors, reverse=True) and errors[0] > errors[-1]  # wider prefix, smaller error

@@ -257,7 +257,8 @@ def _later_batch(run, day, k: int, path) -> int:
     """The day-6 events moved k days later with new ids (a batch `logs append` takes); returns its rows."""
     table = pq.read_table(day)
     ts, ids = table["ts"], table["event_id"]
-    table = table.set_column(table.schema.get_field_index("ts"), "ts", pa.compute.add(ts, pa.scalar(k * 86_400, ts.type)))
+    table = table.set_column(table.schema.get_field_index("ts"), "ts",
+                             pa.compute.add(ts, pa.scalar(k * 86_400, ts.type)))
     table = table.set_column(table.schema.get_field_index("event_id"), "event_id",
                              pa.compute.add(ids, pa.scalar(k << 40, ids.type)))
     pq.write_table(table, path)
@@ -284,9 +285,10 @@ def test_a_delta_short_of_a_row_is_refused_before_it_is_published(grown_run, tmp
     extract = incremental.extract_rows
     monkeypatch.setattr(incremental, "extract_rows",
                         lambda *args: extract(*args).filter(expr=col("event_id") != victim))
-    with pytest.raises(VersionMismatchError, match=rf"embed --incremental: store at .*store_deltas/{base.store_version}/"
-                                                   rf"\..* holds {pending - 1} rows, expected {pending} "
-                                                   rf"\(one per event embedded\); not published"):
+    with pytest.raises(VersionMismatchError,
+                       match=rf"embed --incremental: store at .*store_deltas/{base.store_version}/"
+                             rf"\..* holds {pending - 1} rows, expected {pending} "
+                             rf"\(one per event embedded\); not published"):
         incremental.incremental_embed(cfg, run)
     assert pending >= n and [p for p, _ in open_chain(run, base_path)] == before
     assert not [p.name for p in run.store_deltas(base.store_version).iterdir() if p.name.startswith(".")]

@@ -65,7 +65,8 @@ def _start_head(log: Path) -> tuple[subprocess.Popen, str]:
         except Exception:
             if head.poll() is not None or time.time() > deadline:
                 _stop(head)
-                raise RuntimeError(f"ray head (exit {head.poll()}) did not come up:\n{log.read_text()[-3000:]}") from None
+                raise RuntimeError(
+                    f"ray head (exit {head.poll()}) did not come up:\n{log.read_text()[-3000:]}") from None
             time.sleep(1)
 
 

@@ -76,7 +76,8 @@ def references(events, log, store, spec) -> dict:
     tokens = log.assign(surface1=log["surface"] + 1, label=log["label"] + 1)
     return {
         "seq": reference_sequences(events, store, spec.seq_len, spec.lag, spec.retention, spec.surfaces),
-        "hist": reference_window(events, vertical, spec.raw_seq_len, ["item_id_idx", "category_idx", "label"], spec.lag),
+        "hist": reference_window(events, vertical, spec.raw_seq_len, ["item_id_idx", "category_idx", "label"],
+                                 spec.lag),
         "raw": reference_window(events, tokens, spec.seq_len, ["item_id_idx", "category_idx", "surface1", "label"],
                                 spec.lag, spec.retention, spec.surfaces),
         "user": reference_counts(events, "user_id", spec.lag),

@@ -17,8 +17,8 @@
 - Stores (`platform/store/parquet.open_store`): one byte changed in place, a manifest hash edited, or a
   file the manifest does not list, is refused naming the file.
 
-Already shown elsewhere (not repeated here): a truncated + appended VM `model.pt` refused on a
-really trained VM (tests/test_vm_train.py::test_loopfm_vm_trains_on_a_worker_and_its_checkpoint_reproduces_its_test_auc),
+Already shown elsewhere (not repeated here): a truncated + appended VM `model.pt` refused on a really trained VM
+(tests/test_vm_train.py::test_loopfm_vm_trains_on_a_worker_and_its_checkpoint_reproduces_its_test_auc),
 a store file grown by a byte or missing, and a store whose pinned fields differ
 (tests/test_store.py::test_a_changed_or_missing_file_is_refused,
 tests/test_store.py::test_reader_refuses_a_store_that_differs_and_names_the_field), the FM version is
@@ -201,7 +201,8 @@ def fm_dir(tmp_path) -> Path:
     cfg = tiny_fm_cfg()
     model = CausalFM(cfg, VOCAB, num_surfaces=2)
     (tmp_path / "fm").mkdir()
-    save_fm(tmp_path / "fm", state_bytes(model), FMManifest(fingerprint="f", fm_version="", fm=cfg.model_dump(mode="json"),
+    save_fm(tmp_path / "fm", state_bytes(model), FMManifest(fingerprint="f", fm_version="",
+                                                     fm=cfg.model_dump(mode="json"),
                                                      vocab_sizes=VOCAB, num_surfaces=2, splits_fingerprint="s"))
     return tmp_path / "fm"
 
@@ -215,7 +216,8 @@ def vm_dir(tmp_path) -> Path:
     cfg = VMConfig(hidden=[8])
     model = build_vm(cfg, InputSpec(VOCAB, (3,), seq_width=4))
     manifest = VMManifest(fingerprint="f", model_version="", arm="kd_loopfm", seed=0, features_fingerprint="ff",
-                          store_version="s", vm=cfg.model_dump(mode="json"), train=TrainConfig().model_dump(mode="json"),
+                          store_version="s", vm=cfg.model_dump(mode="json"),
+                          train=TrainConfig().model_dump(mode="json"),
                           vocab_sizes=VOCAB, context_columns=["c"], context_sizes=[3], seq_len=4, seq_width=4,
                           raw_seq_len=3)
     (tmp_path / "vm").mkdir()
@@ -359,5 +361,6 @@ def test_a_manifest_missing_a_field_is_refused_by_name(kind, tmp_path):
     cls = FMManifest if kind == "fm" else VMManifest
     field = "fm_version" if kind == "fm" else "model_version"
     (tmp_path / MANIFEST).write_text(json.dumps({"created_at": "now"}))
-    with pytest.raises(VersionMismatchError, match=rf"manifest.json lacks \[.*'{field}'.*\]: not a complete {cls.__name__}"):
+    with pytest.raises(VersionMismatchError,
+                       match=rf"manifest.json lacks \[.*'{field}'.*\]: not a complete {cls.__name__}"):
         cls.read(tmp_path)

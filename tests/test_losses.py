@@ -31,7 +31,8 @@ def test_vm_loss_total_and_parts():
     batch = {"label": torch.tensor([1.0, 0.0]), "kd_logit": torch.zeros(2)}
     total, parts = vm_loss(out, batch, use_kd=True, kd_lambda=0.5, temperature=1.0)
     assert math.isclose(total.item(), 1.5 * LOG2, rel_tol=1e-6)
-    assert math.isclose(parts["bce"].item(), LOG2, rel_tol=1e-6) and math.isclose(parts["kd"].item(), LOG2, rel_tol=1e-6)
+    assert (math.isclose(parts["bce"].item(), LOG2, rel_tol=1e-6)
+            and math.isclose(parts["kd"].item(), LOG2, rel_tol=1e-6))
     total, parts = vm_loss(out, batch, use_kd=False, kd_lambda=0.5, temperature=1.0)
     assert math.isclose(total.item(), LOG2, rel_tol=1e-6) and "kd" not in parts
 

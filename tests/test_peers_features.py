@@ -65,7 +65,8 @@ def test_recent_window_counts_the_last_events_only():
 def test_counts_equal_the_plain_rule_on_random_logs_with_ties():
     rng = np.random.default_rng(0)
     n = 300
-    events = log(list(zip(rng.integers(0, 8, n), rng.integers(0, 15, n), rng.integers(0, 40, n), rng.integers(0, 2, n))))
+    events = log(list(zip(rng.integers(0, 8, n), rng.integers(0, 15, n), rng.integers(0, 40, n),
+                          rng.integers(0, 2, n))))
     for key, window in (("user_id", None), ("user_id", 5), ("item_id", None)):
         count, positives = pf.past_counts(events[key].to_numpy(), events["ts"].to_numpy(),
                                           events["label"].to_numpy(), window)

@@ -147,7 +147,8 @@ def read_both(tmp: str, columns: dict[str, list], parquet_types: dict[str, pa.Da
     with pa.input_stream(csv_path) as stream:
         from_csv = pa.concat_tables(contract.convert(t, 0, 0) for t in EventFileDatasource._csv_chunks(stream, names))
     with pa.OSFile(pq_path) as handle:
-        from_pq = pa.concat_tables(contract.convert(t, 0, 0) for t in EventFileDatasource._parquet_chunks(handle, names))
+        from_pq = pa.concat_tables(contract.convert(t, 0, 0)
+                                   for t in EventFileDatasource._parquet_chunks(handle, names))
     return from_csv, from_pq
 
 

@@ -107,7 +107,8 @@ def test_scores_equal_offline_vm_over_http(server, served_run):
     assert {b["store_version"] for b in bodies} == {vm.store_version}
     # one request with several candidates scores each as its own request would
     i = 0
-    same = [j for j in range(len(logits)) if rows["user_id"][j] == rows["user_id"][i] and rows["ts"][j] >= rows["ts"][i]]
+    same = [j for j in range(len(logits))
+            if rows["user_id"][j] == rows["user_id"][i] and rows["ts"][j] >= rows["ts"][i]]
     body = request_of(rows, i)
     body["items"] = [int(rows["item_id"][i]), 123456789, *[int(rows["item_id"][j]) for j in same[1:3]]]
     multi = client.post("/v1/score", json=body).json()
@@ -195,7 +196,8 @@ def test_the_edge_bounds_bodies_and_answers_every_error_in_one_shape(server, smo
     assert request["context"]["properties"]["ts"]["maximum"] == 2**62
     assert set(request["context"]["properties"]) == {"ts", "user_segment"}
     # the schema's extremes are accepted
-    edge = {"user_id": 2**63 - 1, "items": [-2**63] * smoke_config.serve.max_items, "context": {"ts": 2**62, "user_segment": -2**63}}
+    edge = {"user_id": 2**63 - 1, "items": [-2**63] * smoke_config.serve.max_items,
+            "context": {"ts": 2**62, "user_segment": -2**63}}
     assert client.post("/v1/score", json=edge).status_code == 200
     assert client.post("/v1/score", json={"user_id": 5.0, "items": [1.0]}).status_code == 200  # JSON Schema integers
     r = client.post("/v1/score", json={"user_id": 1e17, "items": [1]})  # a double that may not be the id meant
@@ -395,9 +397,11 @@ def test_lookup_and_vm_in_process_match_every_test_example(served_run):
     run, _, vm = served_run
     rows, logits, requests, scorer, table = lookup_matches_offline(run, run.vm(ARM, SEED, vm.fingerprint))
     # omitted context takes the user's latest logged value; a request from another store version is stale
-    assert table.features(int(rows["user_id"][0]), [1], {"ts": 1})["user"]["user_segment_idx"] == rows["user_segment_idx"][0]
+    assert (table.features(int(rows["user_id"][0]), [1], {"ts": 1})["user"]["user_segment_idx"]
+            == rows["user_segment_idx"][0])
     stale = scorer.score([{**requests[0], "store_version": "other"}, requests[1]])
-    assert stale[0] == {STALE: True, "model_version": vm.model_version} and abs(stale[1]["logits"][0] - logits[1]) < 1e-5
+    assert (stale[0] == {STALE: True, "model_version": vm.model_version}
+            and abs(stale[1]["logits"][0] - logits[1]) < 1e-5)
 
 
 def test_the_rawseq_control_serves_its_training_scores(served_run, smoke_config):

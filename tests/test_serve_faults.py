@@ -209,4 +209,5 @@ def test_vm_replica_killed_under_load_loses_no_request_and_recovers(replicated_s
     final = [client.post("/v1/score", json=b).json()["logits"] for b in bodies]
     assert np.abs(np.array(final) - np.array(baseline)).max() < 1e-5
     health = client.get("/healthz").json()
-    assert (health["status"], health["model_version"], health["store_version"]) == ("ok", vm.model_version, vm.store_version)
+    assert (health["status"], health["model_version"], health["store_version"]) == (
+        "ok", vm.model_version, vm.store_version)

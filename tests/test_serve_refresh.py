@@ -111,7 +111,8 @@ def test_soak_a_delta_a_refresh_and_a_reload_under_load_fail_no_request(live, tm
     from loopfm.serve_apps.stage import refresh, reload
 
     cfg, run, client = live
-    store = pads.dataset(str(run.root / "store"), format="parquet", exclude_invalid_files=True).to_table(columns=["user_id"])
+    store = pads.dataset(str(run.root / "store"), format="parquet", exclude_invalid_files=True).to_table(
+        columns=["user_id"])
     users, counts = np.unique(store["user_id"].to_numpy(), return_counts=True)
     user, other = (int(u) for u in users[np.argsort(-counts)[:2]])
     bodies = [{"user_id": u, "items": [1, 2, 3, 5, 8]} for u in (user, other)]  # no ts: now, the whole history

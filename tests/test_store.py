@@ -26,7 +26,8 @@ def write_rows(directory, event_ids, name="part-0.parquet") -> None:
     n = len(event_ids)
     z = np.random.default_rng(0).uniform(-1, 1, (n, WIDTH))
     table = pa.Table.from_arrays([
-        pa.array(event_ids, pa.int64()), pa.array(np.arange(n) % 3, pa.int64()), pa.array(np.arange(n) * 10, pa.int64()),
+        pa.array(event_ids, pa.int64()), pa.array(np.arange(n) % 3, pa.int64()),
+        pa.array(np.arange(n) * 10, pa.int64()),
         pa.array(np.zeros(n), pa.int32()), pa.array(np.zeros(n), pa.float32()),
         codec.rows_to_binary(codec.encode(z, DTYPE)),
     ], schema=ROW_SCHEMA)

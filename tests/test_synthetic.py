@@ -28,7 +28,8 @@ def test_same_seed_writes_identical_files(cfg, tmp_path):
     generate(cfg, tmp_path / "a")
     generate(cfg, tmp_path / "b")
     names = sorted(p.name for p in (tmp_path / "a").glob("*.parquet"))
-    assert names == sorted(p.name for p in (tmp_path / "b").glob("*.parquet")) and len(names) == synthetic.num_chunks(cfg)
+    assert (names == sorted(p.name for p in (tmp_path / "b").glob("*.parquet"))
+            and len(names) == synthetic.num_chunks(cfg))
     for name in names:
         assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))
     _, other_seed = generate(cfg, tmp_path / "c", seed=cfg.seed + 1)

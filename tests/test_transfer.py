@@ -62,7 +62,8 @@ def test_paired_ttest_undefined_cases_are_nan():
 
 def test_summarize():
     s = summarize([1.0, 2.0, 3.0])
-    assert {k: s[k] for k in ("mean", "std", "n", "values")} == {"mean": 2.0, "std": 1.0, "n": 3, "values": [1.0, 2.0, 3.0]}
+    assert {k: s[k] for k in ("mean", "std", "n", "values")} == {
+        "mean": 2.0, "std": 1.0, "n": 3, "values": [1.0, 2.0, 3.0]}
     assert s["ci95"] == pytest.approx([2.0 - 4.302653 / math.sqrt(3), 2.0 + 4.302653 / math.sqrt(3)])
     one = summarize([5.0])
     assert (one["mean"], one["std"], one["n"]) == (5.0, 0.0, 1) and all(math.isnan(b) for b in one["ci95"])

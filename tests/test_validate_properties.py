@@ -204,7 +204,8 @@ def expect(log: dict, names: list[str]) -> dict:
                 flagged[rule].add((name, r))
             if not broken:
                 event_id = value["event_id"] if "event_id" in t else (i << 40) + r
-                event = (event_id, value["user_id"], value["item_id"], value["ts"], value["label"], value.get("surface", 0))
+                event = (event_id, value["user_id"], value["item_id"], value["ts"], value["label"],
+                         value.get("surface", 0))
                 valid.append((i, r, event))
     drop = set()
     seen, first_copy = {}, {}
@@ -335,7 +336,8 @@ TWICE = {"fmt": "parquet", "columns": ("event_id", "user_id", "item_id", "ts", "
                    ("ok", [(("int", 2), ("int", 2), ("int", 3), ("int", 4), ("int", 1))])]}
 # Duplicates are found by a scan in id order; their examples must still be the first in file order.
 DUPLICATES = {"fmt": "csv", "columns": ("event_id", "user_id", "item_id", "ts", "label"), "sorted_by_ts": False,
-              "files": [("ok", [(("int", e), ("int", 1), ("int", 2), ("int", 3), ("int", 0)) for e in (9, 9, 1, 1, 5, 5, 0, 0)])]}
+              "files": [("ok", [(("int", e), ("int", 1), ("int", 2), ("int", 3), ("int", 0))
+                                for e in (9, 9, 1, 1, 5, 5, 0, 0)])]}
 EMPTY = {"fmt": "csv", "columns": ("user_id", "item_id", "ts", "label"), "sorted_by_ts": False,
          "files": [("header_only", [])]}
 
@@ -393,7 +395,8 @@ def test_validate_stage_on_ray_matches_the_oracle(ray_session, tmp_path_factory,
         error = err
     else:
         table = pq.read_table(sorted(run.events.glob("*.parquet")))
-        kept = [(r["event_id"], r["user_id"], r["item_id"], r["ts"], r["label"], r["surface"]) for r in table.to_pylist()]
+        kept = [(r["event_id"], r["user_id"], r["item_id"], r["ts"], r["label"], r["surface"])
+                for r in table.to_pylist()]
     check(log, names, False, json.loads(report_path(run).read_text()), error, kept)
 
 
@@ -414,7 +417,8 @@ def test_cli_strict_failure_prints_the_report_and_no_traceback(ray_session, tmp_
     assert done.returncode == 1, done.stderr[-3000:]
     assert "loopfm data validate: error: event log" in done.stderr and "strict mode" in done.stderr
     for line in ("unreadable_file: 2 files", "missing_column: 1 files", "null_required: 1 rows", "wrong_type: 2 rows",
-                 "label_out_of_range: 1 rows", "negative_id: 1 rows", "duplicate_event_id: 1 rows", "out_of_order: 1 rows"):
+                 "label_out_of_range: 1 rows", "negative_id: 1 rows", "duplicate_event_id: 1 rows",
+                 "out_of_order: 1 rows"):
         assert line in done.stderr, (line, done.stderr[-3000:])
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "R" / "data" / "events").exists()

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def make_batch(B: int = 8, seed: int = 0, width: int = W) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    seq_mask = torch.arange(L).expand(B, L) >= torch.randint(0, L + 1, (B, 1), generator=g)  # oldest first, front-padded
+    # oldest first, front-padded
+    seq_mask = torch.arange(L).expand(B, L) >= torch.randint(0, L + 1, (B, 1), generator=g)
     hist = torch.randint(2, 40, (B, L_RAW), generator=g)
     hist[: B // 2, :2] = 0
     hist[0] = 0  # one user with no raw history, one (below) with no seq at all
@@ -73,7 +74,8 @@ def test_rawseq_reads_its_raw_slots_and_nothing_of_the_stored_sequence(model):
     with torch.no_grad():
         ref = vm(b)["logit"]
         assert torch.equal(vm(dict(b, seq=torch.randn_like(b["seq"])))["logit"], ref)  # no FM embedding read
-        padded = dict(b, raw_items=torch.where(b["raw_mask"], b["raw_items"], torch.randint(1, 40, b["raw_items"].shape)))
+        padded = dict(b, raw_items=torch.where(b["raw_mask"], b["raw_items"],
+                                               torch.randint(1, 40, b["raw_items"].shape)))
         assert torch.equal(vm(padded)["logit"], ref)  # padded slots are never read
         flipped = dict(b, raw_labels=torch.where(b["raw_mask"], 3 - b["raw_labels"], 0))
         assert not torch.allclose(vm(flipped)["logit"][2:], ref[2:])

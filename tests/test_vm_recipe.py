@@ -28,8 +28,8 @@ def test_every_arm_round_trips_through_its_channels():
 
 def tiny_vm():
     torch.manual_seed(0)
-    return build_vm(VMConfig(embed_dim=4, hidden=[8], features=[]), InputSpec({"user_id": 50, "item_id": 20, "category": 3},
-                                                                              history=False))
+    return build_vm(VMConfig(embed_dim=4, hidden=[8], features=[]),
+                    InputSpec({"user_id": 50, "item_id": 20, "category": 3}, history=False))
 
 
 def test_id_tables_get_embedding_l2_and_dense_layers_weight_decay():

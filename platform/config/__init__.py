@@ -93,8 +93,10 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
 
 
 __all__ = [
-    "ARMS", "ARM_CHANNELS", "DEFAULT_ARMS", "POOLINGS", "VM_FEATURES", "AutoscalingConfig", "ColumnMapping", "CompressConfig", "ConfigError", "DataConfig",
-    "EmbedConfig", "ExperimentConfig", "FMConfig", "FMSize", "FM_PRESETS", "FeaturesConfig", "LoopFMConfig", "ParamSpec",
+    "ARMS", "ARM_CHANNELS", "DEFAULT_ARMS", "POOLINGS", "VM_FEATURES", "AutoscalingConfig", "ColumnMapping",
+    "CompressConfig", "ConfigError", "DataConfig",
+    "EmbedConfig", "ExperimentConfig", "FMConfig", "FMSize", "FM_PRESETS", "FeaturesConfig", "LoopFMConfig",
+    "ParamSpec",
     "RayConfig", "ScaleConfig", "ServeConfig", "SplitConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",
     "VMConfig", "ValidationConfig", "WandbConfig", "load_config", "parse_override", "stable_hash",
     "validate_config",

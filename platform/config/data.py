@@ -85,7 +85,9 @@ class SplitConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "events", "taobao_ad", "kuaivideo", "amazon_electronics", "movielens100k"] = "synthetic"
+    source: Literal[
+        "synthetic", "events", "taobao_ad", "kuaivideo", "amazon_electronics", "movielens100k"
+    ] = "synthetic"
     path: Optional[str] = Field(None, description="file, directory or glob of the source log "
                                 "(movielens100k: default = the copy in the recbole wheel)")
     format: Literal["auto", "parquet", "csv"] = "auto"

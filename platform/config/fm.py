@@ -17,7 +17,8 @@ class FMConfig(Section):
     d_ff: PositiveInt = 256
     window: PositiveInt = Field(32, description="events each position attends to, per layer")
     chunk_len: PositiveInt = Field(
-        128, description="events per training / extraction chunk; padding is computed too, so keep it near a typical history"
+        128, description="events per training / extraction chunk; padding is computed too, "
+        "so keep it near a typical history"
     )
     dropout: float = Field(0.1, ge=0, lt=1)
     epochs: PositiveInt = 5

@@ -23,7 +23,8 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
     replicas: PositiveInt = Field(1, description="replicas of each deployment (ingress, lookup, VM)")
     max_batch_size: PositiveInt = Field(32, description="@serve.batch: most requests per VM forward")
-    batch_wait_timeout_s: float = Field(0.001, ge=0, description="@serve.batch: longest wait to fill a batch (queued requests batch anyway)")
+    batch_wait_timeout_s: float = Field(
+        0.001, ge=0, description="@serve.batch: longest wait to fill a batch (queued requests batch anyway)")
     max_items: PositiveInt = Field(1000, description="most candidate items per request (more: 422)")
     autoscaling: Optional[AutoscalingConfig] = Field(None, description="replaces `replicas` when set")
     arm: Arm = "kd_loopfm"
@@ -45,4 +46,5 @@ class RayConfig(Section):
     num_cpus: Optional[PositiveInt] = Field(None, description="logical CPUs of a local Ray (default max(4, cores))")
     use_gpu: Literal["auto", "always", "never"] = "auto"
     progress_bars: bool = True
-    dashboard: bool = Field(True, description="start the dashboard with a local Ray (the State API Ray Train uses needs it)")
+    dashboard: bool = Field(True, description="start the dashboard with a local Ray "
+                            "(the State API Ray Train uses needs it)")

@@ -38,7 +38,8 @@ class Rule:
 
 
 RULES = (
-    Rule("unreadable_file", "files", "a file that cannot be opened, stops parsing part-way, or names a mapped column twice"),
+    Rule("unreadable_file", "files",
+         "a file that cannot be opened, stops parsing part-way, or names a mapped column twice"),
     Rule("missing_column", "files", "a file without a required column (its rows are not read)"),
     Rule("null_required", "rows", "a null user_id, item_id, ts or label (or event_id, where the log has one)"),
     Rule("wrong_type", "rows", "a value that is not an integer: text in ts/label/surface, or a fractional number"),
@@ -237,7 +238,8 @@ class Report:
             "rows_dropped": self.rows_read - self.rows_kept,
             "rules": {
                 r.name: {
-                    "count": self.counts[r.name], "unit": r.unit, "meaning": r.meaning, "examples": self.examples[r.name],
+                    "count": self.counts[r.name], "unit": r.unit, "meaning": r.meaning,
+                    "examples": self.examples[r.name],
                 }
                 for r in RULES
             },

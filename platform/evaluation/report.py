@@ -122,7 +122,8 @@ def _claims(r: dict) -> list[dict]:
     better("kd_loopfm_vs_kd", "+KD+LoopFM beats +KD (AUC)")
     better("loopfm_vs_rawseq", "FM knowledge over raw history: +LoopFM beats the same slots of raw tokens (AUC)")
     if "kd_loopfm_vs_kd_rawseq" in cmp:
-        better("kd_loopfm_vs_kd_rawseq", "FM knowledge over raw history, with KD: +KD+LoopFM beats +KD+raw history (AUC)")
+        better("kd_loopfm_vs_kd_rawseq",
+               "FM knowledge over raw history, with KD: +KD+LoopFM beats +KD+raw history (AUC)")
 
     text = "KD and LoopFM are complementary: interaction = gain_both - gain_kd - gain_loopfm > 0 (AUC)"
     ev = r["interaction"].get("auc")
@@ -182,7 +183,8 @@ def build_report(arms: Mapping[str, Sequence[Mapping]], fm: Sequence[Mapping] | 
             r["tr_per_pair"][ch] = {m: summarize(transfer_ratio(b, c, f, m) for b, c, f in rows) for m in TR_METRICS}
         if "kd" in arms and "kd_loopfm" in arms:
             rows = [(b, k, both, fm_of(b)) for b, k, both in _pairs(arms["base"], arms["kd"], arms["kd_loopfm"])]
-            r["tr_double"] = paired(transfer_ratio(b, both, f, "ne") - TR_DOUBLE_THRESHOLD * transfer_ratio(b, k, f, "ne")
+            r["tr_double"] = paired(transfer_ratio(b, both, f, "ne")
+                                    - TR_DOUBLE_THRESHOLD * transfer_ratio(b, k, f, "ne")
                                     for b, k, both, f in rows if f)
     else:
         notes.append("TR not computed: needs the base arm and FM metrics")

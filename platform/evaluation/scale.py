@@ -84,7 +84,8 @@ def build_scale(sizes: Sequence[Mapping], meta: Mapping[str, Any]) -> dict:
     for s in sizes:
         rep = build_report(s["arms"], s["fm"], {})
         rows.append({
-            **{k: s[k] for k in SIZE_KEYS}, **{k: s[k] for k in ("fm_versions", "store_versions", "features") if k in s},
+            **{k: s[k] for k in SIZE_KEYS},
+            **{k: s[k] for k in ("fm_versions", "store_versions", "features") if k in s},
             "fm": rep["fm"], "fm_runs": list(s["fm"]), "arms": rep["arms"], "fm_vs_base": rep.get("fm_vs_base", {}),
             "tr": rep["tr"], "tr_per_pair": rep["tr_per_pair"], "comparisons": rep["comparisons"],
             "claims": rep["claims"],
@@ -146,8 +147,9 @@ def _claims(r: dict, sizes, logp) -> list[dict]:
 
     def tr_claim(text: str, arms: tuple[str, ...], evidence, unit: str) -> None:
         if any(a not in r["channels"] for a in arms):
-            out.append(_claim(text, None, f"not computed: arm(s) {', '.join(a for a in arms if a not in r['channels'])} "
-                                          "not run"))
+            out.append(_claim(text, None,
+                              f"not computed: arm(s) {', '.join(a for a in arms if a not in r['channels'])} "
+                              "not run"))
         elif missing:
             out.append(_claim(text, None, f"not computed: the FM does not beat the base VM on NE at size(s) {missing}, "
                                           "so TR has no FM advantage to measure there"))

@@ -110,7 +110,8 @@ def _train_compressor(sample: np.ndarray, cfg: LoopFMConfig, log) -> tuple[dict,
     store version hashes the trained weights too, for when they still come out different."""
     compress = cfg.embed.compress
     e = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
-    ae, stats = autoencoder.train_autoencoder(e, compress, seed=cfg.fm.seed, log=lambda line: log.info("embed: %s", line))
+    ae, stats = autoencoder.train_autoencoder(e, compress, seed=cfg.fm.seed,
+                                              log=lambda line: log.info("embed: %s", line))
     with torch.no_grad():
         z = ae.encode(e).numpy()
         quant = {}

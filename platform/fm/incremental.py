@@ -58,7 +58,8 @@ def log_events(run: RunDir, info: SplitInfo):
     if batches:
         vocabs = {c: info.vocab(run, c) for c in (ITEM_ID, CATEGORY)}
         appended = ray.data.read_parquet([str(b) for b in batches], file_extensions=["parquet"])
-        ds = ds.union(appended.map_batches(_index, batch_format="numpy", fn_args=(vocabs,)).select_columns(EVENT_COLUMNS))
+        ds = ds.union(appended.map_batches(_index, batch_format="numpy", fn_args=(vocabs,))
+                      .select_columns(EVENT_COLUMNS))
     return ds
 
 
@@ -184,7 +185,8 @@ def tail_of_users(batch: dict, users: np.ndarray, since: int, tail: int) -> dict
     keep = np.isin(batch[USER_ID], users)
     old = keep & (batch[TS] <= since)
     rows = np.flatnonzero(old)
-    order = rows[np.lexsort((-batch["event_id"][rows], -batch[TS][rows], batch[USER_ID][rows]))]  # newest first per user
+    # newest first per user
+    order = rows[np.lexsort((-batch["event_id"][rows], -batch[TS][rows], batch[USER_ID][rows]))]
     user, ts = batch[USER_ID][order], batch[TS][order]
     first, counts, _ = runs(user)
     distinct = np.cumsum(np.r_[True, (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])]) if len(user) else first

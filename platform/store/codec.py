@@ -2,8 +2,8 @@
 
 INT4: q = clamp(floor(8 z), -8, 7), stored as the nibble q + 8, decoded as (q + 0.5) / 8: sixteen
 levels at the centres of equal bins over [-1, 1], so the round-trip error is at most 1/16 per
-coordinate everywhere (docs/DESIGN.md, 'Compression'). (A round(8 z) clamped to [-8, 7] has no level above 7/8 and errs by
-up to 1/8 near z = 1, where saturated tanh units put many values.)
+coordinate everywhere (docs/DESIGN.md, 'Compression'). (A round(8 z) clamped to [-8, 7] has no level above 7/8
+and errs by up to 1/8 near z = 1, where saturated tanh units put many values.)
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def decode(data: np.ndarray, dtype: Dtype, width: int) -> np.ndarray:
     """(N, bytes_per_row) uint8 -> (N, width) float32."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != bytes_per_row(width, dtype):
-        raise ValueError(f"expected (rows, {bytes_per_row(width, dtype)}) bytes for {dtype} width {width}, got {data.shape}")
+        raise ValueError(f"expected (rows, {bytes_per_row(width, dtype)}) bytes for {dtype} width {width}, "
+                         f"got {data.shape}")
     if dtype == "fp16":
         return data.view(np.float16).astype(np.float32)
     out = np.empty((len(data), width), dtype=np.float32)

@@ -22,7 +22,8 @@ from loopfm.store.schema import EVENT_ID, TS, StoreManifest
 
 
 def data_files(path: Path) -> list[Path]:
-    return sorted(p for p in Path(path).rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return sorted(p for p in Path(path).rglob("*.parquet")
+                  if not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
 def file_hash(path: Path) -> str:

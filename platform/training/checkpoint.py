@@ -63,7 +63,8 @@ def input_spec(manifest: VMManifest) -> InputSpec:
 
 def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
     train = TrainConfig.model_validate(manifest.train)
-    return build_vm(VMConfig.model_validate(manifest.vm), input_spec(manifest), aux_head=train.use_kd and train.aux_head)
+    return build_vm(VMConfig.model_validate(manifest.vm), input_spec(manifest),
+                    aux_head=train.use_kd and train.aux_head)
 
 
 def load_vm(directory: Path) -> tuple[torch.nn.Module, VMManifest]:

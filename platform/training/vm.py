@@ -168,7 +168,8 @@ def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
     """
     if mode != "auto":
         return mode == "memory"
-    import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported): not a dependency of ours
+    # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported): not a dependency of ours
+    import psutil
 
     files = run.features(features.fingerprint).rglob("*.parquet")
     return 3 * sum(f.stat().st_size for f in files) < psutil.virtual_memory().available / 4
@@ -209,7 +210,8 @@ def vm_loop(config: dict) -> None:
         if stop_file and ray.train.collective.broadcast_from_rank_zero(os.path.exists(stop_file)):
             break  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
         model.train()
-        torch.manual_seed(shuffle_seed(train_cfg.seed, epoch, rank))  # dropout: a resumed epoch draws as the first run did
+        # dropout: a resumed epoch draws as the first run did
+        torch.manual_seed(shuffle_seed(train_cfg.seed, epoch, rank))
         losses = []
         for batch in timer.batches(splits["train"].epoch(epoch)):
             losses.append(vm_step(model, optimizer, batch, train_cfg, device))
