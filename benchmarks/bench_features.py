@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MemorySampler, append_row, config_hash, memory_now, write_log, write_result  # noqa: E402
 
 from loopfm.config import LoopFMConfig  # noqa: E402
-from loopfm.features import features_stage  # noqa: E402
+from loopfm.features.stage import features_stage  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402
 
 

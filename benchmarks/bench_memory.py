@@ -76,7 +76,7 @@ def measured(fn):
 
 
 def join_and_train(base, users: int, events_per_user: int, seq_len: int, width: int, scratch: Path) -> dict:
-    from loopfm.features import features_stage
+    from loopfm.features.stage import features_stage
     from loopfm.training.vm import arm_config, train_vm
 
     prefixes = [w for w in base.embed.compress.prefix_widths if w < width] + [width]
@@ -104,7 +104,7 @@ def join_and_train(base, users: int, events_per_user: int, seq_len: int, width: 
 
 
 def base_warmup(cfg, users: int, events_per_user: int, scratch: Path) -> float:
-    from loopfm.features import features_stage
+    from loopfm.features.stage import features_stage
 
     root = Path(tempfile.mkdtemp(prefix="memory-warmup-", dir=scratch))
     try:

@@ -63,7 +63,7 @@ DEFAULTS = ["ray.progress_bars=false", "embed.compress.epochs=3", "embed.compres
 
 
 def one_size(cfg, users: int, events_per_user: int, scratch: Path, train: bool = True) -> dict:
-    from loopfm.features import features_stage
+    from loopfm.features.stage import features_stage
     from loopfm.fm.embed import embed_stage
     from loopfm.training.vm import arm_config, train_vm
 

@@ -59,7 +59,7 @@ def scratch_run(cfg: LoopFMConfig, root: Path, users: int, events_per_user: int)
     from common import NUM_CATEGORIES, NUM_ITEMS
 
     from loopfm.datasets.vocab import Vocab
-    from loopfm.features import features_stage
+    from loopfm.features.stage import features_stage
     from loopfm.training.vm import arm_config, train_vm
 
     run = RunDir(root)

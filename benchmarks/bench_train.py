@@ -57,7 +57,7 @@ from common import (  # noqa: E402
 from loopfm.config import LoopFMConfig  # noqa: E402
 from loopfm.datasets.schema import SPLITS  # noqa: E402
 from loopfm.datasets.splits import SplitInfo  # noqa: E402
-from loopfm.features import features_stage  # noqa: E402
+from loopfm.features.stage import features_stage  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402
 
 

@@ -257,7 +257,7 @@ def fm_part(cfg: LoopFMConfig, args) -> dict:
 
 # -- part 3: VM training ------------------------------------------------------------------------------
 def vm_part(cfg: LoopFMConfig, args) -> dict:
-    from loopfm.features import features_stage
+    from loopfm.features.stage import features_stage
     from loopfm.training.vm import arm_config
 
     cfg = cfg.updated({"train.epochs": args.vm_epochs, "vm.pooling": "attention"})

@@ -57,7 +57,7 @@ from loopfm.datasets.append import logs_append_stage  # noqa: E402
 from loopfm.datasets.ingest import validate_stage  # noqa: E402
 from loopfm.datasets.splits import split_stage  # noqa: E402
 from loopfm.datasets.synthetic import generate_stage  # noqa: E402
-from loopfm.features import features_stage  # noqa: E402
+from loopfm.features.stage import features_stage  # noqa: E402
 from loopfm.fm.embed import embed_stage  # noqa: E402
 from loopfm.fm.incremental import incremental_embed  # noqa: E402
 from loopfm.fm.train import fm_train_stage  # noqa: E402

@@ -217,7 +217,7 @@ def smoke_trained(tmp_path_factory, smoke_config, smoke_embedded):
     """
     import shutil
 
-    from loopfm.features import features_stage
+    from loopfm.features.stage import features_stage
     from loopfm.rundir import RunDir
     from loopfm.training.vm import arm_config, train_vm
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from loopfm.datasets.schema import SPLITS
-from loopfm.features import features_stage
+from loopfm.features.stage import features_stage
 from loopfm.rundir import RunDir
 from loopfm.store import codec
 from loopfm.store.parquet import data_files, seal

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from loopfm.features import features_stage
+from loopfm.features.stage import features_stage
 from loopfm.rundir import RunDir
 from loopfm.training.vm import arm_config, train_vm
 

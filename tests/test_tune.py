@@ -28,7 +28,7 @@ SPACE = ("tune.space={train.kd_lambda: {type: float, low: 0.0, high: 1.0}, "
 @pytest.fixture(scope="module")
 def features_run(smoke_embedded, smoke_config, tmp_path_factory):
     """The smoke run with its features built (read-only: copy it)."""
-    from loopfm.features import features_stage
+    from loopfm.features.stage import features_stage
 
     run = RunDir(tmp_path_factory.mktemp("tune") / "base")
     shutil.copytree(smoke_embedded[0].root, run.root)

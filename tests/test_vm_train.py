@@ -10,8 +10,9 @@ import pytest
 from conftest import SMOKE
 from loopfm.cli import main
 from loopfm.errors import VersionMismatchError
-from loopfm.features import features_stage, read_features
 from loopfm.features.collate import VMBatchCollate
+from loopfm.features.reader import read_features
+from loopfm.features.stage import features_stage
 from loopfm.rundir import RunDir
 from loopfm.training.checkpoint import load_vm
 from loopfm.training.vm import arm_config, predict, train_vm

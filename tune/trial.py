@@ -37,7 +37,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from loopfm.config import LoopFMConfig, validate_config
-from loopfm.features import features_stage
+from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.rundir import RunDir, is_complete
 from loopfm.runtime import setup_logging

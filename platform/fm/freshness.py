@@ -24,7 +24,7 @@ from loopfm.datasets.schema import SPLITS, TS
 from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.evaluation.report import write_ablation
 from loopfm.evaluation.transfer import summarize
-from loopfm.features import features_stage
+from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_train_stage
 from loopfm.rundir import RunDir, atomic_output, is_complete

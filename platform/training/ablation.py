@@ -12,7 +12,7 @@ from __future__ import annotations
 from loopfm.config import LoopFMConfig, parse_override
 from loopfm.evaluation.report import write_ablation
 from loopfm.evaluation.transfer import summarize
-from loopfm.features import features_stage
+from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log

@@ -18,8 +18,8 @@ from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import USER_ID
 from loopfm.evaluation.metrics import evaluate
 from loopfm.evaluation.report import build_report, write_report
-from loopfm.features import features_stage
 from loopfm.features.reader import KD_LOGIT, LABEL, FeaturesManifest, read_features
+from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_train_stage
 from loopfm.rundir import RunDir

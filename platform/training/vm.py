@@ -25,9 +25,9 @@ import torch
 from loopfm.config import ARM_CHANNELS, ARMS, LoopFMConfig, TrainConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
 from loopfm.evaluation.metrics import evaluate
-from loopfm.features import features_stage
 from loopfm.features.collate import VMBatchCollate
 from loopfm.features.reader import LABEL, RAW_COLUMNS, SEQ_Z, FeaturesManifest, read_features
+from loopfm.features.stage import features_stage
 from loopfm.models.losses import vm_loss
 from loopfm.ordering import ordered_data
 from loopfm.precision import autocast, float32, model_device
