@@ -8,7 +8,7 @@ timed whole as a user would see it:
 
 * **embed**: `loopfm.fm.embed.embed_stage` (user chunks -> compressor fit on a fixed sample ->
   the ChunkExtractor actor pool over every chunk -> sealed store);
-* **features**: `loopfm.features.features_stage` (the point-in-time join over that store);
+* **features**: `loopfm.features.stage.features_stage` (the point-in-time join over that store);
 * **train**: `loopfm.training.vm.train_vm`, the `loopfm` arm (Ray Train, one worker).
 
 Per stage: the log-log slope of seconds against events (least squares over the sizes; 1.0 =

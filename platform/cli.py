@@ -70,7 +70,7 @@ COMMANDS: tuple[Command, ...] = (
         _opt("--stores", help="two store versions A,B compared on the events both hold (e.g. two FMs)"),
     )),
     Command(("features",), "point-in-time join of stored embeddings into VM examples",
-            "loopfm.features:features_stage"),
+            "loopfm.features.stage:features_stage"),
     Command(("train",), "train one VM (one arm, one seed) with Ray Train", "loopfm.training.vm:train_stage", (
         _opt("--arm", choices=ARMS,
              help=f"one of {', '.join(ARMS)} (default: from train.use_kd/use_loopfm/use_rawseq)"),
