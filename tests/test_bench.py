@@ -61,8 +61,8 @@ def test_every_cli_command_loads_its_function():
     not when a user runs it."""
     built = [c for c in COMMANDS if c.target is not None]
     assert len(built) > 10
-    for command in built:
-        assert callable(command.load()), command.name
+    for cmd in built:
+        assert callable(cmd.load()), cmd.name
 
 
 def test_parser_and_stage_agree_on_the_names():
