@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,13 +87,13 @@ def main() -> None:
         run = RunDir(scratch / "run")
         with Timer() as setup:
             day, old_rows, new_rows = grown_log(cfg, run, scratch)
-            logs_append_stage(cfg, run, Namespace(files=[str(day)], format="parquet"))
+            logs_append_stage(cfg, run, [str(day)], "parquet")
         rounds = []
         for k in range(args.rounds):  # alternate, so neither path alone pays Ray's cold worker start-up
             with Timer() as full:
                 union_rows(cfg, run).write_parquet(str(scratch / f"full{k}"))
             with Timer() as inc:
-                delta = embed_stage(cfg, run, Namespace(incremental=True, since="last"))
+                delta = embed_stage(cfg, run, incremental=True, since="last")
             full_rows = sum(pq.read_metadata(f).num_rows for f in (scratch / f"full{k}").glob("*.parquet"))
             assert delta.rows == new_rows and full_rows == old_rows + new_rows, (delta.rows, new_rows, full_rows)
             rounds.append({"full_s": round(full.seconds, 2), "incremental_s": round(inc.seconds, 2)})

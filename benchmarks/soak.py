@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import httpx
@@ -216,7 +215,7 @@ def main() -> None:
             for k in range(rounds):
                 time.sleep(max(0.0, started + (k + 1) * args.every - time.monotonic()))
                 s = time.monotonic()
-                logs_append_stage(cfg, run, Namespace(files=[str(slices[k])], format="parquet"))
+                logs_append_stage(cfg, run, [str(slices[k])], "parquet")
                 delta = incremental_embed(cfg, run)
                 state = refresh()
                 phases.append(("delta", s, time.monotonic()))

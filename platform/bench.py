@@ -108,10 +108,12 @@ def command(name: str, repo: Path, extra: Sequence[str] = (), config: Optional[s
     return [sys.executable, str(script), *flags, *extra]
 
 
-def bench_stage(cfg: LoopFMConfig, run, args) -> None:
-    """`loopfm bench <name> [-- harness args]`."""
-    name = args.benchmark
-    extra = list(args.args or [])
+def bench_stage(cfg: LoopFMConfig, run, benchmark: str, harness_args: Sequence[str] = (),
+                config: Optional[str] = None, overrides: Sequence[str] = ()) -> None:
+    """`loopfm bench <name> [-- harness args]`: `config` and `overrides` are the command's own
+    `--config` and `--set` (harnesses that read a config get them as given, the others as flags)."""
+    name = benchmark
+    extra = list(harness_args or [])
     if extra[:1] == ["--"]:
         extra = extra[1:]
     if name not in NAMES:
@@ -122,7 +124,7 @@ def bench_stage(cfg: LoopFMConfig, run, args) -> None:
     repo = find_repo()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}  # local Ray on loopback
     for each in (ALL if name == "all" else (name,)):
-        cmd = command(each, repo, extra, getattr(args, "config", None), cfg, getattr(args, "overrides", ()))
+        cmd = command(each, repo, extra, config, cfg, overrides)
         log.info("bench %s: %s (load avg %.2f)", each, " ".join(cmd[1:]), os.getloadavg()[0])
         started = time.perf_counter()
         code = subprocess.run(cmd, cwd=repo, env=env).returncode

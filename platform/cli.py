@@ -3,7 +3,8 @@
 Every command takes `--config` (YAML; defaults when omitted), `--out` (the run directory) and
 `--set key.path=value` overrides, so the same line works locally and under
 `ray job submit --working-dir . -- loopfm <stage> ...`. Stage code is imported lazily: `loopfm
---help` and `loopfm config show` do not pay for importing Ray and torch.
+--help` and `loopfm config show` do not pay for importing Ray and torch. argparse stops here: a
+stage is a function of (config, run directory, its own options as typed keyword arguments).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Command:
     help: str
     target: Optional[str]  # "module:function"; None = not built yet
     options: tuple[tuple[tuple[str, ...], dict], ...] = field(default=())
+    passes: tuple[str, ...] = ()  # common options the function takes too (`bench`: config, overrides)
 
     @property
     def name(self) -> str:
@@ -37,6 +39,10 @@ class Command:
             raise NotImplementedError(f"`loopfm {self.name}` is not built yet")
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
+
+
+def comma_list(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
 
 
 def _opt(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
@@ -67,7 +73,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(("drift",), "how far stored embeddings moved: between time slices, or between two stores",
             "loopfm.evaluation.drift:drift_stage", (
         _opt("--slices", type=int, default=4, help="time slices of the store chain compared in turn (default 4)"),
-        _opt("--stores", help="two store versions A,B compared on the events both hold (e.g. two FMs)"),
+        _opt("--stores", type=comma_list, default=(),
+             help="two store versions A,B compared on the events both hold (e.g. two FMs)"),
     )),
     Command(("features",), "point-in-time join of stored embeddings into VM examples",
             "loopfm.features.stage:features_stage"),
@@ -124,12 +131,13 @@ COMMANDS: tuple[Command, ...] = (
              choices=("extract", "extract_scale", "train", "serve", "scaling", "memory", "features", "incremental",
                       "all"),
              help="which harness (all = extract, train, serve, scaling, memory)"),
-        _opt("args", nargs=argparse.REMAINDER, help="after `--`: the harness's own flags, e.g. -- --users 2000"),
-    )),
+        _opt("harness_args", metavar="args", nargs=argparse.REMAINDER,
+             help="after `--`: the harness's own flags, e.g. -- --users 2000"),
+    ), passes=("config", "overrides")),
 )
 
 
-def show_config(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace) -> None:
+def show_config(cfg: LoopFMConfig, run: RunDir) -> None:
     print(cfg.to_yaml(), end="")
 
 
@@ -152,9 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set vm.pooling=mean (repeatable)")
-        for flags, kwargs in cmd.options:
-            p.add_argument(*flags, **kwargs)
-        p.set_defaults(_command=cmd)
+        dests = tuple(p.add_argument(*flags, **kwargs).dest for flags, kwargs in cmd.options)
+        p.set_defaults(_command=cmd, _dests=dests + cmd.passes)
     return parser
 
 
@@ -174,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"loopfm: {err}", file=sys.stderr)
         return 2
     try:
-        fn(cfg, run, args)
+        fn(cfg, run, **{dest: getattr(args, dest) for dest in args._dests})
     except (LoopFMError, ConfigError) as err:
         print(f"loopfm {cmd.name}: error: {err}", file=sys.stderr)
         return 1

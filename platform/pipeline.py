@@ -6,8 +6,9 @@ The stage list is the data path of docs/DESIGN.md, 'Data path'. Each entry names
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
+from collections.abc import Sequence
 
 from loopfm.cli import COMMANDS
 from loopfm.config import LoopFMConfig
@@ -29,7 +30,7 @@ PIPELINE: tuple[str, ...] = (
 )
 
 
-def run_pipeline(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace | None = None) -> None:
+def run_pipeline(cfg: LoopFMConfig, run: RunDir) -> None:
     by_name = {c.name: c for c in COMMANDS}
     run.ensure()
     atomic_write_text(run.config_path, cfg.to_yaml())
@@ -44,7 +45,7 @@ def run_pipeline(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace | None
             continue
         started = time.time()
         log.info("run: stage `%s`", name)
-        cmd.load()(cfg, run, args or argparse.Namespace())
+        cmd.load()(cfg, run)
         log.info("run: stage `%s` done in %.1fs", name, time.time() - started)
     if missing:
         log.info("run: reached the end of what exists; not built yet: %s", ", ".join(missing))
@@ -52,15 +53,16 @@ def run_pipeline(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace | None
         log.info("run: finished; report in %s", run.report)
 
 
-def cycle_stage(cfg: LoopFMConfig, run: RunDir, args: argparse.Namespace) -> None:
+def cycle_stage(cfg: LoopFMConfig, run: RunDir, files: Sequence[str | os.PathLike], format: str = "auto",
+                no_refresh: bool = False) -> None:
     """`loopfm cycle --files F...`: the loop's daily step (docs/LOOP.md) as one job.
 
     Appends the files to the log, embeds their events into a store delta with the same FM, then,
     when a Serve app of this run is reachable, makes its feature lookup load the delta now.
     """
-    logs_append_stage(cfg, run, args)
+    logs_append_stage(cfg, run, files, format)
     incremental_embed(cfg, run, "last")
-    if getattr(args, "no_refresh", False):
+    if no_refresh:
         return
     try:
         serve_refresh_stage(cfg, run)

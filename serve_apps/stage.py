@@ -56,15 +56,11 @@ def served_version() -> Optional[dict]:
         return None
 
 
-def _vm_option(args) -> Optional[Path]:
-    vm = getattr(args, "vm", None)
-    return Path(vm) if vm else None
-
-
-def serve_run_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
+def serve_run_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLike] = None) -> None:
+    """`loopfm serve run [--vm DIR]`: serve `vm` (default: the newest of serve.arm / serve.seed) until Ctrl-C."""
     init_ray(cfg.ray)
     start_http(cfg)
-    deployed = deploy(cfg, run, _vm_option(args))
+    deployed = deploy(cfg, run, Path(vm) if vm else None)
     serve_dir(run).mkdir(parents=True, exist_ok=True)
     atomic_write_text(serve_dir(run) / ADDRESS_FILE, ray.get_runtime_context().gcs_address)
     info = served_version() or {}
@@ -83,9 +79,12 @@ def serve_run_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
         (serve_dir(run) / ADDRESS_FILE).unlink(missing_ok=True)
 
 
-def serve_build_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> Path:
-    config = deploy_config(cfg, run, _vm_option(args))
-    out = Path(getattr(args, "output", None) or serve_dir(run) / "serve.yaml")
+def serve_build_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLike] = None,
+                      output: Optional[str | os.PathLike] = None) -> Path:
+    """`loopfm serve build [--vm DIR] [-o YAML]`: the Serve config of `vm`, at `output`
+    (default: <run>/serve/serve.yaml)."""
+    config = deploy_config(cfg, run, Path(vm) if vm else None)
+    out = Path(output or serve_dir(run) / "serve.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     header = ("# Ray Serve config written by `loopfm serve build`; deploy with `serve deploy " + str(out) + "`\n"
               "# (needs `loopfm` installed on the cluster and the run directory readable by it).\n")
@@ -116,9 +115,10 @@ def connect(cfg: LoopFMConfig, run: RunDir) -> None:
         ray.init(address=address, log_to_driver=False)
 
 
-def serve_reload_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> None:
+def serve_reload_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLike] = None) -> None:
+    """`loopfm serve reload [--vm DIR]`: redeploy the running app with `vm` (default: the newest)."""
     connect(cfg, run)
-    before, after = reload(cfg, run, _vm_option(args))
+    before, after = reload(cfg, run, Path(vm) if vm else None)
     log.info("serve reload: VM %s (store %s) -> VM %s (store %s)", before.get("model_version"),
              before.get("store_version"), after.get("model_version"), after.get("store_version"))
 
@@ -134,7 +134,7 @@ def refresh() -> dict:
     return handle.refresh.remote().result(timeout_s=600)
 
 
-def serve_refresh_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
+def serve_refresh_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     connect(cfg, run)
     state = refresh()
     log.info("serve refresh: store %s + %d deltas, %d appended batches, newest event ts %s (%.0fs old)",

@@ -8,7 +8,6 @@ name, not after.
 from __future__ import annotations
 
 import shutil
-from argparse import Namespace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -54,7 +53,7 @@ def test_a_refused_batch_is_never_visible_and_a_good_one_lands_whole(log_run, sm
     reused = tmp_path / "reused.parquet"
     pq.write_table(later, reused)  # newer events, but the log already holds their event ids
     with pytest.raises(DataValidationError, match=r"300 event_id values in reused.parquet are already in the log"):
-        logs_append_stage(smoke_config, run, Namespace(files=[str(reused)], format="auto"))
+        logs_append_stage(smoke_config, run, [str(reused)], "auto")
     assert seen == [[]]  # the check ran while no batch was visible
     assert _visible(run) == [] or all(n.endswith(".validation.json") for n in _visible(run))
 
@@ -62,7 +61,7 @@ def test_a_refused_batch_is_never_visible_and_a_good_one_lands_whole(log_run, sm
     fresh = tmp_path / "fresh.parquet"
     pq.write_table(later.set_column(later.schema.get_field_index("event_id"), "event_id",
                                     pc.add(ids, pa.scalar(1 << 40, ids.type))), fresh)
-    manifest = logs_append_stage(smoke_config, run, Namespace(files=[str(fresh)], format="auto"))
+    manifest = logs_append_stage(smoke_config, run, [str(fresh)], "auto")
     assert seen[-1] == [] and manifest["rows"] == 300
     batches = appended_batches(run)
     assert len(batches) == 1 and min(append._columns(batches, ["ts"])["ts"]) > newest

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +65,40 @@ def test_every_cli_command_loads_its_function():
         assert callable(cmd.load()), cmd.name
 
 
+def test_every_stage_takes_exactly_its_commands_options_as_typed_arguments():
+    """argparse stops at the CLI: a stage is (cfg, run, *its options*), each option a named
+    parameter, so library code and tests call it with plain values, never a namespace."""
+    parser = build_parser()
+    for cmd in (c for c in COMMANDS if c.target is not None):
+        args = parser.parse_args([*cmd.words, *_required(cmd)])
+        params = list(inspect.signature(cmd.load()).parameters.values())
+        assert [p.name for p in params[:2]] == ["cfg", "run"], cmd.name
+        names = {p.name for p in params[2:]}
+        assert set(args._dests) <= names, (cmd.name, args._dests, names)
+        extra = [p for p in params[2:] if p.name not in args._dests]
+        assert all(p.default is not inspect.Parameter.empty for p in extra), (cmd.name, extra)
+        assert "args" not in names, cmd.name
+
+
+def _required(cmd) -> list[str]:
+    """Values for a command's required options (enough to parse it)."""
+    out = []
+    for flags, kwargs in cmd.options:
+        if not flags[0].startswith("-"):
+            out += [kwargs.get("choices", ("x",))[0]]
+        elif kwargs.get("required"):
+            out += [flags[-1], "x"]
+    return out
+
+
 def test_parser_and_stage_agree_on_the_names():
     bench = next(c for c in COMMANDS if c.words == ("bench",))
     choices = next(kw["choices"] for flags, kw in bench.options if flags == ("benchmark",))
     assert set(choices) == set(NAMES) and set(ALL) <= set(SCRIPTS)
     args = build_parser().parse_args(["bench", "--config", str(BENCH_YAML), "extract", "--", "--users", "200",
                                       "--no-sweep"])
-    assert (args.benchmark, args.args, args.config) == ("extract", ["--users", "200", "--no-sweep"], str(BENCH_YAML))
+    assert (args.benchmark, args.harness_args, args.config) == ("extract", ["--users", "200", "--no-sweep"],
+                                                                str(BENCH_YAML))
     for name in SCRIPTS:
         assert (REPO / "benchmarks" / SCRIPTS[name]).is_file(), name
 
@@ -80,9 +107,9 @@ def test_stage_refuses_unknown_names_and_arguments_to_all(tmp_path):
     from loopfm.bench import bench_stage
 
     with pytest.raises(BenchmarkError, match="warpdrive"):
-        bench_stage(LoopFMConfig(), None, Namespace(benchmark="warpdrive", args=[], config=None, overrides=[]))
+        bench_stage(LoopFMConfig(), None, "warpdrive")
     with pytest.raises(BenchmarkError, match="all"):
-        bench_stage(LoopFMConfig(), None, Namespace(benchmark="all", args=["--users", "5"], config=None, overrides=[]))
+        bench_stage(LoopFMConfig(), None, "all", ["--users", "5"])
 
 
 def test_flags_after_dashes_come_last_so_they_win():

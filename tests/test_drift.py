@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -45,7 +44,7 @@ def test_a_new_fm_drifts_more_than_new_days(smoke_config, smoke_embedded, tmp_pa
     other = embed_stage(other_cfg, run)
     assert other.fm_version != store.fm_version
 
-    rows = drift_stage(smoke_config, run, Namespace(slices=3, stores=f"{store.store_version},{other.store_version}"))
+    rows = drift_stage(smoke_config, run, slices=3, stores=[store.store_version, other.store_version])
     days = [r for r in rows if r["comparison"].startswith("slice")]
     fm = [r for r in rows if r["comparison"].startswith("store")]
     assert len(days) == 2 and len(fm) == 1 and fm[0]["rows_old"] > 1000

@@ -12,7 +12,6 @@ import shutil
 import signal
 import threading
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,7 @@ def grown_run(tmp_path_factory, smoke_config):
     fm_train_stage(cfg, run)
     base = embed_stage(cfg, run)
     assert base.rows == old.num_rows and base.max_ts <= cut
-    cycle_stage(cfg, run, Namespace(files=[str(day)], format="auto", no_refresh=False))  # append + embed --incremental
+    cycle_stage(cfg, run, [str(day)], "auto")  # append + embed --incremental
     return cfg, run, day, cut
 
 
@@ -122,7 +121,7 @@ def test_append_refuses_events_that_are_not_newer(grown_run):
     cfg, run, day, _ = grown_run
     before = appended_batches(run)
     with pytest.raises(DataValidationError, match=r"at or before the log's newest event.*nothing was appended"):
-        logs_append_stage(cfg, run, Namespace(files=[str(day)], format="auto"))
+        logs_append_stage(cfg, run, [str(day)], "auto")
     assert appended_batches(run) == before
 
 
@@ -136,7 +135,7 @@ def test_second_increment_needs_new_events_and_compaction_folds_the_chain(grown_
     cfg, run, day, _ = grown_run
     chain = open_chain(run, resolve_store(cfg, run)[0])
     with pytest.raises(MissingInputError, match="no events after ts"):
-        embed_stage(cfg, run, Namespace(incremental=True, since="last"))
+        embed_stage(cfg, run, incremental=True, since="last")
     rows = {int(i) for p, _ in chain for i in _rows([p])["event_id"]}
     kept = chain[1][0].parent.parent / "kept-delta"
     shutil.copytree(chain[1][0], kept)
@@ -226,7 +225,7 @@ def test_a_changed_compressor_is_refused(grown_run):
     try:
         path.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
         with pytest.raises(VersionMismatchError, match="compressor.pt does not match the hash"):
-            embed_stage(cfg, run, Namespace(incremental=True, since="last"))
+            embed_stage(cfg, run, incremental=True, since="last")
     finally:
         path.write_bytes(saved)
 
@@ -277,7 +276,7 @@ def test_a_delta_short_of_a_row_is_refused_before_it_is_published(grown_run, tmp
 
     cfg, run, day, _ = grown_run
     n = _later_batch(run, day, 10, tmp_path / "batch.parquet")
-    logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "batch.parquet")], format="auto"))
+    logs_append_stage(cfg, run, [str(tmp_path / "batch.parquet")], "auto")
     base_path, base = resolve_store(cfg, run)
     before = [p for p, _ in open_chain(run, base_path)]
     pending = incremental._new_events(run, chain_max_ts(open_chain(run, base_path)))[1]
@@ -308,7 +307,7 @@ def test_compaction_waits_for_a_running_increment_and_a_killed_one_loses_nothing
 
     cfg, run, day, _ = grown_run
     _later_batch(run, day, 20, tmp_path / "first.parquet")
-    logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "first.parquet")], format="auto"))
+    logs_append_stage(cfg, run, [str(tmp_path / "first.parquet")], "auto")
     base_path = resolve_store(cfg, run)[0]
     pending = _new_events(run, chain_max_ts(open_chain(run, base_path)))[1]
     incremental_embed(cfg, run)  # the chain: base <- ... <- d0
@@ -316,7 +315,7 @@ def test_compaction_waits_for_a_running_increment_and_a_killed_one_loses_nothing
     stored = {int(i) for p, _ in before for i in _rows([p])["event_id"]}
     assert len(before) >= 2 and before[-1][1].rows == pending
     second = _later_batch(run, day, 30, tmp_path / "second.parquet")
-    logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "second.parquet")], format="auto"))
+    logs_append_stage(cfg, run, [str(tmp_path / "second.parquet")], "auto")
 
     held, where = held_process(HELD_INCREMENT, run.root, tmp_path / "held.ready", SMOKE, gate=tmp_path / "held.ready")
     held_tmp = Path(where)

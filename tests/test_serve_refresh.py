@@ -12,7 +12,6 @@ import shutil
 import signal
 import threading
 import time
-from argparse import Namespace
 
 import numpy as np
 import pyarrow as pa
@@ -126,7 +125,7 @@ def test_soak_a_delta_a_refresh_and_a_reload_under_load_fail_no_request(live, tm
     try:
         time.sleep(1.0)
         newest = _new_events_file(run, user, tmp_path / "new.parquet")
-        logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "new.parquet")], format="parquet"))
+        logs_append_stage(cfg, run, [str(tmp_path / "new.parquet")], "parquet")
         delta = incremental_embed(cfg, run)
         assert delta.rows == 6
         state = refresh()  # `loopfm serve refresh`
@@ -216,7 +215,7 @@ def held(old, new, files):
 
 append._conflict = held
 append.logs_append_stage(load_config(sys.argv[3], ["ray.progress_bars=false"]), run,
-                         Namespace(files=[batch], format="parquet"))
+                         [batch], "parquet")
 """
 
 
@@ -265,7 +264,7 @@ def test_a_refresh_never_sees_a_batch_that_is_not_appended_whole(live, tmp_path)
     reader = threading.Thread(target=keep_refreshing)
     reader.start()
     try:
-        logs_append_stage(cfg, run, Namespace(files=[str(tmp_path / "batch.parquet")], format="parquet"))
+        logs_append_stage(cfg, run, [str(tmp_path / "batch.parquet")], "parquet")
         time.sleep(0.5)
     finally:
         stop.set()

@@ -18,7 +18,6 @@ Train run resumes from its last epoch checkpoint when it has workers), and the s
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Optional
@@ -50,13 +49,13 @@ def experiment_path(cfg: LoopFMConfig, run: RunDir) -> Path:
     return run.ray_storage / f"tune-{tune_fingerprint(cfg)}"
 
 
-def _upstream(cfg: LoopFMConfig, run: RunDir, args) -> None:
+def _upstream(cfg: LoopFMConfig, run: RunDir) -> None:
     """The stages a trial reads from, for the base config (each skipped when current)."""
     by_name = {c.name: c for c in COMMANDS}
     for name in UPSTREAM:
         if name == "data generate" and cfg.data.source != "synthetic":
             continue
-        by_name[name].load()(cfg, run, args or argparse.Namespace())
+        by_name[name].load()(cfg, run)
 
 
 def trainable(cfg: LoopFMConfig, run: RunDir):
@@ -88,14 +87,14 @@ def build_tuner(cfg: LoopFMConfig, run: RunDir):
     )
 
 
-def tune_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
+def tune_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     """`loopfm tune`: search, or resume the interrupted search of this config; write `tune/`."""
     try:
         validate_space(cfg)
     except ValueError as err:
         raise LoopFMError(str(err)) from None
     run.ensure()
-    _upstream(cfg, run, args)
+    _upstream(cfg, run)
     init_ray(cfg.ray)
     path = experiment_path(cfg, run)
     started = time.time()

@@ -39,8 +39,9 @@ from ray.util.queue import Queue
 from loopfm.config import LoopFMConfig, validate_config
 from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
-from loopfm.rundir import RunDir, is_complete
+from loopfm.rundir import RunDir
 from loopfm.runtime import setup_logging
+from loopfm.skeleton import current
 from loopfm.training.checkpoint import VMManifest
 from loopfm.training.loop import scalar_metrics
 from loopfm.training.vm import arm_config, arm_of, selection_value, train_vm, vm_fingerprint
@@ -177,8 +178,8 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
     report = TrialReport(queue, cfg.tune.metric, serving_bytes(cfg), cfg.train.select_by)
     with FileLock(str(locks / f"vm-{fingerprint}.lock")):  # the same config twice: trained once
         done = run.vm(arm_of(cfg.train), cfg.train.seed, fingerprint)
-        if is_complete(done, fingerprint):
-            manifest = VMManifest.read(done)
+        manifest = current("tune: trial", done, fingerprint, VMManifest.read)
+        if manifest is not None:
             for entry in manifest.metrics["history"]:
                 ray.tune.report(report.objective({"epoch": entry["epoch"], **scalar_metrics(entry)}))
             replayed = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +54,19 @@ def _columns(paths: list[Path], names: list[str]) -> dict[str, np.ndarray]:
     return {n: table.column(n).to_numpy() for n in names}
 
 
-def logs_append_stage(cfg: LoopFMConfig, run: RunDir, args) -> dict:
-    """Validate `args.files` and append them to the run's log as one batch."""
+def logs_append_stage(cfg: LoopFMConfig, run: RunDir, files: Sequence[str | os.PathLike],
+                      format: str = "auto") -> dict:
+    """`loopfm logs append --files F...`: validate `files` (parquet or CSV; `format` "auto" goes by
+    extension) and append them to the run's log as one batch."""
     events = read_manifest(run.events)
     if events is None:
         raise MissingInputError(f"no validated log in {run.events}: run `loopfm data validate` first")
-    files = [Path(f).resolve() for f in args.files]
+    files = [Path(f).resolve() for f in files]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise MissingInputError(f"logs append: no such file(s): {', '.join(missing)}")
     layout = generic_layout(cfg.data.columns, events.get("categorical", []), bool(cfg.data.sorted_by_ts))
-    source = open_source(str(files[0].parent), _format(files, args.format), layout, files=files)
+    source = open_source(str(files[0].parent), _format(files, format), layout, files=files)
 
     # One append at a time: two batches checked against the same old log could both pass, then
     # reuse each other's ids or overlap in time once both are in.

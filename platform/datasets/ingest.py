@@ -30,8 +30,9 @@ from loopfm.datasets.readers import FILE_SHIFT, Source, generic_layout, open_sou
 from loopfm.datasets.schema import event_schema
 from loopfm.datasets.validate import BIT, CheckedSink, audit, check_batch, fail_if_invalid, keep_batch, num_surfaces
 from loopfm.errors import MissingInputError
-from loopfm.rundir import RunDir, atomic_output, atomic_write_text, is_complete, read_manifest, write_manifest
+from loopfm.rundir import RunDir, atomic_write_text, read_manifest
 from loopfm.runtime import init_ray, log
+from loopfm.skeleton import current, publish
 
 
 def report_path(run: RunDir) -> Path:
@@ -59,14 +60,14 @@ def open_configured_source(data: DataConfig, run: RunDir) -> tuple[Source, objec
     return source, content
 
 
-def validate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
+def validate_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     """`loopfm data validate`."""
     data = cfg.data
     source, content = open_configured_source(data, run)
     fingerprint = stable_hash(content, data.model_dump(exclude={"synthetic", "split", "vertical"}))
-    if is_complete(run.events, fingerprint):
-        log.info("data validate: %s is current, skipped", run.events)
-        return read_manifest(run.events)
+    done = current("data validate", run.events, fingerprint, read_manifest)
+    if done is not None:
+        return done
     init_ray(cfg.ray)
     manifest = validate_source(cfg, source, run.events, report_path(run), {"fingerprint": fingerprint,
                                                                             "source": data.source})
@@ -92,7 +93,8 @@ def validate_source(cfg: LoopFMConfig, source: Source, out: Path, report: Path, 
     for column in categorical:
         if usable and not any(column in f.columns for f in usable):
             log.warning("validate: categorical column %r is in no file; it will be 0 everywhere", column)
-    with atomic_output(out) as tmp:
+
+    def build(tmp: Path) -> dict:
         staged = tmp / ".checked"  # hidden: readers of the final directory skip it
         sink = CheckedSink(staged)
         if usable:
@@ -111,7 +113,7 @@ def validate_source(cfg: LoopFMConfig, source: Source, out: Path, report: Path, 
         keep = functools.partial(keep_batch, drop_ref=ray.put(drop), columns=columns)
         checked.map_batches(keep, batch_format="pyarrow", batch_size=None).write_parquet(str(tmp))
         shutil.rmtree(staged)
-        manifest = {
+        return {
             **extra,
             "path": source.root,
             "rows": result.rows_kept,
@@ -123,8 +125,8 @@ def validate_source(cfg: LoopFMConfig, source: Source, out: Path, report: Path, 
             "ts_unit": source.layout.ts_unit,
             "files": _file_entries(source, result.file_rows),
         }
-        write_manifest(tmp, manifest)
-    return manifest
+
+    return publish(out, build)
 
 
 def _file_entries(source: Source, file_rows: list[int]) -> list[dict]:

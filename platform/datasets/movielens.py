@@ -39,7 +39,8 @@ from loopfm.config import ColumnMapping, DataConfig, stable_hash
 from loopfm.datasets.readers import Source, generic_layout, open_source
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, EVENT_SCHEMA, ITEM_ID, LABEL, SURFACE, TS, USER_ID
 from loopfm.errors import DataValidationError, MissingInputError
-from loopfm.rundir import atomic_output, is_complete, write_manifest
+from loopfm.rundir import read_manifest
+from loopfm.skeleton import run_stage
 
 SOURCE = "movielens100k"
 INTER = "ml-100k.inter"
@@ -147,15 +148,15 @@ def write_source(data: DataConfig, out: Path) -> str:
     item = item_file(inter)
     identity = [(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in (inter, item) if p is not None]
     fingerprint = stable_hash(SOURCE, MAPPING_VERSION, identity)
-    if is_complete(out, fingerprint):
-        return fingerprint
-    events = to_events(inter, item)
-    with atomic_output(out) as tmp:
+
+    def build(tmp: Path) -> dict:
+        events = to_events(inter, item)
         pq.write_table(events, tmp / "events.parquet")
         label = events[LABEL].to_numpy()
-        write_manifest(tmp, {"fingerprint": fingerprint, "source": SOURCE, "inter": str(inter),
-                             "item": str(item) if item else None, "rows": events.num_rows,
-                             "label_rate": float(label.mean()) if len(label) else None})
+        return {"fingerprint": fingerprint, "source": SOURCE, "inter": str(inter), "item": str(item) if item else None,
+                "rows": events.num_rows, "label_rate": float(label.mean()) if len(label) else None}
+
+    run_stage("data validate: movielens", out, fingerprint, build, read=read_manifest, ray=None)
     return fingerprint
 
 

@@ -26,8 +26,9 @@ from loopfm.config import LoopFMConfig, SplitConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
 from loopfm.datasets.vocab import Vocab, VocabBuilder
 from loopfm.errors import MissingInputError
-from loopfm.rundir import Manifest, RunDir, atomic_output, is_complete, read_manifest
+from loopfm.rundir import Manifest, RunDir, read_manifest
 from loopfm.runtime import init_ray, log
+from loopfm.skeleton import current, publish
 
 VOCAB_COLUMNS = (USER_ID, ITEM_ID, CATEGORY)
 SPLIT_TAG = "_split"  # partition column of the one write pass; becomes the directory name
@@ -106,15 +107,15 @@ def _index_and_tag(batch: dict, *, vocabs_ref, valid_start: int, test_start: int
     return batch
 
 
-def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
+def split_stage(cfg: LoopFMConfig, run: RunDir) -> SplitInfo:
     """`loopfm data split`: at most three passes, two of them over a few columns only."""
     events = read_manifest(run.events)
     if events is None:
         raise MissingInputError(f"no validated events in {run.events}: run `loopfm data validate` first")
     fingerprint = stable_hash(events["fingerprint"], cfg.data.split, cfg.data.vertical)
-    if is_complete(run.splits, fingerprint):
-        log.info("data split: %s is current, skipped", run.splits)
-        return SplitInfo.load(run)
+    done = current("data split", run.splits, fingerprint, lambda _: SplitInfo.load(run))
+    if done is not None:
+        return done
     init_ray(cfg.ray)
     categorical = list(events.get("categorical", []))
     vocab_columns = (*VOCAB_COLUMNS, *categorical)
@@ -146,7 +147,7 @@ def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
         )
     vocabs = {c: b.build() for c, b in builders.items()}
 
-    with atomic_output(run.splits) as tmp:  # pass 3: indices added, each row written to its split
+    def build(tmp: Path) -> SplitInfo:  # pass 3: indices added, each row written to its split
         (tmp / "vocab").mkdir()
         for column, vocab in vocabs.items():
             vocab.save(tmp / "vocab" / f"{column}.npy")
@@ -156,7 +157,7 @@ def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
         ds.map_batches(tag, batch_format="numpy", batch_size=None).write_parquet(str(tmp), partition_cols=[SPLIT_TAG])
         for name in SPLITS:
             os.replace(tmp / f"{SPLIT_TAG}={name}", tmp / name)
-        info = SplitInfo(
+        return SplitInfo(
             fingerprint=fingerprint,
             valid_start_ts=valid_start,
             test_start_ts=test_start,
@@ -167,7 +168,8 @@ def split_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> SplitInfo:
             num_surfaces=int(events.get("num_surfaces", 1)),
             vertical=cfg.data.vertical,
         )
-        info.write(tmp)
+
+    info = publish(run.splits, build)
     for name in SPLITS:
         log.info("data split: %-5s %9d events, label rate %.4f", name, counts[name], info.label_rate[name])
     log.info("data split: boundaries valid_start_ts=%d test_start_ts=%d -> %s", valid_start, test_start, run.splits)

@@ -41,10 +41,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from loopfm.config import SyntheticConfig, stable_hash
+from loopfm.config import LoopFMConfig, SyntheticConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SURFACE, TS, USER_ID
-from loopfm.rundir import atomic_output, is_complete, write_manifest
-from loopfm.runtime import init_ray, log
+from loopfm.rundir import RunDir, read_manifest
+from loopfm.runtime import log
+from loopfm.skeleton import run_stage
 
 SEGMENT = "user_segment"
 NUM_SEGMENTS = 8
@@ -255,17 +256,16 @@ def _gather_with_progress(refs: list) -> list:
     return [done[r] for r in refs]
 
 
-def generate_stage(cfg, run, args=None) -> Path:
+def generate_stage(cfg: LoopFMConfig, run: RunDir) -> Path:
     """`loopfm data generate`: the synthetic log under <out>/data/source (skipped if current)."""
     fingerprint = generator_fingerprint(cfg.data.synthetic)
-    if is_complete(run.source, fingerprint):
-        log.info("data generate: %s is current, skipped", run.source)
-        return run.source
-    init_ray(cfg.ray)
-    with atomic_output(run.source) as tmp:
+
+    def build(tmp: Path) -> dict:
         summary = generate(cfg.data.synthetic, tmp)
-        write_manifest(tmp, {"fingerprint": fingerprint, "generator": "synthetic", **summary})
-    log.info("data generate: %d events in %d files -> %s", summary["rows"], summary["files"], run.source)
+        log.info("data generate: %d events in %d files -> %s", summary["rows"], summary["files"], run.source)
+        return {"fingerprint": fingerprint, "generator": "synthetic", **summary}
+
+    run_stage("data generate", run.source, fingerprint, build, read=read_manifest, ray=cfg.ray)
     return run.source
 
 

@@ -17,13 +17,17 @@ different FM). Output: `report/drift.{md,json,png}`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow.dataset as pads
 
+from loopfm.config import LoopFMConfig
 from loopfm.errors import MissingInputError
 from loopfm.evaluation.metrics import auc
 from loopfm.evaluation.report import write_ablation
 from loopfm.logs import log
+from loopfm.rundir import RunDir
 from loopfm.store import codec
 from loopfm.store.deltas import chain_files, open_chain
 from loopfm.store.parquet import data_files, open_store
@@ -89,16 +93,16 @@ def store_drift(a: tuple, b: tuple) -> dict:
     return drift_stats(za[ia], zb[ib])
 
 
-def drift_stage(cfg, run, args=None) -> list[dict]:
-    """`loopfm drift [--slices K] [--stores A,B]`."""
+def drift_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 4, stores: Sequence[str] = ()) -> list[dict]:
+    """`loopfm drift [--slices K] [--stores A,B]`: between `slices` time slices of the store chain,
+    and between the two store versions of `stores` when given."""
     rows = []
     chain = open_chain(run, *resolve_store(cfg, run))
     cols, z = read_z(chain_files(chain), chain[0][1])
-    slices = getattr(args, "slices", None) or 4
     lo, hi = int(cols[TS].min()), int(cols[TS].max())
     bounds = [lo + (hi - lo) * k // slices for k in range(1, slices)]
     rows += slice_drift(cols, z, bounds)
-    stores = [v for v in (getattr(args, "stores", None) or "").split(",") if v]
+    stores = [v for v in stores if v]
     if stores:
         if len(stores) != 2:
             raise MissingInputError(f"--stores takes two store versions A,B; got {stores}")

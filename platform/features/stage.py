@@ -36,8 +36,9 @@ from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import ROWS_PER_PARTITION
 from loopfm.fm.train import fm_fingerprint
 from loopfm.ordering import ordered_data, sort_boundaries
-from loopfm.rundir import MANIFEST, RunDir, atomic_output, check_rows, is_complete
+from loopfm.rundir import MANIFEST, RunDir, check_rows
 from loopfm.runtime import init_ray, log
+from loopfm.skeleton import current, publish
 from loopfm.store import codec
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, StoreManifest, Z
@@ -47,16 +48,16 @@ FROM_STORE = "from_store"
 ITEM_N, ITEM_POS = "item_n", "item_pos"  # the item counters, carried on vertical event rows into the user join
 
 
-def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Optional[str] = None) -> FeaturesManifest:
-    """`loopfm features`: build (or find current) the VM examples of `data.vertical`."""
+def features_stage(cfg: LoopFMConfig, run: RunDir, fm_version: Optional[str] = None) -> FeaturesManifest:
+    """`loopfm features`: build (or find current) the VM examples of `data.vertical` (from the store
+    of `fm_version`; default: of the FM this config trains)."""
     info = SplitInfo.load(run)
     store_path, store = resolve_store(cfg, run, fm_version or configured_fm_version(cfg, run, info))
     fingerprint = features_fingerprint(cfg, info, store)
     out = run.features(fingerprint)
-    if is_complete(out, fingerprint):
-        log.info("features: %s is current, skipped", out)
-        return FeaturesManifest.read(out)
-
+    done = current("features", out, fingerprint, FeaturesManifest.read)
+    if done is not None:
+        return done
     init_ray(cfg.ray)
     spec = JoinSpec.from_config(cfg.features, codec.bytes_per_row(store.width, store.dtype),
                                 prior=vertical_label_rate(run, cfg.data.vertical))
@@ -65,11 +66,12 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
              cfg.data.vertical, store.store_version, spec.seq_len, spec.lag, spec.retention, cfg.features.surfaces)
     ids = vertical_event_ids(run, cfg.data.vertical)
     boundaries = sort_boundaries(np.concatenate(list(ids.values())), ROWS_PER_PARTITION)
-    with ordered_data(), atomic_output(out) as tmp:  # the same rows in the same files on every run
+
+    def build(tmp: Path) -> FeaturesManifest:
         examples = build_examples(run, store_path, spec, info, cfg.data.vertical).sort(EVENT_ID, boundaries=boundaries)
         examples.write_parquet(str(tmp), partition_cols=[SPLIT])
         rows = _finish_partitions(run, tmp, store, cfg.data.vertical, {name: len(v) for name, v in ids.items()})
-        manifest = FeaturesManifest(
+        return FeaturesManifest(
             fingerprint=fingerprint,
             store_version=store.store_version,
             splits_fingerprint=info.fingerprint,
@@ -90,10 +92,12 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, args=None, fm_version: Option
             surfaces=cfg.features.surfaces,
             seconds=round(time.time() - started, 2),
         )
-        manifest.write(tmp)
-    total = sum(rows.values())
+
+    with ordered_data():  # the same rows in the same files on every run
+        manifest = publish(out, build)
+    total = sum(manifest.rows.values())
     for name in SPLITS:
-        log.info("features: %-5s %9d examples", name, rows[name])
+        log.info("features: %-5s %9d examples", name, manifest.rows[name])
     log.info("features: %d examples in %.1fs (%.0f events/s) -> %s", total, manifest.seconds,
              total / max(manifest.seconds, 1e-9), out)
     return manifest

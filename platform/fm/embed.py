@@ -17,6 +17,7 @@ import hashlib
 import io
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,8 +33,9 @@ from loopfm.fm.incremental import incremental_embed
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.models import autoencoder
 from loopfm.ordering import ordered_data
-from loopfm.rundir import RunDir, atomic_output
+from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
+from loopfm.skeleton import publish
 from loopfm.store import codec
 from loopfm.store.parquet import seal
 from loopfm.store.resolve import store_version, stores_of
@@ -41,11 +43,12 @@ from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
 from loopfm.weights import MODEL_FILE
 
 
-def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> StoreManifest:
+def embed_stage(cfg: LoopFMConfig, run: RunDir, incremental: bool = False, since: str = "last",
+                cutoffs: Cutoffs = None) -> StoreManifest:
     """`loopfm embed` (with `cutoffs`: the store of the FM trained only on events before them;
-    with `--incremental`: only the log's events newer than the store, as a delta)."""
-    if getattr(args, "incremental", False):
-        return incremental_embed(cfg, run, getattr(args, "since", "last"))
+    with `incremental`: only the log's events newer than `since`, as a delta)."""
+    if incremental:
+        return incremental_embed(cfg, run, since)
     info = SplitInfo.load(run)
     fm_dir = run.fm(fm_fingerprint(cfg, info, cutoffs))
     if not (fm_dir / MODEL_FILE).is_file():
@@ -72,15 +75,17 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = No
     compressor_hash = hashlib.sha256(blob.getvalue()).hexdigest()
     version = store_version(fm.fm_version, cfg.embed, compressor_hash)
     out = run.store(version)
-    with atomic_output(out) as tmp:
+    def build(tmp: Path) -> StoreManifest:
         extract_rows(chunks, cfg, fm_args, compressor).write_parquet(str(tmp))
         (tmp / COMPRESSOR_FILE).write_bytes(blob.getvalue())
-        manifest = seal(tmp, StoreManifest(
+        return seal(tmp, StoreManifest(
             store_version=version, fm_version=fm.fm_version, checkpoint_hash=fm.fm_version,
             layers=list(cfg.embed.layers), raw_width=int(sample.shape[1]), width=cfg.embed.compress.width,
             prefix_widths=list(cfg.embed.compress.prefix_widths), dtype=cfg.embed.compress.dtype,
             recon_error=stats["recon_error"], quant_error=stats["quant_error"], compressor_hash=compressor_hash,
         ), expected_rows=total_events, stage="embed")
+
+    manifest = publish(out, build)
     seconds = time.time() - started
     log.info("embed: %d events in %.1fs (%.0f events/s) -> store %s", manifest.rows, seconds,
              manifest.rows / max(seconds, 1e-9), out)

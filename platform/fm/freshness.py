@@ -15,6 +15,8 @@ consistent space transfers better; `report/freshness.{md,json,png}` says what ha
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -27,8 +29,9 @@ from loopfm.evaluation.transfer import summarize
 from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_train_stage
-from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
+from loopfm.skeleton import current, publish
 from loopfm.store import codec
 from loopfm.store.parquet import data_files, seal
 from loopfm.store.resolve import store_version
@@ -50,10 +53,12 @@ def drifting_store(run: RunDir, cfg: LoopFMConfig, stores: list[StoreManifest], 
     compressors = ",".join(s.compressor_hash for s in stores)  # each slice's rows keep their own compressor's z
     version = store_version(fm_version, cfg.embed, compressors)
     out = run.store(version)
-    if is_complete(out):
-        return StoreManifest.read(out)
+    done = current("freshness: drifting store", out, None, StoreManifest.read)
+    if done is not None:
+        return done
     edges = [None, *bounds[1:], None]  # FM_k serves [c_k, c_k+1); FM_1 also everything before
-    with atomic_output(out) as tmp:
+
+    def build(tmp: Path) -> StoreManifest:
         for k, store in enumerate(stores):
             rows = pads.dataset([str(f) for f in data_files(run.store(store.store_version))], format="parquet")
             expr = None
@@ -70,6 +75,8 @@ def drifting_store(run: RunDir, cfg: LoopFMConfig, stores: list[StoreManifest], 
             dtype=last.dtype, recon_error=last.recon_error, quant_error=last.quant_error,
             compressor_hash=compressors), expected_rows=events, stage="freshness")
 
+    return publish(out, build)
+
 
 def centroid_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> float:
     """Mean L2 distance between z centroids of consecutive windows (before c_1, [c_1, c_2), ...)."""
@@ -82,9 +89,8 @@ def centroid_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> floa
     return float(np.mean([np.linalg.norm(b - a) for a, b in zip(centroids, centroids[1:])]))
 
 
-def freshness_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> list[dict]:
-    """`loopfm freshness`."""
-    slices = getattr(args, "slices", None) or 3
+def freshness_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 3, arm: str = "loopfm") -> list[dict]:
+    """`loopfm freshness [--slices K] [--arm A]`."""
     init_ray(cfg.ray)
     info = SplitInfo.load(run)
     bounds = slice_bounds(run, info, slices)
@@ -98,12 +104,12 @@ def freshness_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> list[dict]:
     rows = []
     for name, store in (("fixed", stores[-1]), ("drifting", drifting)):
         features = features_stage(cfg, run, fm_version=store.fm_version)
-        tests = [train_vm(arm_config(cfg, args.arm, seed), run, features).metrics["test"]
+        tests = [train_vm(arm_config(cfg, arm, seed), run, features).metrics["test"]
                  for seed in range(cfg.experiment.seeds)]
         row = {"embeddings": name, "centroid_drift": centroid_drift(run, store, bounds),
                **{m: summarize(t[m] for t in tests) for m in ("auc", "gauc", "logloss", "ne")}}
         log.info("freshness: %s embeddings: centroid drift %.4f, %s test auc %.4f ± %.4f", name,
-                 row["centroid_drift"], args.arm, row["auc"]["mean"], row["auc"]["std"])
+                 row["centroid_drift"], arm, row["auc"]["mean"], row["auc"]["std"])
         rows.append(row)
     paths = write_ablation(rows, "embeddings", run.report, "freshness", metrics=("auc", "ne", "centroid_drift"))
     log.info("freshness: slices at ts %s; %s", bounds, ", ".join(str(p) for p in paths))

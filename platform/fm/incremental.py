@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -42,8 +43,9 @@ from loopfm.fm.chunks import (
 from loopfm.fm.extract import extract_rows, extractor_args
 from loopfm.fm.train import fm_fingerprint
 from loopfm.ordering import ordered_data, sort_boundaries
-from loopfm.rundir import RunDir, atomic_output
+from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
+from loopfm.skeleton import publish
 from loopfm.store.deltas import chain_lock, chain_max_ts, open_chain
 from loopfm.store.parquet import file_hash, open_store, seal
 from loopfm.store.resolve import resolve_store
@@ -117,18 +119,22 @@ def _extend_chain(cfg: LoopFMConfig, run: RunDir, base_path, since: str | int) -
     parent = deltas[-1][1].store_version if deltas else base.store_version
     version = stable_hash(base.store_version, parent, since_ts, expected)
     out = run.store_deltas(base.store_version) / f"{len(deltas):04d}-{version}"
-    with ordered_data(), atomic_output(out) as tmp:
+
+    def build(tmp: Path) -> StoreManifest:
         per_user = cfg.fm.context + 2  # a trimmed user: its receptive field, the label before it, a new event
         chunks = chunk_users(log_events(run, info).map_batches(trim, batch_format="numpy"), continued_chunks,
                              sort_boundaries(new_users, max(1, ROWS_PER_PARTITION // per_user)),
                              chunk_len=cfg.fm.chunk_len, context=cfg.fm.context, since=since_ts,
                              cutoffs=(info.valid_start_ts, info.test_start_ts))
         extract_rows(chunks, cfg, fm_args, compressor).write_parquet(str(tmp))
-        manifest = seal(tmp, StoreManifest(
+        return seal(tmp, StoreManifest(
             store_version=version, fm_version=base.fm_version, checkpoint_hash=base.checkpoint_hash,
             layers=base.layers, raw_width=base.raw_width, width=base.width, prefix_widths=base.prefix_widths,
             dtype=base.dtype, parent=parent, base=base.store_version, since=since_ts,
         ), expected_rows=expected, stage="embed --incremental")
+
+    with ordered_data():
+        manifest = publish(out, build)
     seconds = time.time() - started
     log.info("embed --incremental: %d events of %d users after ts %d in %.1fs -> delta %s", manifest.rows,
              len(new_users), since_ts, seconds, out)

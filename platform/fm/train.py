@@ -27,8 +27,9 @@ from loopfm.fm.chunks import TOKENS, build_chunks, keep_chunks
 from loopfm.models.fm import CausalFM, fm_loss
 from loopfm.ordering import ordered_data
 from loopfm.precision import autocast
-from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log, use_gpu
+from loopfm.skeleton import current, publish
 from loopfm.training.loop import (
     LoopTimer,
     cpu_state,
@@ -60,14 +61,14 @@ def split_cutoffs(info: SplitInfo, cutoffs: Cutoffs = None) -> tuple[int, int]:
     return cutoffs if cutoffs is not None else (info.valid_start_ts, info.test_start_ts)
 
 
-def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs = None) -> FMManifest:
-    """`loopfm fm train`."""
+def fm_train_stage(cfg: LoopFMConfig, run: RunDir, cutoffs: Cutoffs = None) -> FMManifest:
+    """`loopfm fm train` (with `cutoffs`: the FM of the freshness study trained only on events before them)."""
     info = SplitInfo.load(run)
     fingerprint = fm_fingerprint(cfg, info, cutoffs)
     out = run.fm(fingerprint)
-    if is_complete(out, fingerprint):
-        log.info("fm train: %s is current, skipped", out)
-        return FMManifest.read(out)
+    done = current("fm train", out, fingerprint, FMManifest.read)
+    if done is not None:
+        return done
     init_ray(cfg.ray)
     gpu = use_gpu(cfg.ray)
     with ordered_data():  # the same chunks in the same order every run: the same FM bytes
@@ -88,13 +89,12 @@ def fm_train_stage(cfg: LoopFMConfig, run: RunDir, args=None, cutoffs: Cutoffs =
             num_workers=cfg.fm.num_workers, use_gpu=gpu,
         )
     state = final_state(result)
-    with atomic_output(out) as tmp:
-        manifest = save_fm(tmp, state_bytes(state["best"]), FMManifest(
-            fingerprint=fingerprint, fm_version="", fm=cfg.fm.model_dump(mode="json"), vocab_sizes=vocab_sizes,
-            num_surfaces=info.num_surfaces, splits_fingerprint=info.fingerprint,
-            metrics=state["stopper"]["best_metrics"], history=state["history"],
-            seconds=round(time.time() - started, 1),
-        ))
+    manifest = publish(out, lambda tmp: save_fm(tmp, state_bytes(state["best"]), FMManifest(
+        fingerprint=fingerprint, fm_version="", fm=cfg.fm.model_dump(mode="json"), vocab_sizes=vocab_sizes,
+        num_surfaces=info.num_surfaces, splits_fingerprint=info.fingerprint,
+        metrics=state["stopper"]["best_metrics"], history=state["history"],
+        seconds=round(time.time() - started, 1),
+    )))
     test = manifest.metrics.get("test", {})
     log.info("fm train: FM %s (best epoch %d) test auc %.4f ne %.4f -> %s", manifest.fm_version,
              state["stopper"]["best_epoch"] + 1, test.get("auc", float("nan")), test.get("ne", float("nan")), out)

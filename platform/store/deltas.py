@@ -22,9 +22,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from loopfm.config import LoopFMConfig
 from loopfm.errors import VersionMismatchError
 from loopfm.logs import log
-from loopfm.rundir import RunDir, atomic_output, output_lock, read_manifest, reap_dead_temps
+from loopfm.rundir import RunDir, output_lock, read_manifest, reap_dead_temps
+from loopfm.skeleton import publish
 from loopfm.store.parquet import data_files, open_store, seal
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import COMPRESSOR_FILE, StoreManifest
@@ -69,7 +71,7 @@ def chain_max_ts(chain: list[tuple[Path, StoreManifest]]) -> int:
     return max(m.max_ts for _, m in chain if m.rows)
 
 
-def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
+def compact_stage(cfg: LoopFMConfig, run: RunDir) -> StoreManifest:
     """`loopfm store compact`: fold this config's store and its deltas into one full store."""
     base_path, base = resolve_store(cfg, run)
     with chain_lock(run, base.store_version):
@@ -79,13 +81,16 @@ def compact_stage(cfg, run: RunDir, args=None) -> StoreManifest:
             _remove_folded(run, base.store_version)
             log.info("store compact: %s has no deltas", base_path)
             return base
-        with atomic_output(base_path) as tmp:
+
+        def build(tmp: Path) -> StoreManifest:
             for i, (path, _) in enumerate(chain):
                 for f in data_files(path):
                     shutil.copy2(f, tmp / f"{i:04d}-{f.name}")
             shutil.copy2(base_path / COMPRESSOR_FILE, tmp / COMPRESSOR_FILE)
-            manifest = seal(tmp, dataclasses.replace(base), expected_rows=sum(m.rows for _, m in chain),
-                            stage="store compact")  # the base's fields; rows, ts range and files recomputed
+            return seal(tmp, dataclasses.replace(base), expected_rows=sum(m.rows for _, m in chain),
+                        stage="store compact")  # the base's fields; rows, ts range and files recomputed
+
+        manifest = publish(base_path, build)
         _remove_folded(run, base.store_version)
     log.info("store compact: %d deltas folded into %s (%d rows, ts up to %d)", len(chain) - 1, base_path,
              manifest.rows, manifest.max_ts)

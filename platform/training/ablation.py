@@ -19,8 +19,10 @@ from loopfm.runtime import init_ray, log
 from loopfm.training.vm import arm_config, train_vm
 
 
-def ablate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> list[dict]:
-    key, values = args.param, [parse_override(f"{args.param}={v}")[1] for v in _split(args.values)]
+def ablate_stage(cfg: LoopFMConfig, run: RunDir, param: str, values: str, arm: str = "loopfm") -> list[dict]:
+    """`loopfm ablate --param KEY --values V1,V2,...`: `arm` trained on every seed for each value of
+    `param` (`values`: comma-separated, each YAML)."""
+    key, values = param, [parse_override(f"{param}={v}")[1] for v in _split(values)]
     init_ray(cfg.ray)
     rows = []
     for value in values:
@@ -28,10 +30,10 @@ def ablate_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> list[dict]:
         if key.startswith("embed."):
             embed_stage(variant, run)
         features = features_stage(variant, run)
-        tests = [train_vm(arm_config(variant, args.arm, seed), run, features).metrics["test"]
+        tests = [train_vm(arm_config(variant, arm, seed), run, features).metrics["test"]
                  for seed in range(cfg.experiment.seeds)]
         row = {key: value, **{m: summarize(t[m] for t in tests) for m in ("auc", "gauc", "logloss", "ne")}}
-        log.info("ablate: %s=%s: %s auc %.4f ± %.4f, ne %.4f ± %.4f", key, value, args.arm, row["auc"]["mean"],
+        log.info("ablate: %s=%s: %s auc %.4f ± %.4f, ne %.4f ± %.4f", key, value, arm, row["auc"]["mean"],
                  row["auc"]["std"], row["ne"]["mean"], row["ne"]["std"])
         rows.append(row)
     paths = write_ablation(rows, key, run.report, f"ablation_{key.replace('.', '_')}")

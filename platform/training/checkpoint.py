@@ -45,12 +45,13 @@ class VMManifest(Manifest):
     metrics: dict[str, Any] = field(default_factory=dict)  # {"valid": {...}, "test": {...}, "epochs": n}
 
 
-def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> None:
+def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> VMManifest:
     """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
     directory = Path(directory)
     (directory / MODEL_FILE).write_bytes(model_state)
     manifest.model_version = model_hash(model_state)
     manifest.write(directory)
+    return manifest
 
 
 def input_spec(manifest: VMManifest) -> InputSpec:

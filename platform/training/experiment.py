@@ -72,7 +72,7 @@ def run_experiment(cfg: LoopFMConfig, run: RunDir) -> tuple[dict[str, list[dict]
     return results, fm_results, feature_sets
 
 
-def report_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
+def report_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     """`loopfm report`: train what is missing, evaluate, write report.json, report.md and plots."""
     init_ray(cfg.ray)
     started = time.time()

@@ -145,7 +145,7 @@ def run_scale(cfg: LoopFMConfig, run: RunDir) -> list[dict]:
     return out
 
 
-def scale_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> dict:
+def scale_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     """`loopfm scale`: the log's stages, then what is missing per size; writes report/scale.{json,md,png}.
 
     One command on a fresh run directory: the data stages run first (each skipped when current),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -31,8 +32,9 @@ from loopfm.features.stage import features_stage
 from loopfm.models.losses import vm_loss
 from loopfm.ordering import ordered_data
 from loopfm.precision import autocast, float32, model_device
-from loopfm.rundir import RunDir, atomic_output, is_complete
+from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log, torch_device, use_gpu
+from loopfm.skeleton import current, publish
 from loopfm.training.batches import ShardBatches
 from loopfm.training.checkpoint import VMManifest, build_from_manifest, save_vm
 from loopfm.training.loop import (
@@ -94,9 +96,9 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     arm, seed = arm_of(cfg.train), cfg.train.seed
     fingerprint = vm_fingerprint(cfg, features)
     out = run.vm(arm, seed, fingerprint)
-    if is_complete(out, fingerprint):
-        log.info("train: %s is current, skipped", out)
-        return VMManifest.read(out)
+    done = current("train", out, fingerprint, VMManifest.read)
+    if done is not None:
+        return done
     init_ray(cfg.ray)
     gpu = use_gpu(cfg.ray)
     info = SplitInfo.load(run)
@@ -139,8 +141,7 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
         log.info("train: %s seed %d stopped after %d epochs (%s); not saved", arm, seed,
                  len(state["history"]), stop_file)
         return manifest
-    with atomic_output(out) as tmp:
-        save_vm(tmp, state_bytes(state["best"]), manifest)
+    publish(out, lambda tmp: save_vm(tmp, state_bytes(state["best"]), manifest))
     test = manifest.metrics["test"]
     log.info("train: %s seed %d: test auc %.4f gauc %.4f ne %.4f (best epoch %d, %.0fs) -> %s", arm, seed,
              test["auc"], test["gauc"], test["ne"], manifest.metrics["best_epoch"], manifest.metrics["seconds"], out)
@@ -279,9 +280,10 @@ def evaluate_vm(model, batches) -> dict:
     return evaluate(arrays["label"], arrays["logit"], arrays["user"])
 
 
-def train_stage(cfg: LoopFMConfig, run: RunDir, args=None) -> VMManifest:
-    """`loopfm train [--arm A] [--seed N]`: one VM on this config's features."""
-    arm = getattr(args, "arm", None) or arm_of(cfg.train)
-    seed = cfg.train.seed if getattr(args, "seed", None) is None else args.seed
+def train_stage(cfg: LoopFMConfig, run: RunDir, arm: Optional[str] = None, seed: Optional[int] = None) -> VMManifest:
+    """`loopfm train [--arm A] [--seed N]`: one VM on this config's features (default arm: the one
+    `train.use_kd/use_loopfm/use_rawseq` name; default seed: `train.seed`)."""
+    arm = arm or arm_of(cfg.train)
+    seed = cfg.train.seed if seed is None else seed
     return train_vm(arm_config(cfg, arm, seed), run, features_stage(cfg, run))
 
