@@ -2,8 +2,8 @@
 
 Ray Data's sampled sort boundaries, its completion-order blocks and an unseeded local shuffle
 made every `fm train` a different FM (so a different store, KD targets and report). One of the
-slow tests (`-m "not slow"` skips it): two FM trainings on one real Train worker and two embeds,
-on the smoke log with one FM epoch.
+slow tests (`-m "not slow"` skips it): the session's smoke FM and store against a second FM
+trained on one real Train worker and a second embed, from another fresh run directory.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ def _store_rows(run: RunDir, version: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two Train worker groups and two extractor pools, on a shared small machine
-def test_two_fresh_runs_train_the_same_fm_bytes_and_embed_the_same_store(tmp_path, smoke_config, smoke_splits):
-    cfg = smoke_config.updated({"fm.epochs": 1, "fm.num_workers": 1, "embed.compress.epochs": 2})
-    runs = []
-    for name in ("a", "b"):
-        run = RunDir(tmp_path / name)
-        shutil.copytree(smoke_splits.root, run.root)
-        runs.append((run, fm_train_stage(cfg, run), embed_stage(cfg, run)))
-    (run_a, fm_a, store_a), (run_b, fm_b, store_b) = runs
-    fingerprint = fm_fingerprint(cfg, SplitInfo.load(run_a))
+@pytest.mark.timeout(900)  # a Train worker group and an extractor pool, on a shared small machine
+def test_two_fresh_runs_train_the_same_fm_bytes_and_embed_the_same_store(tmp_path, smoke_config, smoke_splits,
+                                                                         smoke_embedded):
+    """The session's smoke FM and store (built in their own fresh run directory) against a second
+    fresh run directory's: byte for byte."""
+    run_a, fm_a, store_a = smoke_embedded
+    run_b = RunDir(tmp_path / "b")
+    shutil.copytree(smoke_splits.root, run_b.root)
+    fm_b, store_b = fm_train_stage(smoke_config, run_b), embed_stage(smoke_config, run_b)
+    fingerprint = fm_fingerprint(smoke_config, SplitInfo.load(run_a))
     assert fm_a.fm_version == fm_b.fm_version
     assert (run_a.fm(fingerprint) / MODEL_FILE).read_bytes() == (run_b.fm(fingerprint) / MODEL_FILE).read_bytes()
     assert fm_a.metrics == fm_b.metrics

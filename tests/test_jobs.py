@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -125,15 +126,24 @@ def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540):
 
 
 @pytest.mark.timeout(600)
-def test_job_submit_runs_the_smoke_pipeline(ray_head, tmp_path):
+def test_job_submit_runs_the_smoke_pipeline(ray_head, smoke_trained, tmp_path):
+    """The job ships the code and runs every stage of `loopfm run` on the cluster. The run directory
+    starts as the session's trained smoke run (what a user resubmitting after a finished `loopfm
+    run` has): the job must find data, FM, store and features current through the job path and
+    train only the VMs the report still lacks. The stages' own work is tested in test_pipeline."""
     out = tmp_path / "run"
+    shutil.copytree(smoke_trained[0].root, out)
     # one seed per arm: the job mechanism is under test here, the experiment has its own tests
     status, logs = _submit_and_wait(ray_head, f"loopfm run --config configs/smoke.yaml --out {out} "
-                                              "--set experiment.seeds=1")
+                                              "--set experiment.seeds=1 --set ray.progress_bars=false")
     assert status == "SUCCEEDED", logs[-3000:]
+    for stage in ("data split", "fm train", "embed", "features"):
+        assert f"{stage}: " in logs and f"run: stage `{stage}` done" in logs, stage
+    assert logs.count("is current, skipped") >= 4
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["arms"]) == set(DEFAULT_ARMS)
     assert (out / "report" / "report.md").is_file() and (out / "report" / "arms.png").is_file()
+    assert len(list((out / "vm").glob("*/seed0"))) == len(DEFAULT_ARMS)  # the missing arms trained by the job
     assert "run: finished" in logs
 
 
