@@ -143,7 +143,7 @@ def test_job_submit_runs_the_smoke_pipeline(ray_head, smoke_trained, tmp_path):
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["arms"]) == set(DEFAULT_ARMS)
     assert (out / "report" / "report.md").is_file() and (out / "report" / "arms.png").is_file()
-    assert len(list((out / "vm").glob("*/seed0"))) == len(DEFAULT_ARMS)  # the missing arms trained by the job
+    assert len(list((out / "vm").glob("*/seed0-*"))) == len(DEFAULT_ARMS)  # the missing arms trained by the job
     assert "run: finished" in logs
 
 
