@@ -27,6 +27,17 @@ def run_loopfm(*args, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args, "--config", str(SMOKE), "--set", "ray.progress_bars=false"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
+def loopfm_in_process(*args, capsys) -> tuple[int, str]:
+    """`loopfm ARGS --config configs/smoke.yaml` through the CLI's `main` in this process (the
+    session's Ray): (exit code, stdout + stderr). The same parser, config and stage code as the
+    subprocess, without a Python and Ray start-up per command; `run_loopfm` keeps the process."""
+    from loopfm.cli import main
+
+    code = main([*args, "--config", str(SMOKE), "--set", "ray.progress_bars=false"])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
 def waiting_on_a_lock(thread) -> bool:
     """Whether `thread` is blocked in a file lock's acquire (its Python stack says so): how the
     concurrency tests know a second writer has reached a lock the first holds."""

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_loopfm
+from conftest import loopfm_in_process, run_loopfm
 from loopfm.rundir import read_manifest
 
 
@@ -30,12 +30,14 @@ def corrupt_copy(source: Path, target: Path) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_generate_validate_split_then_a_corrupted_copy_fails_cleanly(ray_session, tmp_path):
+def test_generate_validate_split_then_a_corrupted_copy_fails_cleanly(ray_session, tmp_path, capsys):
+    """The three data commands through the CLI's entry (in this process), then the failing one as
+    a user sees it: its own process, exit code 1, the report on stderr, no traceback."""
     run = tmp_path / "D"
     for command in (["data", "generate"], ["data", "validate"], ["data", "split"]):
-        done = run_loopfm(*command, "--out", str(run), cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-    assert "label rate" in done.stdout and "boundaries valid_start_ts=" in done.stdout
+        code, output = loopfm_in_process(*command, "--out", str(run), capsys=capsys)
+        assert code == 0, output[-3000:]
+    assert "label rate" in output and "boundaries valid_start_ts=" in output
     events, splits = read_manifest(run / "data" / "events"), read_manifest(run / "data" / "splits")
     assert events["rows"] == read_manifest(run / "data" / "source")["rows"] == sum(splits["rows"].values())
 

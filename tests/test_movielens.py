@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_loopfm
+from conftest import loopfm_in_process
 from loopfm.config import load_config
 from loopfm.datasets import movielens
 from loopfm.errors import MissingInputError
@@ -87,12 +87,12 @@ def test_default_path_needs_recbole_and_says_how(monkeypatch, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_validate_and_split_through_the_cli(ray_session, ml_slice, tmp_path):
+def test_validate_and_split_through_the_cli(ray_session, ml_slice, tmp_path, capsys):
     run = tmp_path / "R"
     flags = ["--set", "data.source=movielens100k", "--set", f"data.path={ml_slice}"]
     for command in (["data", "validate"], ["data", "split"]):
-        done = run_loopfm(*command, "--out", str(run), *flags, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
+        code, output = loopfm_in_process(*command, "--out", str(run), *flags, capsys=capsys)
+        assert code == 0, output[-3000:]
     events, splits = read_manifest(run / "data" / "events"), read_manifest(run / "data" / "splits")
     n = len(ratings())
     assert events["rows"] == events["rows_read"] == n and events["num_surfaces"] == 1
@@ -101,5 +101,5 @@ def test_validate_and_split_through_the_cli(ray_session, ml_slice, tmp_path):
     table = pd.concat([pq.read_table(p).to_pandas() for p in parts]).sort_values("event_id")
     assert table["label"].tolist() == [int(r[2] >= 4) for r in sorted(ratings(), key=lambda r: (r[3], r[0], r[1]))]
     assert set(np.unique(table["category"])) <= set(EXPECTED_CATEGORY.values())
-    again = run_loopfm("data", "validate", "--out", str(run), *flags, cwd=tmp_path)  # current: skipped
-    assert again.returncode == 0 and "is current, skipped" in again.stdout + again.stderr
+    code, output = loopfm_in_process("data", "validate", "--out", str(run), *flags, capsys=capsys)
+    assert code == 0 and "is current, skipped" in output  # current: skipped
