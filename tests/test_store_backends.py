@@ -153,6 +153,14 @@ def test_a_run_directory_uri_picks_the_filesystem(target):
     assert target.backend.renames == (expected is pafs.LocalFileSystem)
 
 
+def test_a_version_that_is_not_an_id_never_becomes_a_path(target):
+    for version in ("../elsewhere", ".hidden", "a/b"):
+        with pytest.raises(VersionMismatchError, match="not an id"):
+            target.backend.store_path(version)
+        with pytest.raises(VersionMismatchError, match="not an id"):
+            target.backend.deltas_path(version)
+
+
 def test_rows_and_manifest_round_trip(target):
     b = target.backend
     path = b.store_path("v1")
@@ -181,28 +189,35 @@ def test_seal_refuses_lost_or_duplicated_rows_and_publishes_nothing(target):
     assert b.cleanup(path, older_than_s=0) == []  # the failed attempts removed themselves
 
 
-def test_a_crashed_attempt_is_invisible_to_readers_and_cleaned_up(target, tmp_path):
+def test_an_unsealed_attempt_is_invisible_and_an_exception_discards_it(target):
     b = target.backend
     path = b.store_path("v1")
-    crash = [sys.executable, "-c", CRASHING_WRITER, target.uri, "v1", str(Path(__file__).parent)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-    first = subprocess.run(crash, env=env, capture_output=True, text=True, timeout=60)
-    attempt = first.stdout.strip()
-    assert first.returncode == 1 and attempt, first.stderr
-    assert b.fs.get_file_info(f"{attempt}/part-0.parquet").type == pafs.FileType.File  # its data is there
-    with pytest.raises(MissingInputError):  # but no store is
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with b.attempt(path) as tmp:
+            pq.write_table(rows(range(10)), f"{tmp}/part-0.parquet", filesystem=b.fs)
+            with pytest.raises(MissingInputError, match="no store"):  # written, not sealed: no store yet
+                b.open(path)
+            raise RuntimeError("writer failed")
+    assert b.fs.get_file_info(tmp).type == pafs.FileType.NotFound
+    with pytest.raises(MissingInputError, match="no store"):
         b.open(path)
 
-    commit(b, path, [rows(range(10))], manifest())
-    second = subprocess.run(crash, env=env, capture_output=True, text=True, timeout=60)
-    assert second.returncode == 1, second.stderr
-    assert b.open(path, PINNED).rows == 10
-    assert sorted_rows(b.scan(path, [EVENT_ID, FM_LOGIT])) == sorted_rows(rows(range(10)).select([EVENT_ID, FM_LOGIT]))
 
-    crashed = {attempt, second.stdout.strip()}
-    assert set(b.cleanup(path, older_than_s=0)) <= crashed  # (locally the commit above already reaped the first)
-    assert all(b.fs.get_file_info(p).type == pafs.FileType.NotFound for p in crashed)
+def test_a_crashed_attempt_is_invisible_to_readers_and_cleaned_up(target):
+    b = target.backend
+    path = b.store_path("v1")
+    commit(b, path, [rows(range(10))], manifest())
+    crash = [sys.executable, "-c", CRASHING_WRITER, target.uri, "v1", str(Path(__file__).parent)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    crashed = subprocess.run(crash, env=env, capture_output=True, text=True, timeout=60)
+    attempt = crashed.stdout.strip()
+    assert crashed.returncode == 1 and attempt, crashed.stderr
+    assert b.fs.get_file_info(f"{attempt}/part-0.parquet").type == pafs.FileType.File  # its data is there
+
+    assert b.open(path, PINNED).rows == 10  # but readers see only the committed store
+    assert sorted_rows(b.scan(path, [EVENT_ID, FM_LOGIT])) == sorted_rows(rows(range(10)).select([EVENT_ID, FM_LOGIT]))
+    assert b.cleanup(path, older_than_s=0) == [attempt]
+    assert b.fs.get_file_info(attempt).type == pafs.FileType.NotFound
     assert b.open(path, PINNED).rows == 10  # the committed store is untouched
 
 

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from loopfm.rundir import valid_id
 from loopfm.store.schema import StoreManifest
 
 BACKENDS: dict[str, str] = {
@@ -57,11 +58,12 @@ class StoreBackend(ABC):
         self.root = root.rstrip("/") or "/"
 
     # -- layout ------------------------------------------------------------------------------
+    # a version may come from a manifest: checked before it becomes a path, as RunDir does (valid_id)
     def store_path(self, version: str) -> str:
-        return self._join(STORE_DIR, version)
+        return self._join(STORE_DIR, valid_id(version, "store version"))
 
     def deltas_path(self, version: str) -> str:
-        return self._join(DELTAS_DIR, version)
+        return self._join(DELTAS_DIR, valid_id(version, "store version"))
 
     def _join(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts]) if self.root != "/" else "/" + "/".join(parts)
