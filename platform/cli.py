@@ -173,7 +173,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"loopfm: {err}", file=sys.stderr)
         return 2
-    run = RunDir(args.out or f"runs/{cfg.name}")
+    try:
+        run = RunDir(args.out or f"runs/{cfg.name}")
+    except LoopFMError as err:
+        print(f"loopfm: {err}", file=sys.stderr)
+        return 2
     setup_logging()
     try:
         fn = cmd.load()

@@ -20,3 +20,8 @@ class VersionMismatchError(LoopFMError):
 class RowCountError(VersionMismatchError):
     """A stage's output holds another number of rows than its inputs say it must (a lost or
     doubled row in a join, a shuffle or a write): the output is refused before it is published."""
+
+
+class UnsupportedLocationError(LoopFMError):
+    """A run directory given as a URI the stages cannot write (`s3://...`): refused rather than
+    taken for a local folder named after the scheme."""

@@ -27,6 +27,7 @@ import shutil
 import socket
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 
 from filelock import FileLock
 
-from loopfm.errors import MissingInputError, RowCountError, VersionMismatchError
+from loopfm.errors import MissingInputError, RowCountError, UnsupportedLocationError, VersionMismatchError
 
 MANIFEST = "manifest.json"
 LOCK_DIR = Path(tempfile.gettempdir()) / "loopfm-locks"
@@ -42,6 +43,7 @@ RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
 _TMP_NAME = re.compile(r"\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one path component, never "." / ".." / hidden
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def valid_id(value: object, what: str) -> str:
@@ -57,11 +59,35 @@ def valid_id(value: object, what: str) -> str:
     return value
 
 
+def local_path(location: str | os.PathLike) -> Path:
+    """The local path a run directory names: a plain path, or a `file://` URI mapped to its path.
+
+    Any other URI (`s3://bucket/x`, `gs://...`) is refused by name: `Path("s3://bucket/x")` is the
+    relative folder `s3:/bucket/x`, so taking it as a path would write the whole run to a local folder
+    named after the scheme while the user believes it went to the bucket. The stages write through
+    the local filesystem (the store's object-store backend, `loopfm.store.backend`, is not yet what
+    they write with), so a URI is an error until they do.
+    """
+    text = os.fspath(location)
+    match = _SCHEME.match(text) if isinstance(text, str) else None
+    if match is None:
+        return Path(text)
+    if match["scheme"].lower() == "file":
+        parsed = urllib.parse.urlparse(text)
+        if parsed.netloc not in ("", "localhost") or not parsed.path:
+            raise UnsupportedLocationError(
+                f"run directory {text!r}: a file:// URI must name a local absolute path (file:///abs/path)")
+        return Path(urllib.parse.unquote(parsed.path))
+    raise UnsupportedLocationError(
+        f"run directory {text!r} is a {match['scheme']}:// URI; the stages write only to local (or mounted "
+        "shared) paths: give a path such as runs/x, /mnt/shared/runs/x or file:///abs/path")
+
+
 class RunDir:
     """Paths of one run; every stage takes one, so names live here and nowhere else."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
+        self.root = local_path(root).resolve()
 
     # -- layout ------------------------------------------------------------------------------
     @property

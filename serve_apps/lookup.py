@@ -48,7 +48,7 @@ from loopfm.features.join import (
 from loopfm.features.reader import DENSE, HISTORY_COLUMNS, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z
 from loopfm.serve_apps.bundle import Bundle
 from loopfm.store import codec
-from loopfm.store.deltas import chain_files, chain_max_ts, delta_paths, open_chain
+from loopfm.store.deltas import chain_max_ts, delta_paths, open_chain, run_backend
 from loopfm.store.parquet import open_store
 from loopfm.store.schema import Z
 
@@ -161,7 +161,7 @@ class FeatureTable:
         self.store_manifest = manifest
         self.store_chain = [m.store_version for _, m in chain]
         self.newest_event_ts = chain_max_ts(chain)
-        table = _read(chain_files(chain), [USER_ID, TS, EVENT_ID, SURFACE, Z])
+        table = run_backend(bundle.run).scan([(str(p), m) for p, m in chain], [USER_ID, TS, EVENT_ID, SURFACE, Z])
         user, ts, event_id, surface = (table[c].to_numpy() for c in (USER_ID, TS, EVENT_ID, SURFACE))
         z = codec.binary_to_rows(table[Z], self.row_bytes)
         keep = np.ones(len(ts), dtype=bool) if f.surfaces == "all" else np.isin(surface, f.surfaces)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow as pa
 
 from loopfm.config import LoopFMConfig
 from loopfm.errors import MissingInputError
@@ -29,8 +29,8 @@ from loopfm.evaluation.report import write_ablation
 from loopfm.logs import log
 from loopfm.rundir import RunDir
 from loopfm.store import codec
-from loopfm.store.deltas import chain_files, open_chain
-from loopfm.store.parquet import data_files, open_store
+from loopfm.store.deltas import open_chain, run_backend
+from loopfm.store.parquet import open_store
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, TS, StoreManifest, Z
 
@@ -65,9 +65,9 @@ def _separability(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, steps:
     return float(auc(y[half:], x[half:] @ w))
 
 
-def read_z(paths, manifest: StoreManifest, columns=(EVENT_ID, TS)) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(columns, decoded z) of every row in the store files `paths`."""
-    table = pads.dataset([str(p) for p in paths], format="parquet").to_table(columns=[*columns, Z])
+def read_z(table: pa.Table, manifest: StoreManifest,
+           columns=(EVENT_ID, TS)) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(columns, decoded z) of every row of `table` (a store scan holding `columns` and z)."""
     z = codec.decode(codec.binary_to_rows(table[Z], codec.bytes_per_row(manifest.width, manifest.dtype)),
                      manifest.dtype, manifest.width)
     return {c: table[c].to_numpy() for c in columns}, z
@@ -97,8 +97,9 @@ def drift_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 4, stores: Sequenc
     """`loopfm drift [--slices K] [--stores A,B]`: between `slices` time slices of the store chain,
     and between the two store versions of `stores` when given."""
     rows = []
+    backend = run_backend(run)
     chain = open_chain(run, *resolve_store(cfg, run))
-    cols, z = read_z(chain_files(chain), chain[0][1])
+    cols, z = read_z(backend.scan([(str(p), m) for p, m in chain], [EVENT_ID, TS, Z]), chain[0][1])
     lo, hi = int(cols[TS].min()), int(cols[TS].max())
     bounds = [lo + (hi - lo) * k // slices for k in range(1, slices)]
     rows += slice_drift(cols, z, bounds)
@@ -106,7 +107,7 @@ def drift_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 4, stores: Sequenc
     if stores:
         if len(stores) != 2:
             raise MissingInputError(f"--stores takes two store versions A,B; got {stores}")
-        a, b = ((data_files(run.store(v)), open_store(run.store(v))) for v in stores)
+        a, b = ((backend.scan(str(run.store(v)), [EVENT_ID, TS, Z]), open_store(run.store(v))) for v in stores)
         rows.append({"comparison": f"store {stores[0]} -> {stores[1]}", **store_drift(read_z(*a), read_z(*b))})
     for row in rows:
         log.info("drift: %-32s centroid %.4f  mean shift %.3f sd  var shift %.3f  classifier auc %.3f",
