@@ -42,6 +42,7 @@ from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
 from loopfm.skeleton import current, publish
 from loopfm.store import codec
+from loopfm.store.deltas import run_backend
 from loopfm.store.parquet import data_files, seal
 from loopfm.store.resolve import store_version
 from loopfm.store.schema import EVENT_ID, StoreManifest, Z
@@ -60,7 +61,7 @@ ALIGNMENT_FILE = "alignment.npz"
 
 def read_store_z(run: RunDir, store: StoreManifest) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(event id and ts columns sorted by event id, decoded z) of every row of `store`."""
-    cols, z = read_z(data_files(run.store(store.store_version)), store)
+    cols, z = read_z(run_backend(run).scan(str(run.store(store.store_version)), [EVENT_ID, TS, Z]), store)
     order = np.argsort(cols[EVENT_ID], kind="stable")
     return {c: v[order] for c, v in cols.items()}, z[order]
 
