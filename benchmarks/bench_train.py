@@ -8,7 +8,7 @@ and z, as benchmarks/bench_features.py does; 3 surfaces, vertical 0). Measured p
 * **bare**: the feature splits read with pyarrow into memory (numpy columns, once, not timed),
   then per epoch a permutation, batches through `VMBatchCollate.tensors` (`decode_batch`), forward /
   backward / step of the same `build_vm` model with `vm_loss`, and the same evaluation of valid
-  and test as `vm_loop` (no checkpoint). Torch threads = what the Ray Train worker gets.
+  and test as `vms_loop` (no checkpoint). Torch threads = what the Ray Train worker gets.
 * **ray**: `loopfm.training.vm.train_vm` on the same features, the whole call timed (Ray Train
   start-up, Ray Data reads and streaming, evaluation, checkpoints; nothing subtracted);
   examples/s = train rows x epochs / seconds. `train_vm(timing_log=...)` has each worker's
@@ -75,7 +75,7 @@ def read_split(run: RunDir, features, split: str, with_seq: bool) -> dict[str, n
 
 # -- bare loop -------------------------------------------------------------------------------
 def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
-    """vm_loop's work without Ray: same model, loss, optimizer, collate, evaluation; data in memory."""
+    """vms_loop's work without Ray: same model, loss, optimizer, collate, evaluation; data in memory."""
     from loopfm.evaluation.metrics import evaluate
     from loopfm.features.collate import VMBatchCollate
     from loopfm.models.inputs import InputSpec
@@ -93,7 +93,7 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
         t = cfg.train
         seed_everything(t.seed)
         info = SplitInfo.load(run)
-        device = gpu_precision("cuda" if gpu() else "cpu")  # TF32 + bf16 autocast on CUDA, as vm_loop
+        device = gpu_precision("cuda" if gpu() else "cpu")  # TF32 + bf16 autocast on CUDA, as vms_loop
         spec = InputSpec(vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
                          context_sizes=tuple(info.vocab_sizes[c] for c in info.categorical), seq_width=width,
                          rawseq=t.use_rawseq, history="history" in cfg.vm.features,
@@ -119,7 +119,7 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
                 with Timer() as tr:
                     losses = []
                     for batch in batches(train, rng.permutation(n)):
-                        losses.append(vm_step(model, optimizer, batch, t, device))  # vm_loop's own step
+                        losses.append(vm_step(model, optimizer, batch, t, device))  # vms_loop's own step
                 with Timer() as ev:
                     metrics = {}
                     for split in ("valid", "test"):
@@ -207,7 +207,7 @@ def compare_arm(acfg: LoopFMConfig, run: RunDir, features, threads: int, plain: 
         entry["ratio_steady"] = round(timed["steady_train_examples_per_s"] / bare["steady_train_examples_per_s"], 3)
     if plain:
         entry["ray_plain"] = ray_run(acfg, run, features)
-        print(arm, "ray (plain vm_loop):", entry["ray_plain"], flush=True)
+        print(arm, "ray (plain vms_loop):", entry["ray_plain"], flush=True)
     return entry
 
 
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["loopfm", "base"])
     parser.add_argument("--data-cache", choices=["auto", "memory", "stream"], default=None,
                         help="train.data_cache (default: the config's)")
-    parser.add_argument("--plain", action="store_true", help="also time train_vm with the unmodified vm_loop")
+    parser.add_argument("--plain", action="store_true", help="also time train_vm with the unmodified vms_loop")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--device-name", default=None)
     args = parser.parse_args()

@@ -11,10 +11,12 @@ from conftest import SMOKE
 from loopfm.cli import main
 from loopfm.config import DEFAULT_ARMS as ARMS
 from loopfm.rundir import RunDir
+from loopfm.training.checkpoint import VMManifest
 
 
 @pytest.mark.timeout(900)
-def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smoke_config, tmp_path, capsys):
+def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smoke_trained, smoke_config, tmp_path,
+                                                             capsys):
     run = RunDir(tmp_path / "run")
     shutil.copytree(smoke_embedded[0].root, run.root)  # data, FM and store are current: skipped
     assert main(["run", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0
@@ -38,6 +40,12 @@ def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smo
     for name in ("report.md", "arms.png", "transfer.png"):
         assert (run.report / name).stat().st_size > 1000
     assert len(list((run.root / "vm").glob("*/seed*"))) == len(ARMS) * smoke_config.experiment.seeds
+
+    # the report trains its VMs in one Train run (`train_vms`); each is the VM it would be alone:
+    # the session's VM of the served arm, trained by itself, has the very same weights
+    alone = smoke_trained[2]
+    [together] = (run.root / "vm" / alone.arm).glob(f"seed{alone.seed}-*")
+    assert VMManifest.read(together).model_version == alone.model_version
 
     # `loopfm report` alone finds every VM current and only re-evaluates
     assert main(["report", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0

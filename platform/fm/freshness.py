@@ -46,7 +46,7 @@ from loopfm.store.deltas import run_backend
 from loopfm.store.parquet import data_files, seal
 from loopfm.store.resolve import store_version
 from loopfm.store.schema import EVENT_ID, StoreManifest, Z
-from loopfm.training.vm import arm_config, train_vm
+from loopfm.training.vm import arm_config, train_vms
 
 
 def slice_bounds(run: RunDir, info: SplitInfo, slices: int) -> list[int]:
@@ -189,8 +189,8 @@ def freshness_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 3, arm: str = 
     rows = []
     for name, store in (("stale", stores[0]), ("fixed", reference), ("drifting", drifting)):
         features = features_stage(cfg, run, fm_version=store.fm_version)
-        tests = [train_vm(arm_config(cfg, arm, seed), run, features).metrics["test"]
-                 for seed in range(cfg.experiment.seeds)]
+        tests = [vm.metrics["test"] for vm in train_vms(
+            [arm_config(cfg, arm, seed) for seed in range(cfg.experiment.seeds)], run, features)]
         row = {"embeddings": name, "store_version": store.store_version, **window_drift(run, store, bounds),
                "alignment_r2": float(np.mean(fits)) if name == "drifting" else None,
                **{m: summarize(t[m] for t in tests) for m in ("auc", "gauc", "logloss", "ne")}}

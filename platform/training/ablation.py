@@ -16,7 +16,7 @@ from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
-from loopfm.training.vm import arm_config, train_vm
+from loopfm.training.vm import arm_config, train_vms
 
 
 def ablate_stage(cfg: LoopFMConfig, run: RunDir, param: str, values: str, arm: str = "loopfm") -> list[dict]:
@@ -30,8 +30,8 @@ def ablate_stage(cfg: LoopFMConfig, run: RunDir, param: str, values: str, arm: s
         if key.startswith("embed."):
             embed_stage(variant, run)
         features = features_stage(variant, run)
-        tests = [train_vm(arm_config(variant, arm, seed), run, features).metrics["test"]
-                 for seed in range(cfg.experiment.seeds)]
+        tests = [vm.metrics["test"] for vm in train_vms(
+            [arm_config(variant, arm, seed) for seed in range(cfg.experiment.seeds)], run, features)]
         row = {key: value, **{m: summarize(t[m] for t in tests) for m in ("auc", "gauc", "logloss", "ne")}}
         log.info("ablate: %s=%s: %s auc %.4f ± %.4f, ne %.4f ± %.4f", key, value, arm, row["auc"]["mean"],
                  row["auc"]["std"], row["ne"]["mean"], row["ne"]["std"])

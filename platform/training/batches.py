@@ -35,10 +35,11 @@ class ShardBatches:
     """
 
     def __init__(self, shard, collate: VMBatchCollate, batch_size: int, keep: bool,
-                 shuffle_seed: Optional[int] = None):
+                 shuffle_seed: Optional[int] = None, kept: Optional[dict[str, np.ndarray]] = None):
         self.shard, self.collate, self.batch_size, self.keep = shard, collate, batch_size, keep
         self.shuffle_seed = shuffle_seed
-        self.columns: Optional[dict[str, np.ndarray]] = None  # the kept shard, once read whole
+        # the kept shard, once read whole; `kept`: the columns another VM of the same run already read
+        self.columns: Optional[dict[str, np.ndarray]] = kept if keep else None
 
     def epoch(self, epoch: int = 0) -> Iterator[dict]:
         if self.keep:

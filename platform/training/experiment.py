@@ -24,7 +24,7 @@ from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_train_stage
 from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
-from loopfm.training.vm import arm_config, train_vm
+from loopfm.training.vm import arm_config, train_vms
 
 
 def fm_on_test(run: RunDir, features: FeaturesManifest) -> dict:
@@ -63,12 +63,12 @@ def run_experiment(cfg: LoopFMConfig, run: RunDir) -> tuple[dict[str, list[dict]
         features = replicate_features(rcfg, run)
         feature_sets.append(features)
         fm_results.append({**fm_on_test(run, features), "fm_seed": fm_seed})
-        for seed in range(cfg.experiment.seeds):
-            for arm in cfg.experiment.arms:
-                manifest = train_vm(arm_config(rcfg, arm, seed), run, features)
-                results.setdefault(arm, []).append({**manifest.metrics["test"], "seed": seed, "fm_seed": fm_seed})
-                done += 1
-                log.info("report: %d/%d VMs trained", done, total)
+        pairs = [(seed, arm) for seed in range(cfg.experiment.seeds) for arm in cfg.experiment.arms]
+        manifests = train_vms([arm_config(rcfg, arm, seed) for seed, arm in pairs], run, features)
+        for (seed, arm), manifest in zip(pairs, manifests):
+            results.setdefault(arm, []).append({**manifest.metrics["test"], "seed": seed, "fm_seed": fm_seed})
+        done += len(pairs)
+        log.info("report: %d/%d VMs trained", done, total)
     return results, fm_results, feature_sets
 
 

@@ -134,26 +134,32 @@ def cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
-def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patience: int) -> LoopState:
-    """The state of the last reported epoch, or a fresh one."""
+def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patience: int, loop: int = 0) -> LoopState:
+    """The state of the last reported epoch, or a fresh one.
+
+    `loop`: which of a run's successive loops this is (`train_vms` trains several VMs in one run);
+    the run's checkpoint restores only the loop that reported it.
+    """
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    saved = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+    if saved is None or saved.get("loop", 0) != loop:
         return LoopState(0, EarlyStopping(patience), cpu_state(model), {}, {})
-    with checkpoint.as_directory() as d:
-        saved = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
     unwrap(model).load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optim"])
     stopper = EarlyStopping(**saved["stopper"])
     return LoopState(int(saved["epoch"]) + 1, stopper, saved["best"], saved["model"], saved["optim"], saved["history"])
 
 
-def report_epoch(epoch: int, metrics: dict, model, optimizer, state: LoopState) -> None:
-    """Checkpoint this epoch (rank 0 writes, everyone calls) and report its metrics."""
+def report_epoch(epoch: int, metrics: dict, model, optimizer, state: LoopState, loop: int = 0) -> None:
+    """Checkpoint this epoch (rank 0 writes, everyone calls) and report its metrics; `loop` as in `resume`."""
     state.history.append({"epoch": epoch, "pid": os.getpid(), **metrics})  # pid: which worker trained it
     d = tempfile.mkdtemp(prefix="loopfm-ckpt-")
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
-        torch.save({"epoch": epoch, "model": cpu_state(model), "optim": optimizer.state_dict(),
+        torch.save({"loop": loop, "epoch": epoch, "model": cpu_state(model), "optim": optimizer.state_dict(),
                     "stopper": asdict(state.stopper), "best": state.best_state, "history": state.history},
                    os.path.join(d, STATE_FILE))
         checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -174,9 +180,14 @@ def final_state(result) -> dict:
         raise RuntimeError("training reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+    drop_local_checkpoints()
+    return state
+
+
+def drop_local_checkpoints() -> None:
+    """Delete the checkpoint directories local mode kept (once the run's result has been read)."""
     while _LOCAL_CHECKPOINTS:
         shutil.rmtree(_LOCAL_CHECKPOINTS.pop(), ignore_errors=True)
-    return state
 
 
 def train_device(gpu: bool) -> torch.device:

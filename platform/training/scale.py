@@ -4,15 +4,15 @@ The paper's motivating result is that KD's transfer ratio shrinks as the FM grow
 holds. This study lets that come out either way on any log the readers accept: every size of
 `scale.fm_sizes` sets the shape keys of the `fm` section (so its fingerprint, FM, store and
 features are its own) and then goes down the experiment's own path (`replicate_config`,
-`replicate_features`, `fm_on_test`, `train_vm` per arm x FM replicate x VM seed), so a size is
-what `loopfm report` would run with that FM. The store's width (`embed.compress`) stays fixed,
+`replicate_features`, `fm_on_test`, `train_vms` per FM replicate), so a size is what
+`loopfm report` would run with that FM. The store's width (`embed.compress`) stays fixed,
 so each VM reads the same number of bytes per event whatever the FM: only what the FM knows
 changes. `report/scale.{json,md,png}` holds TR per channel per size with 95% CIs, the trends over
 log10(parameters) and the gated claims (`loopfm.evaluation.scale`).
 
 The arms with no FM channel (`FM_FREE_ARMS`: base and rawseq) are trained once, on the first
 size's features, and reused at every size. Their VM fingerprint hashes the feature fingerprint,
-which hashes the store version, so `train_vm` alone would retrain them per size; but they read
+which hashes the store version, so a VM fingerprint alone would retrain them per size; but they read
 no column the FM writes (`FM_COLUMNS`: the stored z sequence and the KD logit; the base loss
 never looks at the KD logit). Reuse is checked, not assumed: a size shares them only when the
 digest of every other feature column, every split, in read order, equals the first size's
@@ -44,7 +44,7 @@ from loopfm.fm.train import fm_fingerprint
 from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
 from loopfm.training.experiment import fm_on_test, replicate_config, replicate_features
-from loopfm.training.vm import arm_config, train_vm
+from loopfm.training.vm import arm_config, train_vms
 
 FM_COLUMNS = (SEQ_Z, KD_LOGIT)  # the feature columns the FM writes; every other one comes from the log alone
 FM_FREE_ARMS = tuple(arm for arm, (kd, loopfm, _) in ARM_CHANNELS.items() if not kd and not loopfm)
@@ -133,12 +133,14 @@ def run_scale(cfg: LoopFMConfig, run: RunDir) -> list[dict]:
             if not shared:
                 log.warning("scale: %s fm_seed %d: its FM-free feature columns differ from the first size's; "
                             "%s trained on its own features", size.name, fm_seed, ", ".join(FM_FREE_ARMS))
-            for seed in range(seeds):
-                for arm in arms:
-                    on = reference[0] if arm in FM_FREE_ARMS and shared else features
-                    manifest = train_vm(arm_config(rcfg, arm, seed), run, on)
-                    row["arms"].setdefault(arm, []).append({**manifest.metrics["test"], "seed": seed,
-                                                            "fm_seed": fm_seed})
+            pairs = [(seed, arm) for seed in range(seeds) for arm in arms]
+            trained: dict = {}
+            for on in {id(f): f for f in (reference[0], features)}.values():  # one Train run per feature set
+                mine = [p for p in pairs if (reference[0] if p[1] in FM_FREE_ARMS and shared else features) is on]
+                trained.update(zip(mine, train_vms([arm_config(rcfg, arm, seed) for seed, arm in mine], run, on)))
+            for seed, arm in pairs:
+                row["arms"].setdefault(arm, []).append({**trained[seed, arm].metrics["test"], "seed": seed,
+                                                        "fm_seed": fm_seed})
         log.info("scale: %s has %d FM parameters; FM test auc %s", size.name, row["parameters"],
                  ", ".join(f"{d['auc']:.4f}" for d in row["fm"]))
         out.append(row)

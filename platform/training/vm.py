@@ -12,17 +12,21 @@ Output (`vm/<arm>/seed<k>-<fingerprint>/`): `model.pt` + `manifest.json` (`VMMan
 
 from __future__ import annotations
 
+import io
 import os
 import time
+from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
 import pyarrow.dataset as pads
+import ray
 import ray.train
 import ray.train.collective
 import ray.train.torch
 import torch
 
+from loopfm.actors.finished_vms import FinishedVMs
 from loopfm.config import ARM_CHANNELS, ARMS, LoopFMConfig, TrainConfig, stable_hash
 from loopfm.datasets.splits import SplitInfo
 from loopfm.evaluation.metrics import evaluate
@@ -38,9 +42,10 @@ from loopfm.skeleton import current, publish
 from loopfm.training.batches import ShardBatches
 from loopfm.training.checkpoint import VMManifest, build_from_manifest, save_vm
 from loopfm.training.loop import (
+    LoopState,
     LoopTimer,
     cpu_state,
-    final_state,
+    drop_local_checkpoints,
     gather,
     report_epoch,
     resume,
@@ -85,7 +90,7 @@ def vm_fingerprint(cfg: LoopFMConfig, features: FeaturesManifest) -> str:
 
 def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbacks=None,
              stop_file=None, timing_log=None) -> VMManifest:
-    """Train (or find current) the VM of `cfg.train`'s arm and seed on `features`.
+    """Train (or find current) the VM of `cfg.train`'s arm and seed on `features`: `train_vms` of one.
 
     `callbacks`: Ray Train callbacks for the run (`loopfm tune` passes the one that reports to Tune).
     `stop_file`: when this file appears, the loop ends before its next epoch and the VM is not
@@ -93,58 +98,109 @@ def train_vm(cfg: LoopFMConfig, run: RunDir, features: FeaturesManifest, callbac
     metrics. `loopfm tune` stops trials so (ASHA), letting Train shut its workers down itself.
     `timing_log`: a file the workers append their wall-clock stamps to (`LoopTimer`; benchmarks).
     """
-    arm, seed = arm_of(cfg.train), cfg.train.seed
-    fingerprint = vm_fingerprint(cfg, features)
-    out = run.vm(arm, seed, fingerprint)
-    done = current("train", out, fingerprint, VMManifest.read)
-    if done is not None:
-        return done
-    init_ray(cfg.ray)
-    gpu = use_gpu(cfg.ray)
+    return train_vms([cfg], run, features, callbacks=callbacks, stop_file=stop_file, timing_log=timing_log)[0]
+
+
+def train_vms(cfgs: list[LoopFMConfig], run: RunDir, features: FeaturesManifest, callbacks=None,
+              stop_file=None, timing_log=None) -> list[VMManifest]:
+    """Train (or find current) one VM per config on `features`, all of them in one Ray Train run.
+
+    A Train run pays its worker group's start-up and teardown once; a report's arms x seeds used to
+    pay it once per VM, for a few seconds of compute each. Here the VMs train in turn in the same
+    workers, on shards read once. Each VM seeds everything when it starts and permutes the kept rows
+    by its own seed, so it trains exactly as it would alone: tests/test_pipeline.py compares the
+    weights of a report's VM with the same VM trained by itself. Arguments as in `train_vm`; the
+    configs may differ in arm, seed, `vm` and `train`, not in `train.num_workers` or `ray`.
+    """
+    fingerprints = [vm_fingerprint(cfg, features) for cfg in cfgs]
+    outs = [run.vm(arm_of(cfg.train), cfg.train.seed, fp) for cfg, fp in zip(cfgs, fingerprints)]
+    found = [current("train", out, fp, VMManifest.read) for out, fp in zip(outs, fingerprints)]
+    todo = [i for i, manifest in enumerate(found) if manifest is None and outs[i] not in outs[:i]]
+    if not todo:
+        return found
+    first = cfgs[todo[0]]
+    if any((cfgs[i].train.num_workers, cfgs[i].ray) != (first.train.num_workers, first.ray) for i in todo):
+        raise ValueError("train_vms: the configs of one run must agree on train.num_workers and ray")
+    init_ray(first.ray)
+    gpu = use_gpu(first.ray)
     info = SplitInfo.load(run)
-    width = seq_width(cfg, features)
-    columns = feature_columns(run, features, loopfm=width is not None, rawseq=cfg.train.use_rawseq)
+    pending = [vm_manifest(cfgs[i], fingerprints[i], features, info) for i in todo]
+    names = [feature_columns(run, features, loopfm=m.seq_width is not None, rawseq=m.rawseq) for m in pending]
+    columns = list(dict.fromkeys(c for n in names for c in n))  # every VM's columns, the first VM's order
     with ordered_data():  # the same examples in the same order every run: the same VM for the same seed
         datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid")}
         test = read_features(run, features, "test", columns)
-        keep = keep_shards(cfg.train.data_cache, run, features)
+        keep = keep_shards(first.train.data_cache, run, features)
         for split in ("train", "valid") if keep else ("valid",):  # read once, not once per epoch
             datasets[split] = datasets[split].materialize()
-        manifest = VMManifest(
-            fingerprint=fingerprint, model_version="", arm=arm, seed=seed, features_fingerprint=features.fingerprint,
-            store_version=features.store_version if width else None, vm=cfg.vm.model_dump(mode="json"),
-            train=cfg.train.model_dump(mode="json"),
-            vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
-            context_columns=list(features.context_columns),
-            context_sizes=[info.vocab_sizes[c] for c in info.categorical],
-            seq_len=features.seq_len, seq_width=width, raw_seq_len=features.raw_seq_len,
-            rawseq=cfg.train.use_rawseq, num_surfaces=info.num_surfaces,
-            dense_names=list(features.dense_names) if "counters" in cfg.vm.features else [],
-        )
-        started = time.time()
-        result = run_trainer(
-            vm_loop, {"manifest": manifest.__dict__, "features": features.to_dict(),
-                      **({"stop_file": str(stop_file)} if stop_file else {}),
-                      **({"timing_log": str(timing_log)} if timing_log else {}),
-                      "keep_shards": keep, "use_gpu": gpu}, datasets,
-            name=f"vm-{arm}-seed{seed}-{fingerprint}", storage=str(run.ray_storage),
-            num_workers=cfg.train.num_workers, use_gpu=gpu, callbacks=callbacks,
-        )
-        state = final_state(result)
-        test_metrics = evaluate_state(state["best"], manifest, features, test, torch_device(gpu))
+        one = pending[0]
+        name = (f"vm-{one.arm}-seed{one.seed}-{one.fingerprint}" if len(pending) == 1
+                else f"vms-{len(pending)}-{stable_hash(*(m.fingerprint for m in pending))}")
+        finished = FinishedVMs.remote()
+        try:
+            try:
+                run_trainer(
+                    vms_loop, {"manifests": [m.__dict__ for m in pending], "features": features.to_dict(),
+                               "finished": finished, **({"stop_file": str(stop_file)} if stop_file else {}),
+                               **({"timing_log": str(timing_log)} if timing_log else {}),
+                               "keep_shards": keep, "use_gpu": gpu}, datasets,
+                    name=name, storage=str(run.ray_storage), num_workers=first.train.num_workers, use_gpu=gpu,
+                    callbacks=callbacks,
+                )
+            finally:
+                drop_local_checkpoints()
+                # what finished is saved even when a later VM of the run failed
+                states = {i: torch.load(io.BytesIO(ray.get(finished.get.remote(i))), weights_only=True)
+                          for i in ray.get(finished.finished.remote())}
+                for k, manifest in enumerate(pending):
+                    if k in states:
+                        found[todo[k]] = _finish(manifest, states[k], outs[todo[k]], features, test, gpu,
+                                                 cfgs[todo[k]].train, stop_file)
+        finally:
+            ray.kill(finished)
+    missing = [pending[k] for k in range(len(pending)) if found[todo[k]] is None]
+    if missing and not stop_file:
+        names = ", ".join(f"{m.arm} seed {m.seed}" for m in missing)
+        raise RuntimeError(f"training reported no final state for {names}")
+    for k in range(len(pending)):
+        if found[todo[k]] is None:  # asked to stop before this VM started
+            pending[k].metrics = {"stopped": True, "history": []}
+            found[todo[k]] = pending[k]
+    return [found[outs.index(out)] for out in outs]  # a config given twice: trained once
+
+
+def vm_manifest(cfg: LoopFMConfig, fingerprint: str, features: FeaturesManifest, info: SplitInfo) -> VMManifest:
+    """What a VM of `cfg` will be, before training: everything but its weights and metrics."""
+    width = seq_width(cfg, features)
+    return VMManifest(
+        fingerprint=fingerprint, model_version="", arm=arm_of(cfg.train), seed=cfg.train.seed,
+        features_fingerprint=features.fingerprint, store_version=features.store_version if width else None,
+        vm=cfg.vm.model_dump(mode="json"), train=cfg.train.model_dump(mode="json"),
+        vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
+        context_columns=list(features.context_columns), context_sizes=[info.vocab_sizes[c] for c in info.categorical],
+        seq_len=features.seq_len, seq_width=width, raw_seq_len=features.raw_seq_len,
+        rawseq=cfg.train.use_rawseq, num_surfaces=info.num_surfaces,
+        dense_names=list(features.dense_names) if "counters" in cfg.vm.features else [],
+    )
+
+
+def _finish(manifest: VMManifest, state: dict, out, features: FeaturesManifest, test, gpu: bool,
+            train_cfg: TrainConfig, stop_file) -> VMManifest:
+    """Score a finished VM on test once, in the driver, and save it (unless it was stopped early)."""
+    test_metrics = evaluate_state(state["best"], manifest, features, test, torch_device(gpu))
     manifest.metrics = {**state["stopper"]["best_metrics"], "test": test_metrics,
                         "best_epoch": state["stopper"]["best_epoch"] + 1,
-                        "history": state["history"], "seconds": round(time.time() - started, 1)}
-    ran_out = len(state["history"]) >= cfg.train.epochs or state["stopper"]["bad_epochs"] >= cfg.train.patience
+                        "history": state["history"], "seconds": round(state["seconds"], 1)}
+    ran_out = len(state["history"]) >= train_cfg.epochs or state["stopper"]["bad_epochs"] >= train_cfg.patience
     if stop_file and os.path.exists(stop_file) and not ran_out:
         manifest.metrics["stopped"] = True
-        log.info("train: %s seed %d stopped after %d epochs (%s); not saved", arm, seed,
+        log.info("train: %s seed %d stopped after %d epochs (%s); not saved", manifest.arm, manifest.seed,
                  len(state["history"]), stop_file)
         return manifest
     publish(out, lambda tmp: save_vm(tmp, state_bytes(state["best"]), manifest))
     test = manifest.metrics["test"]
-    log.info("train: %s seed %d: test auc %.4f gauc %.4f ne %.4f (best epoch %d, %.0fs) -> %s", arm, seed,
-             test["auc"], test["gauc"], test["ne"], manifest.metrics["best_epoch"], manifest.metrics["seconds"], out)
+    log.info("train: %s seed %d: test auc %.4f gauc %.4f ne %.4f (best epoch %d) -> %s", manifest.arm, manifest.seed,
+             test["auc"], test["gauc"], test["ne"], manifest.metrics["best_epoch"], out)
     return manifest
 
 
@@ -183,33 +239,58 @@ def feature_columns(run: RunDir, features: FeaturesManifest, loopfm: bool, rawse
     return [n for n in names if n not in skip]
 
 
-def vm_loop(config: dict) -> None:
-    """The per-worker training loop (Ray Train)."""
+def vms_loop(config: dict) -> None:
+    """The per-worker training loop (Ray Train): each VM of `config["manifests"]` in turn, skipping
+    those already in `config["finished"]` (a restarted worker group), each finished VM's state put
+    there by rank 0. The shards are read once for all of them."""
     timer = LoopTimer(config.get("timing_log"))
-    manifest = VMManifest(**config["manifest"])
     features = FeaturesManifest(**config["features"])
-    train_cfg = TrainConfig.model_validate(manifest.train)
+    finished = config["finished"]
+    done = set(ray.get(finished.finished.remote()))
+    device = train_device(config.get("use_gpu", False))
+    rank = ray.train.get_context().get_world_rank()
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "valid")}
+    kept: dict = {}
+    total = len(config["manifests"])
+    for index, fields in enumerate(config["manifests"]):
+        if index in done:
+            continue
+        vm_started = time.time()
+        manifest = VMManifest(**fields)
+        train_cfg = TrainConfig.model_validate(manifest.train)
+        collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None,
+                                 with_raw=manifest.rawseq)
+        splits = {name: ShardBatches(shards[name], collate, train_cfg.batch_size, config.get("keep_shards", False),
+                                     shuffle_seed=train_cfg.seed if name == "train" else None, kept=kept.get(name))
+                  for name in ("train", "valid")}
+        tag = f"{manifest.arm} seed {manifest.seed}" + (f" (VM {index + 1}/{total})" if total > 1 else "")
+        state, stopped = vm_epochs(manifest, train_cfg, splits, device, timer, index, config.get("stop_file"), tag)
+        kept.update({name: batches.columns for name, batches in splits.items() if batches.columns is not None})
+        if rank == 0:
+            buffer = io.BytesIO()
+            torch.save({"best": state.best_state, "stopper": asdict(state.stopper), "history": state.history,
+                        "seconds": time.time() - vm_started}, buffer)
+            ray.get(finished.put.remote(index, buffer.getvalue()))
+        if stopped:
+            break
+
+
+def vm_epochs(manifest: VMManifest, train_cfg: TrainConfig, splits: dict, device, timer: LoopTimer,
+              index: int, stop_file: Optional[str], tag: str) -> tuple[LoopState, bool]:
+    """One VM's epochs (resumed from the run's checkpoint when it is this VM's); returns its state and
+    whether `stop_file` ended it."""
     seed_everything(train_cfg.seed)
     model = build_from_manifest(manifest)
     optimizer = vm_optimizer(model, train_cfg)
-    state = resume(model, optimizer, train_cfg.patience)
-    device = train_device(config.get("use_gpu", False))
+    state = resume(model, optimizer, train_cfg.patience, loop=index)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
-    collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None,
-                             with_raw=manifest.rawseq)
-    keep, size = config.get("keep_shards", False), train_cfg.batch_size
-    splits = {name: ShardBatches(ray.train.get_dataset_shard(name), collate, size, keep,
-                                 shuffle_seed=train_cfg.seed if name == "train" else None)
-              for name in ("train", "valid")}
     rank = ray.train.get_context().get_world_rank()
-    tag = f"{manifest.arm} seed {manifest.seed}"
-    stop_file = config.get("stop_file")
     timer.setup_done()
     for epoch in range(state.epoch, train_cfg.epochs):
         if state.stopper.should_stop:
             break
         if stop_file and ray.train.collective.broadcast_from_rank_zero(os.path.exists(stop_file)):
-            break  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
+            return state, True  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
         model.train()
         # dropout: a resumed epoch draws as the first run did
         torch.manual_seed(shuffle_seed(train_cfg.seed, epoch, rank))
@@ -225,8 +306,9 @@ def vm_loop(config: dict) -> None:
             v = metrics["valid"]
             say(f"train {tag} epoch {epoch + 1}/{train_cfg.epochs}: loss {metrics['train_loss']:.4f} | valid auc "
                   f"{v['auc']:.4f} gauc {v['gauc']:.4f} ne {v['ne']:.4f}")
-        report_epoch(epoch, metrics, model, optimizer, state)
+        report_epoch(epoch, metrics, model, optimizer, state, loop=index)
         timer.epoch_done(epoch)
+    return state, False
 
 
 def vm_step(model, optimizer, batch: dict, train_cfg: TrainConfig, device) -> float:
