@@ -50,6 +50,12 @@ def test_each_arm_embeds_every_event_with_the_fm_it_names(smoke_embedded, tmp_pa
     for row in arms.values():
         assert row["auc"]["n"] == 1 and 0.0 <= row["classifier_auc"] <= 1.0
     assert arms["drifting"]["alignment_r2"] is not None and arms["fixed"]["alignment_r2"] is None
+    # seed-paired differences, positive when the first is better (lower NE is better)
+    assert set(table["comparisons"]) == {"fixed_vs_stale", "drifting_vs_fixed", "drifting_vs_stale"}
+    for key, ev in table["comparisons"].items():
+        better, worse = (arms[name] for name in key.split("_vs_"))
+        assert ev["auc"]["mean"] == pytest.approx(better["auc"]["values"][0] - worse["auc"]["values"][0])
+        assert ev["ne"]["mean"] == pytest.approx(worse["ne"]["values"][0] - better["ne"]["values"][0])
 
     stores = {m.store_version: m for m in (open_store(p) for p in (run.root / "store").iterdir()
                                            if not p.name.startswith("."))}

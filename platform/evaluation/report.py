@@ -246,7 +246,7 @@ def _ci(s: Mapping, nd: int = 4) -> str:
 
 def _comparison_row(key: str, ev: Mapping) -> str:
     """'| arm vs other | ΔAUC | CI | p | ΔNE | CI | p |' of one paired comparison."""
-    a, b = COMPARISONS.get(key, (key, ""))
+    a, b = COMPARISONS.get(key) or key.split("_vs_", 1)
     return (f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {_f(ev['auc']['mean'], 5)} | {_ci(ev['auc'], 5)} | "
             f"{_pv(ev['auc']['p'])} | {_f(ev['ne']['mean'], 5)} | {_ci(ev['ne'], 5)} | {_pv(ev['ne']['p'])} |")
 
@@ -381,12 +381,14 @@ def write_report(report: Mapping, out_dir: Path) -> list[Path]:
 
 
 def write_ablation(rows: Sequence[Mapping], key: str, out_dir: Path, name: str,
-                   metrics: Sequence[str] = ("auc", "ne")) -> list[Path]:
+                   metrics: Sequence[str] = ("auc", "ne"), comparisons: Optional[Mapping] = None) -> list[Path]:
     """A metric-vs-setting table (<name>.md, <name>.json) and plot (<name>.png).
 
     Each row holds `key` (the ablated setting: pooling, seq_len, layer set...) and, per metric,
     either a float or a `summarize` dict (mean/std over seeds). Rows are plotted in the given
-    order, as categories, so numeric and named settings read the same way.
+    order, as categories, so numeric and named settings read the same way. `comparisons`:
+    `{"b_vs_a": {"auc": paired(...), "ne": paired(...)}}`, seed-paired differences (positive: b is
+    better), tabled with their CIs and p-values under the rows.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -406,9 +408,13 @@ def write_ablation(rows: Sequence[Mapping], key: str, out_dir: Path, name: str,
          "|---|" + "---:|" * len(metrics)]
     for row in rows:
         L.append(f"| {row.get(key)} | " + " | ".join(cell(row, m) for m in metrics) + " |")
+    if comparisons:
+        L += ["", "Paired over seeds (positive: the first is better; NE improvement = lower NE):", "",
+              "| comparison | ΔAUC | 95% CI | p | ΔNE | 95% CI | p |", "|---|---:|---|---:|---:|---|---:|"]
+        L += [_comparison_row(k, ev) for k, ev in comparisons.items()]
+    body = {"key": key, "rows": list(rows), **({"comparisons": dict(comparisons)} if comparisons else {})}
     paths = [atomic_write_text(out / f"{name}.md", "\n".join(L) + "\n"),
-             atomic_write_text(out / f"{name}.json",
-                               json.dumps(_clean({"key": key, "rows": list(rows)}), indent=2, allow_nan=False))]
+             atomic_write_text(out / f"{name}.json", json.dumps(_clean(body), indent=2, allow_nan=False))]
     fig, axes = _figure(max(len(metrics), 1), 4.5)
     x = np.arange(len(rows))
     for ax, m in zip(axes, metrics):

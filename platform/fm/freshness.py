@@ -34,7 +34,7 @@ from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.errors import LoopFMError, VersionMismatchError
 from loopfm.evaluation.drift import read_z, slice_drift
 from loopfm.evaluation.report import write_ablation
-from loopfm.evaluation.transfer import summarize
+from loopfm.evaluation.transfer import improvement, paired, summarize
 from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_train_stage
@@ -57,6 +57,8 @@ def slice_bounds(run: RunDir, info: SplitInfo, slices: int) -> list[int]:
 
 
 ALIGNMENT_FILE = "alignment.npz"
+# the paired comparisons of the report, (worse-expected, better-expected): "b_vs_a" > 0 means b is better
+FRESHNESS_PAIRS = (("stale", "fixed"), ("fixed", "drifting"), ("stale", "drifting"))
 
 
 def read_store_z(run: RunDir, store: StoreManifest) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -186,10 +188,10 @@ def freshness_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 3, arm: str = 
         log.info("freshness: FM %s aligned onto FM %s: R^2 %.3f on valid events", store.fm_version[:12],
                  reference.fm_version[:12], fit)
     drifting = drifting_store(run, cfg, [*aligned, reference], bounds, sum(info.rows[s] for s in SPLITS))
-    rows = []
+    rows, per_seed = [], {}
     for name, store in (("stale", stores[0]), ("fixed", reference), ("drifting", drifting)):
         features = features_stage(cfg, run, fm_version=store.fm_version)
-        tests = [vm.metrics["test"] for vm in train_vms(
+        tests = per_seed[name] = [vm.metrics["test"] for vm in train_vms(
             [arm_config(cfg, arm, seed) for seed in range(cfg.experiment.seeds)], run, features)]
         row = {"embeddings": name, "store_version": store.store_version, **window_drift(run, store, bounds),
                "alignment_r2": float(np.mean(fits)) if name == "drifting" else None,
@@ -197,7 +199,13 @@ def freshness_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 3, arm: str = 
         log.info("freshness: %s embeddings: window drift classifier auc %.3f, centroid %.4f; %s test auc %.4f ± %.4f",
                  name, row["classifier_auc"], row["centroid_drift"], arm, row["auc"]["mean"], row["auc"]["std"])
         rows.append(row)
+    comparisons = {f"{b}_vs_{a}": {m: paired(improvement(x, y, m) for x, y in zip(per_seed[a], per_seed[b]))
+                                   for m in ("auc", "ne")} for a, b in FRESHNESS_PAIRS}
+    for key, ev in comparisons.items():
+        log.info("freshness: %s: auc %+.4f (95%% CI %+.4f..%+.4f, p %.3g)", key, ev["auc"]["mean"],
+                 *ev["auc"]["ci95"], ev["auc"]["p"])
     paths = write_ablation(rows, "embeddings", run.report, "freshness",
-                           metrics=("auc", "ne", "classifier_auc", "centroid_drift", "alignment_r2"))
+                           metrics=("auc", "ne", "classifier_auc", "centroid_drift", "alignment_r2"),
+                           comparisons=comparisons)
     log.info("freshness: slices at ts %s; %s", bounds, ", ".join(str(p) for p in paths))
     return rows
