@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -235,6 +236,33 @@ def run_trainer(loop: Callable, loop_config: dict, datasets: dict, *, name: str,
         ),
     )
     return trainer.fit()
+
+
+class Background:
+    """`fn()` in a daemon thread, so the caller can act while it runs (`train_vms` publishes each VM as
+    it finishes) and Ctrl-C still ends the process: the thread never holds up the interpreter's exit."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self._box: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="loopfm-fit", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as err:  # re-raised by result()
+            self._box["error"] = err
+
+    def wait(self, timeout: float) -> bool:
+        """True once `fn` has returned or raised."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self):
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
 
 
 def scalar_metrics(metrics: dict) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from dataclasses import asdict
 from typing import Optional
@@ -42,6 +43,7 @@ from loopfm.skeleton import current, publish
 from loopfm.training.batches import ShardBatches
 from loopfm.training.checkpoint import VMManifest, build_from_manifest, save_vm
 from loopfm.training.loop import (
+    Background,
     LoopState,
     LoopTimer,
     cpu_state,
@@ -77,6 +79,13 @@ def seq_width(cfg: LoopFMConfig, features: FeaturesManifest):
         return None
     return cfg.vm.loopfm_width or features.width
 
+
+# How often the driver looks for finished VMs of a running `train_vms` run.
+PUBLISH_POLL_S = 2.0
+# Held by a VM's epochs and by the driver's test scoring. In Train's local mode both run in the
+# driver process, and torch ops running at once in two threads change each other's thread counts,
+# so kernels whose result depends on them would give other weights for the same seed.
+TORCH_TURN = threading.Lock()
 
 # Bumped when the training loop changes what a given config trains, so a run directory never
 # keeps the VMs of an older loop as current.
@@ -137,26 +146,30 @@ def train_vms(cfgs: list[LoopFMConfig], run: RunDir, features: FeaturesManifest,
         name = (f"vm-{one.arm}-seed{one.seed}-{one.fingerprint}" if len(pending) == 1
                 else f"vms-{len(pending)}-{stable_hash(*(m.fingerprint for m in pending))}")
         finished = FinishedVMs.remote()
-        try:
-            try:
-                run_trainer(
-                    vms_loop, {"manifests": [m.__dict__ for m in pending], "features": features.to_dict(),
-                               "finished": finished, **({"stop_file": str(stop_file)} if stop_file else {}),
-                               **({"timing_log": str(timing_log)} if timing_log else {}),
-                               "keep_shards": keep, "use_gpu": gpu}, datasets,
-                    name=name, storage=str(run.ray_storage), num_workers=first.train.num_workers, use_gpu=gpu,
-                    callbacks=callbacks,
-                )
-            finally:
-                drop_local_checkpoints()
-                # what finished is saved even when a later VM of the run failed
-                states = {i: torch.load(io.BytesIO(ray.get(finished.get.remote(i))), weights_only=True)
-                          for i in ray.get(finished.finished.remote())}
-                for k, manifest in enumerate(pending):
-                    if k in states:
-                        found[todo[k]] = _finish(manifest, states[k], outs[todo[k]], features, test, gpu,
+
+        def collect() -> None:
+            """Score and publish every VM that finished since the last call."""
+            for k in ray.get(finished.finished.remote()):
+                if found[todo[k]] is None:
+                    state = torch.load(io.BytesIO(ray.get(finished.get.remote(k))), weights_only=True)
+                    with TORCH_TURN:
+                        found[todo[k]] = _finish(pending[k], state, outs[todo[k]], features, test, gpu,
                                                  cfgs[todo[k]].train, stop_file)
+
+        fit = Background(lambda: run_trainer(
+            vms_loop, {"manifests": [m.__dict__ for m in pending], "features": features.to_dict(),
+                       "finished": finished, **({"stop_file": str(stop_file)} if stop_file else {}),
+                       **({"timing_log": str(timing_log)} if timing_log else {}),
+                       "keep_shards": keep, "use_gpu": gpu}, datasets,
+            name=name, storage=str(run.ray_storage), num_workers=first.train.num_workers, use_gpu=gpu,
+            callbacks=callbacks))
+        try:
+            while not fit.wait(PUBLISH_POLL_S):  # each VM published as it finishes: a crash loses only the running one
+                collect()
+            collect()
+            fit.result()
         finally:
+            drop_local_checkpoints()
             ray.kill(finished)
     missing = [pending[k] for k in range(len(pending)) if found[todo[k]] is None]
     if missing and not stop_file:
@@ -264,7 +277,8 @@ def vms_loop(config: dict) -> None:
                                      shuffle_seed=train_cfg.seed if name == "train" else None, kept=kept.get(name))
                   for name in ("train", "valid")}
         tag = f"{manifest.arm} seed {manifest.seed}" + (f" (VM {index + 1}/{total})" if total > 1 else "")
-        state, stopped = vm_epochs(manifest, train_cfg, splits, device, timer, index, config.get("stop_file"), tag)
+        with TORCH_TURN:
+            state, stopped = vm_epochs(manifest, train_cfg, splits, device, timer, index, config.get("stop_file"), tag)
         kept.update({name: batches.columns for name, batches in splits.items() if batches.columns is not None})
         if rank == 0:
             buffer = io.BytesIO()
