@@ -45,6 +45,13 @@ class LoopFMConfig(Section):
             _set_path(raw, key, value)
         return validate_config(raw, source="overrides")
 
+    def per_vertical(self) -> dict[int, LoopFMConfig]:
+        """One config per vertical of `data.vertical`, each naming that vertical alone: what its
+        feature set, VMs and report section are built from (this config itself for a single one)."""
+        if isinstance(self.data.vertical, int):
+            return {self.data.vertical: self}
+        return {v: self.updated({"data.vertical": v}) for v in self.data.verticals}
+
 
 def validate_config(raw: dict, source: str = "config") -> LoopFMConfig:
     try:
