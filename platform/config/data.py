@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import (
+    Field,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .base import ConfigError, Section
 
@@ -85,6 +92,14 @@ class SplitConfig(Section):
         return self
 
 
+class MovieLensConfig(Section):
+    """Options of the MovieLens-100k source (`data.source: movielens100k`; docs/DATA.md)."""
+
+    surfaces: Literal["one", "genre_group"] = Field(
+        "one", description="one: every rating on surface 0 (the log is the vertical); genre_group: the "
+        "surface is the group of the item's first genre (0 drama, 1 action, 2 comedy), for several verticals")
+
+
 class DataConfig(Section):
     source: Literal[
         "synthetic", "events", "taobao_ad", "kuaivideo", "amazon_electronics", "movielens100k"
@@ -101,6 +116,7 @@ class DataConfig(Section):
         description="the log promises each file is in ts order, so rows that break it are defects; "
         "None: as the source format promises (kuaivideo yes, others no)",
     )
+    movielens: MovieLensConfig = Field(default_factory=MovieLensConfig)
     vertical: Union[int, list[int]] = Field(
         0, description="the surface a vertical model serves, or a list of surfaces: one FM and store, one "
         "feature set and VM per vertical (docs/ARCHITECTURE.md, 'Many verticals')")
@@ -118,6 +134,15 @@ class DataConfig(Section):
         if repeated:
             raise ValueError(f"surfaces {repeated} appear more than once")
         return items[0] if len(items) == 1 else list(items)
+
+    @model_serializer(mode="wrap")
+    def _added_later_shown_when_set(self, dump: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The dump (YAML, every hash of this section) leaves out `movielens` at its default: the
+        configs and run directories written before it existed keep their hashes."""
+        out = dump(self)
+        if self.movielens == MovieLensConfig():
+            out.pop("movielens", None)
+        return out
 
     @model_validator(mode="after")
     def _path_when_not_synthetic(self) -> DataConfig:
