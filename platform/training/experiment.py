@@ -121,9 +121,9 @@ def report_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
         [report] = reports.values()
         paths = write_report(report, run.report)
     else:
-        stores = {v: [f.store_version for f in r.features] for v, r in results.items()}
+        first = next(iter(results.values()))  # every vertical's features come from the replicate's one store
         report = build_verticals_report(reports, {**meta, "verticals": list(results),
-                                                  "store_versions": next(iter(stores.values())),
+                                                  "store_versions": [f.store_version for f in first.features],
                                                   "machine": machine})
         paths = write_verticals_report(report, run.report)
     for v, r in reports.items():
