@@ -379,7 +379,7 @@ def run(cfg: LoopFMConfig, config_path: str, out: Path, seeds: int, quick: bool,
     torch.set_num_threads(threads)
     run_dir = RunDir(out)
     info = SplitInfo.load(run_dir)
-    vertical = cfg.data.vertical
+    vertical = cfg.data.one_vertical("benchmarks/peers.py")
     splits = {name: read_split(run_dir, name, vertical) for name in SPLITS}
     y = {name: splits[name]["label"].to_numpy(np.int64) for name in SPLITS}
     train_rate = float(y["train"].mean())

@@ -76,9 +76,10 @@ COMMANDS: tuple[Command, ...] = (
         _opt("--stores", type=comma_list, default=(),
              help="two store versions A,B compared on the events both hold (e.g. two FMs)"),
     )),
-    Command(("features",), "point-in-time join of stored embeddings into VM examples",
-            "loopfm.features.stage:features_stage"),
-    Command(("train",), "train one VM (one arm, one seed) with Ray Train", "loopfm.training.vm:train_stage", (
+    Command(("features",), "point-in-time join of stored embeddings into VM examples (one set per vertical)",
+            "loopfm.features.stage:features_verticals_stage"),
+    Command(("train",), "train one VM (one arm, one seed; one per vertical) with Ray Train",
+            "loopfm.training.vm:train_stage", (
         _opt("--arm", choices=ARMS,
              help=f"one of {', '.join(ARMS)} (default: from train.use_kd/use_loopfm/use_rawseq)"),
         _opt("--seed", type=int, help="default: train.seed"),

@@ -6,6 +6,7 @@ No recbole in CI: the fixture writes `ml-100k.inter` / `ml-100k.item` as the whe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import loopfm_in_process
-from loopfm.config import load_config
+from loopfm.config import load_config, stable_hash
 from loopfm.datasets import movielens
 from loopfm.errors import MissingInputError
 from loopfm.rundir import read_manifest
@@ -42,15 +43,45 @@ def ratings(n_users: int = 6, per_user: int = 10) -> list[tuple[int, int, int, i
     return rows
 
 
-@pytest.fixture
-def ml_slice(tmp_path: Path) -> Path:
-    folder = tmp_path / "ml-100k"
+def write_slice(folder: Path) -> Path:
+    """`ml-100k.inter` and `ml-100k.item` of `ratings()` and ITEMS in `folder`."""
     folder.mkdir()
     lines = [INTER_HEADER] + [f"{u}\t{i}\t{r}\t{ts}" for u, i, r, ts in ratings()]
     (folder / movielens.INTER).write_text("\n".join(lines) + "\n")
     items = [ITEM_HEADER] + ["\t".join(map(str, row)) for row in ITEMS]
     (folder / movielens.ITEM).write_text("\n".join(items) + "\n")
     return folder
+
+
+@pytest.fixture
+def ml_slice(tmp_path: Path) -> Path:
+    return write_slice(tmp_path / "ml-100k")
+
+
+def test_genre_group_surfaces_are_opt_in_and_the_default_keeps_its_fingerprint(tmp_path):
+    folder = write_slice(tmp_path / "ml-100k")
+    inter = movielens.resolve_inter(str(folder))
+    item = movielens.item_file(inter)
+    assert sorted(g for group in movielens.GENRE_GROUPS for g in group) == sorted(movielens.GENRES)
+    one = movielens.to_events(inter, item).to_pandas()
+    grouped = movielens.to_events(inter, item, "genre_group").to_pandas()
+    # the first genre's group: Animation 2 (comedy), Action 1, Thriller 1, unknown 0, Western 0; item 6 not in .item: 0
+    group = {1: 2, 2: 1, 3: 1, 4: 0, 5: 0, 6: 0}
+    assert grouped["surface"].tolist() == [group[i] for i in grouped["item_id"]]
+    assert grouped.drop(columns="surface").equals(one.drop(columns="surface")) and (one["surface"] == 0).all()
+
+    setting = ["data.source=movielens100k", f"data.path={folder}"]
+    default = load_config(None, setting).data
+    genres = load_config(None, [*setting, "data.movielens.surfaces=genre_group"]).data
+    assert "movielens" not in default.model_dump() and genres.model_dump()["movielens"] == {"surfaces": "genre_group"}
+    identity = [(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in (inter, item)]
+    # origin/main's conversion fingerprint, `stable_hash(SOURCE, MAPPING_VERSION, identity)`, for the default
+    assert movielens.write_source(default, tmp_path / "one") == stable_hash(
+        movielens.SOURCE, movielens.MAPPING_VERSION, identity)
+    assert movielens.write_source(genres, tmp_path / "genres") != stable_hash(
+        movielens.SOURCE, movielens.MAPPING_VERSION, identity)
+    written = pq.read_table(tmp_path / "genres" / "events.parquet").to_pandas()
+    assert written["surface"].tolist() == grouped["surface"].tolist()
 
 
 def test_mapping_labels_categories_ts_ids(ml_slice):

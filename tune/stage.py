@@ -89,6 +89,7 @@ def build_tuner(cfg: LoopFMConfig, run: RunDir):
 
 def tune_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     """`loopfm tune`: search, or resume the interrupted search of this config; write `tune/`."""
+    cfg.data.one_vertical("loopfm tune")
     try:
         validate_space(cfg)
     except ValueError as err:

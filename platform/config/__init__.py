@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError
 
 from .base import ConfigError, Section, format_validation_error, register_root, stable_hash
 from .compress import CompressConfig
-from .data import ColumnMapping, DataConfig, SplitConfig, SyntheticConfig, ValidationConfig
+from .data import ColumnMapping, DataConfig, MovieLensConfig, SplitConfig, SyntheticConfig, ValidationConfig
 from .features import FeaturesConfig
 from .fm import EmbedConfig, FMConfig
 from .scale import FM_PRESETS, FMSize, ScaleConfig
@@ -44,6 +44,13 @@ class LoopFMConfig(Section):
         for key, value in overrides.items():
             _set_path(raw, key, value)
         return validate_config(raw, source="overrides")
+
+    def per_vertical(self) -> dict[int, LoopFMConfig]:
+        """One config per vertical of `data.vertical`, each naming that vertical alone: what its
+        feature set, VMs and report section are built from (this config itself for a single one)."""
+        if isinstance(self.data.vertical, int):
+            return {self.data.vertical: self}
+        return {v: self.updated({"data.vertical": v}) for v in self.data.verticals}
 
 
 def validate_config(raw: dict, source: str = "config") -> LoopFMConfig:
@@ -96,6 +103,7 @@ __all__ = [
     "ARMS", "ARM_CHANNELS", "DEFAULT_ARMS", "POOLINGS", "VM_FEATURES", "AutoscalingConfig", "ColumnMapping",
     "CompressConfig", "ConfigError", "DataConfig",
     "EmbedConfig", "ExperimentConfig", "FMConfig", "FMSize", "FM_PRESETS", "FeaturesConfig", "LoopFMConfig",
+    "MovieLensConfig",
     "ParamSpec",
     "RayConfig", "ScaleConfig", "ServeConfig", "SplitConfig", "SyntheticConfig", "TrainConfig", "TuneConfig",
     "VMConfig", "ValidationConfig", "WandbConfig", "load_config", "parse_override", "stable_hash",

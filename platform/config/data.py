@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from collections.abc import Iterable
+from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import (
+    Field,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from .base import Section
+from .base import ConfigError, Section
 
 
 class ColumnMapping(Section):
@@ -84,6 +92,14 @@ class SplitConfig(Section):
         return self
 
 
+class MovieLensConfig(Section):
+    """Options of the MovieLens-100k source (`data.source: movielens100k`; docs/DATA.md)."""
+
+    surfaces: Literal["one", "genre_group"] = Field(
+        "one", description="one: every rating on surface 0 (the log is the vertical); genre_group: the "
+        "surface is the group of the item's first genre (0 drama, 1 action, 2 comedy), for several verticals")
+
+
 class DataConfig(Section):
     source: Literal[
         "synthetic", "events", "taobao_ad", "kuaivideo", "amazon_electronics", "movielens100k"
@@ -100,10 +116,56 @@ class DataConfig(Section):
         description="the log promises each file is in ts order, so rows that break it are defects; "
         "None: as the source format promises (kuaivideo yes, others no)",
     )
-    vertical: int = Field(0, ge=0, description="the surface the vertical model serves")
+    movielens: MovieLensConfig = Field(default_factory=MovieLensConfig)
+    vertical: Union[int, list[int]] = Field(
+        0, description="the surface a vertical model serves, or a list of surfaces: one FM and store, one "
+        "feature set and VM per vertical (docs/ARCHITECTURE.md, 'Many verticals')")
+
+    @field_validator("vertical", mode="before")
+    @classmethod
+    def _one_or_distinct(cls, value: Any) -> Union[int, list[int]]:
+        """A surface id, or a non-empty list of distinct ones in the order the report follows; a
+        one-element list is that vertical (the same run, fingerprints and report)."""
+        items = value if isinstance(value, list) else [value]
+        wrong = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if wrong or not items:
+            raise ValueError("must be a surface id (an int >= 0) or a non-empty list of them")
+        repeated = sorted({v for v in items if items.count(v) > 1})
+        if repeated:
+            raise ValueError(f"surfaces {repeated} appear more than once")
+        return items[0] if len(items) == 1 else list(items)
+
+    @model_serializer(mode="wrap")
+    def _added_later_shown_when_set(self, dump: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The dump (YAML, every hash of this section) leaves out `movielens` at its default: the
+        configs and run directories written before it existed keep their hashes."""
+        out = dump(self)
+        if self.movielens == MovieLensConfig():
+            out.pop("movielens", None)
+        return out
 
     @model_validator(mode="after")
     def _path_when_not_synthetic(self) -> DataConfig:
         if self.source not in ("synthetic", "movielens100k") and not self.path:
             raise ValueError(f"source '{self.source}' needs data.path")
         return self
+
+    @property
+    def verticals(self) -> tuple[int, ...]:
+        """Every vertical of `data.vertical`, in its order (one for a single int)."""
+        return (self.vertical,) if isinstance(self.vertical, int) else tuple(self.vertical)
+
+    def one_vertical(self, what: str) -> int:
+        """The vertical of a stage that models one (`what` names it): a list is refused by name."""
+        if isinstance(self.vertical, int):
+            return self.vertical
+        raise ConfigError(f"data.vertical: {what} works on one vertical, got {self.vertical}; "
+                          f"pick one with --set data.vertical=<one of {self.vertical}>")
+
+    def check_verticals(self, surfaces: Iterable[int]) -> None:
+        """Refuse a vertical that is not among the log's `surfaces` (those holding events)."""
+        present = sorted({int(s) for s in surfaces})
+        absent = [v for v in self.verticals if v not in present]
+        if absent:
+            raise ConfigError(f"data.vertical: {self.vertical} names surface(s) {absent} with no events in the "
+                              f"log; the surfaces present are {present}")

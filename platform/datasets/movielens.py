@@ -10,7 +10,9 @@ item_id:token rating:float timestamp:float`, 100,000 ratings) and `ml-100k.item`
 movie_title:token_seq release_year:token class:token_seq`, genres space-separated). Mapping:
 
   label    = rating >= 4 (a rating is an explicit judgment; 4 and 5 are the positives)
-  surface  = 0 (one surface: the log is the vertical)
+  surface  = 0 (one surface: the log is the vertical); with `data.movielens.surfaces: genre_group`,
+             the GENRE_GROUPS position of the item's first genre, so one FM and store can serve
+             several verticals (`data.vertical: [0, 1, 2]`)
   category = the item's first genre, numbered as in MovieLens' `u.genre` (Action 1 .. Western 18);
              `unknown`, an unlisted genre or an item missing from `.item` give 0
   ts       = timestamp (seconds)
@@ -53,6 +55,15 @@ GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
+# `data.movielens.surfaces: genre_group`: surface = the position of the group holding the item's
+# first genre, three groups of about a third of the ratings each (docs/DATA.md has the shares).
+GENRE_GROUPS = (
+    ("unknown", "Documentary", "Drama", "Film-Noir", "Musical", "Romance", "War", "Western"),
+    ("Action", "Adventure", "Crime", "Fantasy", "Horror", "Mystery", "Sci-Fi", "Thriller"),
+    ("Animation", "Children's", "Comedy"),
+)
+SURFACE_OF_CATEGORY = np.array([next(k for k, group in enumerate(GENRE_GROUPS) if genre in group) for genre in GENRES],
+                               dtype=np.int32)
 MAPPING_VERSION = 1  # bump when the mapping above changes, so converted logs are rebuilt
 INTER_COLUMNS = {"user_id:token": USER_ID, "item_id:token": ITEM_ID, "rating:float": "rating",
                  "timestamp:float": "timestamp"}
@@ -114,8 +125,9 @@ def genre_categories(path: Optional[Path]) -> dict[int, int]:
     return dict(zip(items[ITEM_ID].astype(np.int64), first.map(lambda g: code.get(g, 0)).astype(np.int64)))
 
 
-def to_events(inter: Path, item: Optional[Path]) -> pa.Table:
-    """The ratings as contract events (`EVENT_SCHEMA`), sorted by (ts, user_id, item_id)."""
+def to_events(inter: Path, item: Optional[Path], surfaces: str = "one") -> pa.Table:
+    """The ratings as contract events (`EVENT_SCHEMA`), sorted by (ts, user_id, item_id); `surfaces`
+    as `data.movielens.surfaces` says (one: all on 0; genre_group: the group of the category)."""
     ratings = _read_atomic(inter, INTER_COLUMNS)
     try:
         user = ratings[USER_ID].astype(np.int64).to_numpy()
@@ -134,7 +146,8 @@ def to_events(inter: Path, item: Optional[Path]) -> pa.Table:
             USER_ID: pa.array(user[order]),
             ITEM_ID: pa.array(item_id[order]),
             CATEGORY: pa.array(category[order]),
-            SURFACE: pa.array(np.zeros(n, np.int32)),
+            SURFACE: pa.array(SURFACE_OF_CATEGORY[category[order]] if surfaces == "genre_group"
+                              else np.zeros(n, np.int32)),
             TS: pa.array(ts[order]),
             LABEL: pa.array((rating[order] >= POSITIVE_RATING).astype(np.int8)),
         },
@@ -147,10 +160,12 @@ def write_source(data: DataConfig, out: Path) -> str:
     inter = resolve_inter(data.path)
     item = item_file(inter)
     identity = [(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in (inter, item) if p is not None]
-    fingerprint = stable_hash(SOURCE, MAPPING_VERSION, identity)
+    surfaces = data.movielens.surfaces
+    # the default mapping hashes as it did before the option existed: converted logs stay current
+    fingerprint = stable_hash(SOURCE, MAPPING_VERSION, identity, *([surfaces] if surfaces != "one" else []))
 
     def build(tmp: Path) -> dict:
-        events = to_events(inter, item)
+        events = to_events(inter, item, surfaces)
         pq.write_table(events, tmp / "events.parquet")
         label = events[LABEL].to_numpy()
         return {"fingerprint": fingerprint, "source": SOURCE, "inter": str(inter), "item": str(item) if item else None,

@@ -20,10 +20,12 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
 
-from loopfm.config import LoopFMConfig, SplitConfig, stable_hash
-from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, TS, USER_ID, idx
+from loopfm.config import DataConfig, LoopFMConfig, SplitConfig, stable_hash
+from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.vocab import Vocab, VocabBuilder
 from loopfm.errors import MissingInputError
 from loopfm.rundir import Manifest, RunDir, read_manifest
@@ -49,7 +51,7 @@ class SplitInfo(Manifest):
     vocab_sizes: dict[str, int]
     categorical: list[str] = field(default_factory=list)
     num_surfaces: int = 1
-    vertical: int = 0
+    vertical: int = 0  # the first of `data.vertical`: the one its fingerprint hashes
 
     @classmethod
     def load(cls, run: RunDir) -> SplitInfo:
@@ -107,12 +109,31 @@ def _index_and_tag(batch: dict, *, vocabs_ref, valid_start: int, test_start: int
     return batch
 
 
+def split_fingerprint(events_fingerprint: str, data: DataConfig) -> str:
+    """What the splits depend on: the events, `data.split` and the first vertical of `data.vertical`.
+
+    Their contents do not depend on the vertical (every surface's events are split and indexed);
+    it is hashed because it always was, so the runs of a single `vertical: v` keep their splits,
+    and only the first of a list, so a run that lists more verticals after its first keeps its
+    splits, FM and store (docs/ARCHITECTURE.md, 'Many verticals').
+    """
+    return stable_hash(events_fingerprint, data.split, data.verticals[0])
+
+
+def surfaces_present(path: Path) -> list[int]:
+    """The surfaces that hold at least one event in the parquet files under `path` (one column read)."""
+    table = pads.dataset([str(f) for f in sorted(Path(path).rglob("*.parquet"))], format="parquet").to_table(
+        columns=[SURFACE])
+    return sorted(int(s) for s in pc.unique(table[SURFACE]).to_pylist())
+
+
 def split_stage(cfg: LoopFMConfig, run: RunDir) -> SplitInfo:
     """`loopfm data split`: at most three passes, two of them over a few columns only."""
     events = read_manifest(run.events)
     if events is None:
         raise MissingInputError(f"no validated events in {run.events}: run `loopfm data validate` first")
-    fingerprint = stable_hash(events["fingerprint"], cfg.data.split, cfg.data.vertical)
+    cfg.data.check_verticals(surfaces_present(run.events))
+    fingerprint = split_fingerprint(events["fingerprint"], cfg.data)
     done = current("data split", run.splits, fingerprint, lambda _: SplitInfo.load(run))
     if done is not None:
         return done
@@ -166,7 +187,7 @@ def split_stage(cfg: LoopFMConfig, run: RunDir) -> SplitInfo:
             vocab_sizes={c: v.size for c, v in vocabs.items()},
             categorical=categorical,
             num_surfaces=int(events.get("num_surfaces", 1)),
-            vertical=cfg.data.vertical,
+            vertical=cfg.data.verticals[0],
         )
 
     info = publish(run.splits, build)

@@ -28,7 +28,8 @@ from loopfm.rundir import atomic_file, atomic_write_text
 
 from .transfer import ARMS, CHANNELS, improvement, paired, summarize, transfer_ratio
 
-__all__ = ["METRICS", "LABELS", "ALPHA", "build_report", "write_report", "write_ablation", "to_json"]
+__all__ = ["METRICS", "LABELS", "ALPHA", "VERTICAL_DIR", "build_report", "build_verticals_report", "write_report",
+           "write_verticals_report", "write_ablation", "to_json"]
 
 METRICS = ("auc", "gauc", "logloss", "ne")
 TR_METRICS = ("ne", "auc")
@@ -49,6 +50,9 @@ COMPARISONS = {  # name -> (arm, against): "arm improves on against"
 FM_KNOWLEDGE = ("loopfm_vs_rawseq", "kd_loopfm_vs_kd_rawseq", "kd_loopfm_vs_rawseq")
 TR_DOUBLE_THRESHOLD = 1.5  # "about twice": TR(kd_loopfm) >= 1.5 x TR(kd)
 NAN = float("nan")
+VERTICAL_DIR = "vertical"  # report/vertical<v>/: one vertical's own report in a report over several
+SUMMARY_COMPARISONS = ("loopfm_vs_base", "loopfm_vs_rawseq", "kd_loopfm_vs_kd")  # the columns across verticals
+SUMMARY_CHANNELS = ("kd", "kd_loopfm")  # their TR across verticals (the paper: +KD+LoopFM about twice +KD)
 
 
 # ---------------------------------------------------------------- building
@@ -200,6 +204,24 @@ def build_report(arms: Mapping[str, Sequence[Mapping]], fm: Sequence[Mapping] | 
     r["fm_knowledge"] = {k: r["comparisons"][k] for k in FM_KNOWLEDGE if k in r["comparisons"]}
     r["claims"] = _claims(r)
     return r
+
+
+def build_verticals_report(reports: Mapping[int, Mapping], meta: Mapping[str, Any]) -> dict:
+    """The report over several verticals: each vertical's own `build_report` (under `verticals`,
+    keyed by the vertical) and `summary`, one row per vertical: its test examples, AUC of each arm
+    and of the FM, the paired ΔAUC of SUMMARY_COMPARISONS, TR on NE of SUMMARY_CHANNELS, and how
+    many of its claims hold."""
+    summary = []
+    for v, r in reports.items():
+        summary.append({
+            "vertical": int(v), "test_examples": r.get("meta", {}).get("test_examples"),
+            "auc": {a: s["auc"]["mean"] for a, s in r["arms"].items()},
+            "fm_auc": r["fm"]["auc"]["mean"] if r["fm"] else NAN,
+            "comparisons": {k: r["comparisons"][k]["auc"] for k in SUMMARY_COMPARISONS if k in r["comparisons"]},
+            "tr_ne": {ch: r["tr"][ch]["ne"] for ch in SUMMARY_CHANNELS if ch in r["tr"]},
+            "claims_holding": sum(c["holds"] for c in r["claims"]), "claims": len(r["claims"]),
+        })
+    return {"meta": dict(meta), "summary": summary, "verticals": {int(v): dict(r) for v, r in reports.items()}}
 
 
 # ---------------------------------------------------------------- writing
@@ -378,6 +400,59 @@ def write_report(report: Mapping, out_dir: Path) -> list[Path]:
     if report["tr"]:
         paths.append(_plot_transfer(report, out / "transfer.png"))
     return paths
+
+
+def _summary_markdown(report: Mapping) -> list[str]:
+    """The table across verticals: one row per vertical, AUC columns for every arm any of them ran."""
+    rows = report["summary"]
+    arms = _ordered({a: None for row in rows for a in row["auc"]})
+    pairs = [k for k in SUMMARY_COMPARISONS if any(k in row["comparisons"] for row in rows)]
+    channels = [c for c in SUMMARY_CHANNELS if any(c in row["tr_ne"] for row in rows)]
+    names = [f"{LABELS.get(COMPARISONS[k][0])} vs {LABELS.get(COMPARISONS[k][1])} ΔAUC (p)" for k in pairs]
+    head = (["vertical", "test examples"] + [f"{LABELS.get(a, a)} AUC" for a in arms] + ["FM AUC"] + names
+            + [f"TR NE {LABELS.get(c, c)}" for c in channels] + ["claims holding"])
+    L = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row in rows:
+        cmp = row["comparisons"]
+        cells = ([str(row["vertical"]), f"{row['test_examples']:,}" if row["test_examples"] is not None else "n/a"]
+                 + [_f(row["auc"].get(a)) for a in arms] + [_f(row["fm_auc"])]
+                 + [f"{_f(cmp[k]['mean'], 5)} ({_pv(cmp[k]['p'])})" if k in cmp else "n/a" for k in pairs]
+                 + [_f(row["tr_ne"].get(c), 3) for c in channels]
+                 + [f"{row['claims_holding']} of {row['claims']}"])
+        L.append("| " + " | ".join(cells) + " |")
+    return L
+
+
+def _verticals_markdown(report: Mapping) -> str:
+    """One document: the meta, the summary across verticals, then each vertical's own report as a
+    section (its headings one level down, its plots linked from its folder)."""
+    L = [f"# LoopFM experiment report: {len(report['verticals'])} verticals, one FM store", ""]
+    for k, v in report.get("meta", {}).items():
+        L.append(f"- **{k}**: {json.dumps(_clean(v)) if isinstance(v, (Mapping, list, tuple)) else v}")
+    L += ["", "## Across verticals", "",
+          "Each replicate's one FM and store serve every vertical; each vertical has its own features, VMs "
+          "(`vm/<arm>/seed<k>-<fingerprint>/`, the manifest naming the vertical) and report (its section below, "
+          f"and `{VERTICAL_DIR}<v>/`). ΔAUC: paired, arm minus the other (positive = better); p: paired t-test.",
+          "", *_summary_markdown(report), ""]
+    for v, r in report["verticals"].items():
+        folder = f"{VERTICAL_DIR}{v}"
+        L += [f"## Vertical {v}", "", f"Its files: `{folder}/` (report.json, report.md, plots).", ""]
+        if r["arms"]:
+            L.append(f"![arms, vertical {v}]({folder}/arms.png)")
+        if r["tr"]:
+            L.append(f"![transfer, vertical {v}]({folder}/transfer.png)")
+        body = _markdown(r).splitlines()[1:]  # without its own title: the section heading says it
+        L += ["#" + line if line.startswith("#") else line for line in body]
+    return "\n".join(L) + "\n"
+
+
+def write_verticals_report(report: Mapping, out_dir: Path) -> list[Path]:
+    """Each vertical's report in `<out_dir>/vertical<v>/` (as `write_report` writes one), then
+    report.json (every vertical and the summary) and report.md (all of it) in `out_dir`."""
+    out = Path(out_dir)
+    paths = [p for v, r in report["verticals"].items() for p in write_report(r, out / f"{VERTICAL_DIR}{v}")]
+    return [atomic_write_text(out / "report.json", to_json(report)),
+            atomic_write_text(out / "report.md", _verticals_markdown(report)), *paths]
 
 
 def write_ablation(rows: Sequence[Mapping], key: str, out_dir: Path, name: str,

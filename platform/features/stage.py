@@ -28,7 +28,7 @@ from ray.data.expressions import col
 
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
-from loopfm.datasets.splits import SplitInfo, split_of, split_paths
+from loopfm.datasets.splits import SplitInfo, split_of, split_paths, surfaces_present
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.join import DENSE_NAMES, USER_EVENT_COLUMNS, JoinSpec, counts_before, join_user
 from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
@@ -48,9 +48,18 @@ FROM_STORE = "from_store"
 ITEM_N, ITEM_POS = "item_n", "item_pos"  # the item counters, carried on vertical event rows into the user join
 
 
+def features_verticals_stage(cfg: LoopFMConfig, run: RunDir,
+                             fm_version: Optional[str] = None) -> dict[int, FeaturesManifest]:
+    """`loopfm features`: one feature set per vertical of `data.vertical`, all from the one store
+    (of `fm_version`; default: of the FM this config trains), each built or found current alone."""
+    cfg.data.check_verticals(surfaces_present(run.splits))
+    return {v: features_stage(vcfg, run, fm_version) for v, vcfg in cfg.per_vertical().items()}
+
+
 def features_stage(cfg: LoopFMConfig, run: RunDir, fm_version: Optional[str] = None) -> FeaturesManifest:
-    """`loopfm features`: build (or find current) the VM examples of `data.vertical` (from the store
-    of `fm_version`; default: of the FM this config trains)."""
+    """The VM examples of the one vertical `data.vertical` names, built or found current (from the
+    store of `fm_version`; default: of the FM this config trains)."""
+    vertical = cfg.data.one_vertical("a feature set")
     info = SplitInfo.load(run)
     store_path, store = resolve_store(cfg, run, fm_version or configured_fm_version(cfg, run, info))
     fingerprint = features_fingerprint(cfg, info, store)
@@ -60,22 +69,22 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, fm_version: Optional[str] = N
         return done
     init_ray(cfg.ray)
     spec = JoinSpec.from_config(cfg.features, codec.bytes_per_row(store.width, store.dtype),
-                                prior=vertical_label_rate(run, cfg.data.vertical))
+                                prior=vertical_label_rate(run, vertical))
     started = time.time()
     log.info("features: joining vertical %d with store %s (L=%d, lag=%d, retention=%s, surfaces=%s)",
-             cfg.data.vertical, store.store_version, spec.seq_len, spec.lag, spec.retention, cfg.features.surfaces)
-    ids = vertical_event_ids(run, cfg.data.vertical)
+             vertical, store.store_version, spec.seq_len, spec.lag, spec.retention, cfg.features.surfaces)
+    ids = vertical_event_ids(run, vertical)
     boundaries = sort_boundaries(np.concatenate(list(ids.values())), ROWS_PER_PARTITION)
 
     def build(tmp: Path) -> FeaturesManifest:
-        examples = build_examples(run, store_path, spec, info, cfg.data.vertical).sort(EVENT_ID, boundaries=boundaries)
+        examples = build_examples(run, store_path, spec, info, vertical).sort(EVENT_ID, boundaries=boundaries)
         examples.write_parquet(str(tmp), partition_cols=[SPLIT])
-        rows = _finish_partitions(run, tmp, store, cfg.data.vertical, {name: len(v) for name, v in ids.items()})
+        rows = _finish_partitions(run, tmp, store, vertical, {name: len(v) for name, v in ids.items()})
         return FeaturesManifest(
             fingerprint=fingerprint,
             store_version=store.store_version,
             splits_fingerprint=info.fingerprint,
-            vertical=cfg.data.vertical,
+            vertical=vertical,
             rows=rows,
             seq_len=spec.seq_len,
             raw_seq_len=spec.raw_seq_len,
@@ -106,7 +115,7 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, fm_version: Optional[str] = N
 def features_fingerprint(cfg: LoopFMConfig, info: SplitInfo, store: StoreManifest) -> str:
     """What a feature set depends on: the store version (FM, layers, compressor settings and
     weights), the splits, the `features` section and the vertical."""
-    return stable_hash(store.store_version, info.fingerprint, cfg.features, cfg.data.vertical)
+    return stable_hash(store.store_version, info.fingerprint, cfg.features, cfg.data.one_vertical("a feature set"))
 
 
 def configured_fm_version(cfg: LoopFMConfig, run: RunDir, info: SplitInfo) -> Optional[str]:

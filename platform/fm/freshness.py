@@ -168,6 +168,7 @@ def window_drift(run: RunDir, store: StoreManifest, bounds: list[int]) -> dict[s
 
 def freshness_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 3, arm: str = "loopfm") -> list[dict]:
     """`loopfm freshness [--slices K] [--arm A]`: the stale, fixed and drifting stores, `arm` on each."""
+    cfg.data.one_vertical("loopfm freshness")
     if slices < 2:
         raise LoopFMError(f"freshness needs at least 2 slices (one FM to be stale, a newer one), got {slices}")
     init_ray(cfg.ray)

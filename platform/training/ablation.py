@@ -22,6 +22,7 @@ from loopfm.training.vm import arm_config, train_vms
 def ablate_stage(cfg: LoopFMConfig, run: RunDir, param: str, values: str, arm: str = "loopfm") -> list[dict]:
     """`loopfm ablate --param KEY --values V1,V2,...`: `arm` trained on every seed for each value of
     `param` (`values`: comma-separated, each YAML)."""
+    cfg.data.one_vertical("loopfm ablate")
     key, values = param, [parse_override(f"{param}={v}")[1] for v in _split(values)]
     init_ray(cfg.ray)
     rows = []

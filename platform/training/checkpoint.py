@@ -43,6 +43,8 @@ class VMManifest(Manifest):
     dense_names: list[str] = field(default_factory=list)  # counters read (empty: none)
     num_surfaces: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)  # {"valid": {...}, "test": {...}, "epochs": n}
+    # the surface it serves (its features'); VMs written before the field had one vertical, 0 in every shipped config
+    vertical: int = 0
 
 
 def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> VMManifest:

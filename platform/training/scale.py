@@ -153,6 +153,7 @@ def scale_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     One command on a fresh run directory: the data stages run first (each skipped when current),
     as `loopfm run` would run them.
     """
+    cfg.data.one_vertical("loopfm scale")
     size_configs(cfg)  # a size that does not fit fails before anything runs
     init_ray(cfg.ray)
     started = time.time()

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from dataclasses import asdict
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -33,7 +33,7 @@ from loopfm.datasets.splits import SplitInfo
 from loopfm.evaluation.metrics import evaluate
 from loopfm.features.collate import VMBatchCollate
 from loopfm.features.reader import LABEL, RAW_COLUMNS, SEQ_Z, FeaturesManifest, read_features
-from loopfm.features.stage import features_stage
+from loopfm.features.stage import features_verticals_stage
 from loopfm.models.losses import vm_loss
 from loopfm.ordering import ordered_data
 from loopfm.precision import autocast, float32, model_device
@@ -192,7 +192,7 @@ def vm_manifest(cfg: LoopFMConfig, fingerprint: str, features: FeaturesManifest,
         vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
         context_columns=list(features.context_columns), context_sizes=[info.vocab_sizes[c] for c in info.categorical],
         seq_len=features.seq_len, seq_width=width, raw_seq_len=features.raw_seq_len,
-        rawseq=cfg.train.use_rawseq, num_surfaces=info.num_surfaces,
+        rawseq=cfg.train.use_rawseq, num_surfaces=info.num_surfaces, vertical=features.vertical,
         dense_names=list(features.dense_names) if "counters" in cfg.vm.features else [],
     )
 
@@ -376,10 +376,14 @@ def evaluate_vm(model, batches) -> dict:
     return evaluate(arrays["label"], arrays["logit"], arrays["user"])
 
 
-def train_stage(cfg: LoopFMConfig, run: RunDir, arm: Optional[str] = None, seed: Optional[int] = None) -> VMManifest:
+def train_stage(cfg: LoopFMConfig, run: RunDir, arm: Optional[str] = None,
+                seed: Optional[int] = None) -> Union[VMManifest, list[VMManifest]]:
     """`loopfm train [--arm A] [--seed N]`: one VM on this config's features (default arm: the one
-    `train.use_kd/use_loopfm/use_rawseq` name; default seed: `train.seed`)."""
+    `train.use_kd/use_loopfm/use_rawseq` name; default seed: `train.seed`), or one per vertical,
+    in its order, when `data.vertical` is a list: the result has the shape of `data.vertical`."""
     arm = arm or arm_of(cfg.train)
     seed = cfg.train.seed if seed is None else seed
-    return train_vm(arm_config(cfg, arm, seed), run, features_stage(cfg, run))
+    features = features_verticals_stage(cfg, run)
+    vms = [train_vm(arm_config(vcfg, arm, seed), run, features[v]) for v, vcfg in cfg.per_vertical().items()]
+    return vms[0] if isinstance(cfg.data.vertical, int) else vms
 
