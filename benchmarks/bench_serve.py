@@ -4,14 +4,21 @@ One run, one device, one VM, the same requests (100 candidate items each, `--ite
 
 * **in-process**: `FeatureTable.features` (the lookup) + `VMScorer.score` (the batch assembly,
   `decode_batch` and the forward) called directly in this process, one request at a time, 1 torch
-  thread: the floor any serving stack adds to. Also one call with 32 requests batched, the
+  thread: the floor any serving stack adds to; with each stage timed on its own (body parse and
+  validation, lookup, forward, answer JSON). Also one call with 32 requests batched, the
   throughput ceiling of one VM replica.
-* **serve**: `loopfm.serve_apps` deployed as `loopfm serve run` does (ingress -> lookup -> VM with
-  `@serve.batch`, `serve.*` config defaults: 1 replica each, max batch 32, wait 1 ms), on a free
+* **serve**: `loopfm.serve_apps` deployed as `loopfm serve run` does (`serve.*` config defaults: 1
+  replica, max batch 32, wait 1 ms), for each topology of `--topology` (`fused`: one deployment
+  parses, looks up and scores; `front`: an ingress ahead of the scoring deployment), on a free
   loopback port; for each `--concurrency` level, that many closed-loop clients (aiohttp, one event
   loop in this process, so the client shares the machine's cores with the server) post for
   `--duration` seconds after a warm-up. Per level: p50 / p90 / p99 / max latency, requests/s,
   candidates/s, errors (any non-200 or transport failure).
+* **`--breakdown`**: where a request's time goes besides the stages above, at 1 client: a trivial
+  FastAPI deployment answering a response of the same size (Serve's proxy, HTTP and ASGI: the floor
+  of any Serve app), the same with one handle call to a trivial deployment (the cost of one more
+  hop), and with a no-op `@serve.batch` call (the batcher's cost at 1 request in flight, at the
+  1 ms wait and at 0).
 
 The VM: by default a scratch run like bench_train.py's (random splits and store written directly,
 3 surfaces, the default config's VM: dnn [128, 64], attention pooling, L=32, width 32 int4, one
@@ -19,15 +26,16 @@ epoch of the kd_loopfm arm; scores are meaningless, the shapes are the default's
 benchmarks the newest `serve.arm` VM of an existing run instead (e.g. runs/default after `make run`).
 
     RAY_AUTH_MODE=disabled python benchmarks/bench_serve.py            # ~2-3 min on 2 cores
+    python benchmarks/bench_serve.py --breakdown --topology fused,front
     python benchmarks/bench_serve.py --run runs/default --concurrency 1,8 --duration 30
 
 Results: benchmarks/results/serve_<device>.json and a row in docs/BENCHMARKS.md (`--no-table`: not).
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -37,6 +45,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, append_row, device_name, machine, start_ray, versions, write_log, write_result  # noqa: E402
@@ -75,7 +85,7 @@ def scratch_run(cfg: LoopFMConfig, root: Path, users: int, events_per_user: int)
 def make_requests(run: RunDir, table, n: int, items: int, seed: int = 0) -> list[dict]:
     """n request bodies: users drawn from the log (5% unknown: cold start), `items` random known items each."""
     rng = np.random.default_rng(seed)
-    users = table.clicks.users if len(table.clicks) else np.arange(100)
+    users = table.users.users if len(table.users) else np.arange(100)
     if table.with_seq:
         users = table.store_users.users
     catalog = table.catalog_items
@@ -87,26 +97,41 @@ def make_requests(run: RunDir, table, n: int, items: int, seed: int = 0) -> list
 
 
 def in_process(bundle, bodies: list[dict], batch: int = 32) -> dict:
+    """The lookup + VM called directly, one request at a time, each stage timed; then batched."""
     import torch
 
     from loopfm.serve_apps.lookup import FeatureTable
     from loopfm.serve_apps.model import VMScorer
+    from loopfm.serve_apps.schemas import ScoreRequest
 
     torch.set_num_threads(1)
     table, scorer = FeatureTable(bundle), VMScorer(bundle)
+    ScoreRequest.limit(1000, table.context_names, [bundle.features.vertical])
+    raw = [json.dumps(b).encode() for b in bodies]
     for body in bodies[:20]:  # warm-up
         scorer.score([table.features(body["user_id"], body["items"], body["context"])])
-    latencies = []
+    latencies, stages = [], {"parse": [], "lookup": [], "forward": [], "respond": []}
     with Timer() as total:
-        for body in bodies:
-            started = time.perf_counter()
-            scorer.score([table.features(body["user_id"], body["items"], body["context"])])
-            latencies.append(time.perf_counter() - started)
+        for body in raw:
+            t0 = time.perf_counter()
+            req = ScoreRequest.model_validate(json.loads(body))
+            t1 = time.perf_counter()
+            features = table.features(req.user_id, req.items, req.context)
+            t2 = time.perf_counter()
+            out = scorer.score([features])[0]
+            t3 = time.perf_counter()
+            json.dumps({"scores": out["scores"].tolist(), "logits": out["logits"].tolist(),
+                        "model_version": out["model_version"]}).encode()
+            t4 = time.perf_counter()
+            latencies.append(t4 - t0)
+            for name, a, b in (("parse", t0, t1), ("lookup", t1, t2), ("forward", t2, t3), ("respond", t3, t4)):
+                stages[name].append(b - a)
     with Timer() as batched:
         for k in range(0, len(bodies), batch):
             scorer.score([table.features(b["user_id"], b["items"], b["context"]) for b in bodies[k : k + batch]])
     return {"requests": len(bodies), **percentiles(latencies),
             "requests_per_s": round(len(bodies) / total.seconds, 1),
+            "stages": {name: percentiles(v) for name, v in stages.items()},
             "batched_requests_per_s": round(len(bodies) / batched.seconds, 1), "batch": batch, "torch_threads": 1}
 
 
@@ -154,15 +179,19 @@ async def load(url: str, bodies: list[dict], concurrency: int, duration: float, 
             "requests_per_s": round(n / duration, 1), "candidates_per_s": round(n * items / duration)}
 
 
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def serve_levels(cfg: LoopFMConfig, run: RunDir, bodies: list[dict], levels: list[int], duration: float,
                  warmup: float) -> dict:
     from ray import serve
 
     from loopfm.serve_apps.stage import deploy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_loopback_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         with Timer() as up:
@@ -171,7 +200,58 @@ def serve_levels(cfg: LoopFMConfig, run: RunDir, bodies: list[dict], levels: lis
         results = [asyncio.run(load(url, bodies, c, duration, warmup)) for c in levels]
     finally:
         serve.shutdown()
-    return {"deploy_s": round(up.seconds, 2), "app_args": args, "levels": results}
+    return {"topology": cfg.serve.topology, "deploy_s": round(up.seconds, 2), "app_args": args, "levels": results}
+
+
+def serve_floor(bodies: list[dict], answer: bytes, duration: float, warmup: float) -> dict:
+    """A trivial FastAPI deployment that reads the body and answers `answer` (the size of a real
+    answer): alone (Serve's own cost per request), with one handle call to a trivial deployment
+    (one hop more), and with a no-op `@serve.batch` call at 1 ms and at 0 wait (the batcher's cost
+    when one request is in flight)."""
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(name="Echo")
+    class Echo:
+        async def __call__(self, x):
+            return x
+
+    @serve.deployment(name="Floor")
+    @serve.ingress(app)
+    class Floor:
+        def __init__(self, inner=None, batch_wait_s=None):
+            self.inner, self.batched = inner, batch_wait_s is not None
+            if self.batched:
+                self.noop.set_batch_wait_timeout_s(batch_wait_s)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+        async def noop(self, xs):
+            return xs
+
+        @app.post("/v1/score")
+        async def score(self, request: Request):
+            await request.body()
+            if self.inner is not None:
+                await self.inner.remote(1)
+            if self.batched:
+                await self.noop(1)
+            return Response(answer, media_type="application/json")
+
+    port = free_loopback_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/v1/score"
+    out = {}
+    try:
+        for name, app_ in (("http_floor", Floor.bind()), ("plus_one_hop", Floor.bind(Echo.bind())),
+                           ("plus_batch_wait_1ms", Floor.bind(batch_wait_s=0.001)),
+                           ("plus_batch_wait_0", Floor.bind(batch_wait_s=0.0))):
+            serve.run(app_, name="floor", route_prefix="/")
+            out[name] = asyncio.run(load(url, bodies, 1, duration, warmup))
+            serve.delete("floor")
+    finally:
+        serve.shutdown()
+    return out
 
 
 def main() -> None:
@@ -186,6 +266,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     parser.add_argument("--device", default=None, help="device label (default: cpu-<cores>core or the GPU)")
+    parser.add_argument("--topology", default=None, help="comma-separated serve.topology values to measure "
+                        "one after the other (default: the config's)")
+    parser.add_argument("--breakdown", action="store_true", help="also Serve's floor (trivial app, 1 client), one "
+                        "extra hop, and @serve.batch's own cost")
     parser.add_argument("--no-table", action="store_true", help="do not append a row to docs/BENCHMARKS.md")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override, e.g. serve.max_batch_size=16")
@@ -218,7 +302,14 @@ def main() -> None:
         cold = sum(1 for b in bodies if b["user_id"] >= 10**12)
         inproc = in_process(bundle, bodies[:500])
         levels = [int(c) for c in a.concurrency.split(",")]
-        served = serve_levels(cfg, run, bodies, levels, a.duration, a.warmup)
+        topologies = a.topology.split(",") if a.topology else [cfg.serve.topology]
+        served = [serve_levels(cfg.updated({"serve.topology": t}), run, bodies, levels, a.duration, a.warmup)
+                  for t in topologies]
+        breakdown = None
+        if a.breakdown:
+            answer = json.dumps({"scores": [0.123456789] * a.items, "logits": [-1.23456789] * a.items,
+                                 "model_version": "0" * 16}).encode()
+            breakdown = serve_floor(bodies, answer, min(a.duration, 10.0), a.warmup)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -235,6 +326,7 @@ def main() -> None:
                    "duration_s": a.duration, "warmup_s": a.warmup, "client": "aiohttp, 1 event loop, same machine"},
         "in_process": inproc,
         "serve": served,
+        "breakdown": breakdown,
     }
     result["load_avg_1m_start"] = round(load_start, 2)
     write_result("serve", result)
@@ -245,21 +337,31 @@ def main() -> None:
 
 
 def table_result(r: dict) -> str:
-    parts = [f"c={lv['concurrency']}: p50 {lv.get('p50_ms')} / p99 {lv.get('p99_ms')} ms, "
-             f"{lv['requests_per_s']} req/s, "
-             f"{lv['errors']} errors" for lv in r["serve"]["levels"]]
+    out = []
+    for served in r["serve"]:
+        parts = [f"c={lv['concurrency']}: p50 {lv.get('p50_ms')} / p99 {lv.get('p99_ms')} ms, "
+                 f"{lv['requests_per_s']} req/s, {lv['errors']} errors" for lv in served["levels"]]
+        out.append(f"{served['topology']}: " + "; ".join(parts))
     ip = r["in_process"]
-    return "; ".join(parts) + f" (in-process: p50 {ip['p50_ms']} / p99 {ip['p99_ms']} ms, {ip['requests_per_s']} req/s)"
+    return "; ".join(out) + f" (in-process: p50 {ip['p50_ms']} / p99 {ip['p99_ms']} ms, {ip['requests_per_s']} req/s)"
 
 
 def table_details(r: dict) -> str:
     c, s = r["config"], r["config"]["serve"]
+    stages = ", ".join(f"{k} {v['p50_ms']}" for k, v in r["in_process"]["stages"].items())
+    floor = ""
+    if r.get("breakdown"):
+        b = r["breakdown"]
+        floor = (f"; Serve floor at c=1 (trivial app, same answer size) p50 {b['http_floor']['p50_ms']} ms, "
+                 f"with one handle hop {b['plus_one_hop']['p50_ms']} ms, with a no-op @serve.batch call "
+                 f"{b['plus_batch_wait_1ms']['p50_ms']} ms (wait 1 ms) / {b['plus_batch_wait_0']['p50_ms']} ms "
+                 f"(wait 0)")
     return (f"{c['items_per_request']} candidates/request, {c['duration_s']:g}s per level; VM {c['vm']['model']} "
             f"{c['vm']['hidden']} pooling {c['vm']['pooling']}, L={c['seq_len']} width {c['seq_width']} {c['dtype']}, "
             f"{c['store_rows']:,} store rows ({c['run']} run); Serve: {s['replicas']} replica per deployment, "
-            f"max batch {s['max_batch_size']}, wait {s['batch_wait_timeout_s']}s; in-process batched (32 requests "
-            f"per forward) {r['in_process']['batched_requests_per_s']} req/s; client on the same cores; "
-            f"load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}")
+            f"max batch {s['max_batch_size']}, wait {s['batch_wait_timeout_s']}s; in-process stages p50 ms: {stages}; "
+            f"in-process batched (32 requests per forward) {r['in_process']['batched_requests_per_s']} req/s{floor}; "
+            f"client on the same cores; load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}")
 
 
 if __name__ == "__main__":

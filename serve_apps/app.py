@@ -1,6 +1,7 @@
 """The app builder used by `serve run`, `serve deploy` and `loopfm serve ...`.
 
-    ingress (FastAPI)  ->  FeatureLookup (store + raw history)  ->  VMModel (@serve.batch)
+    fused (default):  ScoringIngress (FastAPI + feature tables + VMs, @serve.batch)
+    front:            ScoringIngress (FastAPI)  ->  ScoringBackend (feature tables + VMs, @serve.batch)
 
 `build_app(args)` is an application builder (Serve calls it with the `args` of a config file):
 
@@ -8,16 +9,16 @@
     serve deploy serve.yaml        # written by `loopfm serve build`
 
 `app_args(cfg, run)` fills the args from a LoopFM config and a run directory (the newest VM of
-`serve.arm` / `serve.seed`), `deploy_config` wraps them in the multi-application config that
-`serve deploy` takes (it validates against Ray's own `ServeDeploySchema`).
+`serve.arm` / `serve.seed`, or one per vertical of `serve.verticals`), `deploy_config` wraps them
+in the multi-application config that `serve deploy` takes (it validates against Ray's own `ServeDeploySchema`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
@@ -25,10 +26,9 @@ from loopfm.config import LoopFMConfig
 from loopfm.datasets.splits import SplitInfo
 from loopfm.rundir import RunDir
 from loopfm.runtime import use_gpu
-from loopfm.serve_apps.bundle import latest_vm
+from loopfm.serve_apps.bundle import latest_vm, open_bundles, vm_vertical
 from loopfm.serve_apps.ingress import ScoringIngress
-from loopfm.serve_apps.lookup import FeatureLookup
-from loopfm.serve_apps.model import VMModel
+from loopfm.serve_apps.scoring import ScoringBackend
 
 APP_NAME = "loopfm"
 ROUTE_PREFIX = "/"
@@ -45,7 +45,13 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = Field(description="the run directory (splits, features manifests, store)")
-    vm_dir: str = Field(description="the VM checkpoint to serve, vm/<arm>/seed<k>-<fingerprint>/")
+    vm_dir: Optional[str] = Field(None, description="the VM checkpoint to serve, vm/<arm>/seed<k>-<fingerprint>/ "
+                                                   "(its vertical: the manifest's, else the split's)")
+    vm_dirs: Optional[dict[int, str]] = Field(None, description="several VMs, one per vertical (vertical -> VM "
+                                                                "dir), all on one store version; instead of vm_dir")
+    topology: Literal["fused", "front"] = Field("fused", description="fused: one deployment parses, looks up "
+                                                "and scores; front: an ingress ahead of ScoringBackend replicas, "
+                                                "retrying a request whose replica died")
     store_dir: Optional[str] = Field(None,
                                      description="store directory (default: <run>/store/<the VM's store version>)")
     replicas: PositiveInt = 1
@@ -62,12 +68,29 @@ class AppArgs(BaseModel):
     max_body_bytes: Optional[PositiveInt] = Field(None, description="longest request body (more: 413); default: "
                                                                      "enough for max_items ids however formatted")
 
+    @model_validator(mode="after")
+    def _one_way_to_name_the_vms(self) -> AppArgs:
+        if (self.vm_dir is None) == (not self.vm_dirs):
+            raise ValueError("vm_dir / vm_dirs: give exactly one (one VM, or one VM per vertical)")
+        return self
+
+    def served(self) -> dict[int, str]:
+        """vertical -> VM dir of every VM the app serves."""
+        if self.vm_dirs:
+            return {int(v): d for v, d in self.vm_dirs.items()}
+        return {vm_vertical(Path(self.vm_dir), RunDir(self.run_dir)): self.vm_dir}
+
 
 def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
+    """The app's args: `vm_dir`, else the newest VM of serve.arm / serve.seed for each vertical of
+    `serve.verticals`, else the newest of that arm and seed."""
     s = cfg.serve
-    vm_dir = Path(vm_dir) if vm_dir else latest_vm(run, s.arm, s.seed)
+    if vm_dir or not s.verticals:
+        vms = {"vm_dir": str(Path(vm_dir or latest_vm(run, s.arm, s.seed)).resolve())}
+    else:
+        vms = {"vm_dirs": {v: str(latest_vm(run, s.arm, s.seed, v).resolve()) for v in s.verticals}}
     return AppArgs(
-        run_dir=str(run.root), vm_dir=str(Path(vm_dir).resolve()), replicas=s.replicas,
+        run_dir=str(run.root), **vms, topology=s.topology, replicas=s.replicas,
         autoscaling=s.autoscaling.model_dump() if s.autoscaling else None, max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s, max_items=s.max_items, num_cpus=s.num_cpus,
         frontend_cpus=s.frontend_cpus, max_ongoing_requests=s.max_ongoing_requests,
@@ -91,22 +114,27 @@ def _scaling(a: AppArgs) -> dict:
 
 
 def build_app(args: dict) -> Application:
-    """The Serve application for `args` (an `AppArgs` dict)."""
+    """The Serve application for `args` (an `AppArgs` dict). The VMs are opened here too, so a set
+    that cannot be served together (two store versions) fails the deploy, not the replicas."""
     a = AppArgs.model_validate(args)
-    context_columns = SplitInfo.load(RunDir(a.run_dir)).categorical
-    lookup = FeatureLookup.options(
-        **_scaling(a), max_ongoing_requests=a.max_ongoing_requests, graceful_shutdown_timeout_s=GRACE_S,
-        ray_actor_options={"num_cpus": a.frontend_cpus},
-    ).bind(a.run_dir, a.vm_dir, a.store_dir, a.refresh_interval_s)
-    model = VMModel.options(
-        **_scaling(a), max_ongoing_requests=max(a.max_ongoing_requests, 2 * a.max_batch_size),
-        graceful_shutdown_timeout_s=GRACE_S,
-        ray_actor_options={"num_cpus": a.num_cpus, **({"num_gpus": a.num_gpus} if a.num_gpus else {})},
-    ).bind(a.run_dir, a.vm_dir, a.max_batch_size, a.batch_wait_timeout_s, gpu=a.num_gpus > 0)
+    served = a.served()
+    open_bundles(a.run_dir, served, a.store_dir)
+    core = {"run_dir": a.run_dir, "vm_dirs": served, "store_dir": a.store_dir,
+            "refresh_interval_s": a.refresh_interval_s, "max_batch_size": a.max_batch_size,
+            "batch_wait_timeout_s": a.batch_wait_timeout_s, "gpu": a.num_gpus > 0}
+    scoring = {**_scaling(a), "max_ongoing_requests": max(a.max_ongoing_requests, 2 * a.max_batch_size),
+               "graceful_shutdown_timeout_s": GRACE_S,
+               "ray_actor_options": {"num_cpus": a.num_cpus, **({"num_gpus": a.num_gpus} if a.num_gpus else {})}}
+    face = {"verticals": sorted(served), "max_items": a.max_items,
+            "context_columns": list(SplitInfo.load(RunDir(a.run_dir)).categorical),
+            "staleness_sla_s": a.staleness_sla_s, "max_body_bytes": a.max_body_bytes}
+    if a.topology == "fused":
+        return ScoringIngress.options(**scoring).bind(**face, core_args=core)
+    backend = ScoringBackend.options(**scoring).bind(**core)
     return ScoringIngress.options(
         **_scaling(a), max_ongoing_requests=a.max_ongoing_requests, graceful_shutdown_timeout_s=GRACE_S,
         ray_actor_options={"num_cpus": a.frontend_cpus},
-    ).bind(lookup, model, a.max_items, list(context_columns), a.staleness_sla_s, a.max_body_bytes)
+    ).bind(**face, backend=backend)
 
 
 def logging_config(cfg: LoopFMConfig) -> dict:

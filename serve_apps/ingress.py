@@ -1,6 +1,15 @@
-"""The HTTP ingress (FastAPI on Ray Serve): validation, then feature lookup -> VM, and the error contract.
+"""The HTTP ingress (FastAPI on Ray Serve): validation, scoring, the error contract and the metrics.
 
 Routes: `POST /v1/score`, `GET /healthz`, `GET /v1/models`, OpenAPI at `/docs` and `/openapi.json`.
+
+Topologies (`serve.topology`):
+- `fused` (default): the ingress replica holds the scoring core itself (`ScoringCore`: the feature
+  tables and the VMs, `@serve.batch` on the forward), so a request is one hop from Serve's proxy:
+  parse, look up, score, answer, in one process.
+- `front`: the core runs as its own deployment (`ScoringBackend`) behind this ingress, one hop
+  more. What the hop buys: a request whose backend replica dies mid-request (a crash, the OOM
+  killer) is retried on another replica (scoring is idempotent), which the proxy never does for a
+  request a replica already holds. For replicated deployments that must not drop a request.
 
 Errors, every one in the same shape, the framework's own included
 (`{"detail": "<field>: <problem>", "errors": [{"field", "message"}], "request_id"}`; the id is
@@ -10,15 +19,16 @@ also the response's `X-Request-ID` header, which Serve's proxy sets or takes fro
 - 413: the body is longer than `max_body_bytes` (counted as it streams in, so a huge body is
   refused without being held whole in the ingress's memory);
 - 422: a missing, unknown or mistyped field, an empty `items`, more than `serve.max_items` items,
-  an unknown `context` key, an id outside int64 (the field is named, e.g. `items.2`, `context.ts`);
+  an unknown `context` key, an id outside int64, a vertical the app does not serve (the field is
+  named, e.g. `items.2`, `context.ts`, `vertical`);
 - 503: a backend that is gone or overloaded (a replica restarting): worth retrying;
 - 500: a fault of the server itself (a bug): logged with its traceback and request id; retrying
   the same request would fail the same way, so it is not dressed up as a 503.
 
-Requests carry the lookup's answer straight into the VM deployment (`DeploymentResponse` passed as
-an argument), so the features do not travel back through the ingress. If the VM was swapped for
-one trained on another store version between the two calls (a reload in progress), the VM answers
-"stale" and the ingress asks again (a few times, briefly), so a reload drops no request.
+Metrics (`ray.serve.metrics`, on Ray's Prometheus endpoint as `ray_loopfm_serve_*`): requests and
+errors by route and status, and the latency histogram by route, counted by the outermost middleware
+(every answer, 413 and 500 included; the time inside the replica, not the proxy's), plus the core's
+cold starts and store staleness (`serve_apps/scoring.py`).
 """
 
 import asyncio
@@ -32,13 +42,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loopfm.serve_apps.model import STALE
 from loopfm.serve_apps.schemas import (
     TS,
     TS_LIMIT,
@@ -50,16 +60,19 @@ from loopfm.serve_apps.schemas import (
     ScoreResponse,
     exact_bounds,
 )
+from loopfm.serve_apps.scoring import ScoringCore
 
 logger = logging.getLogger("ray.serve")
 
-STALE_RETRY_S, STALE_WAIT_S = 30.0, 0.05  # longer than a rolling update of the lookup takes
+RETRY_WAIT_S = 0.05
 REPLICA_GONE = (RayActorError, ReplicaUnavailableError)  # died or unreachable (ActorDiedError, ...)
 REPLICA_TRIES = 4  # the router may pick the dead replica again before it learns of the death
 OVERLOADED = (BackPressureError, RequestCancelledError, GetTimeoutError, asyncio.TimeoutError)
 REQUEST_ID = "x-request-id"
 BODY_BYTES_PER_ITEM = 64  # an int64 id is at most 20 characters: room for separators and spacing
 MIN_BODY_BYTES = 64 << 10
+ROUTES = ("/v1/score", "/healthz", "/v1/models", "/docs", "/openapi.json")
+LATENCY_MS = [0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2000, 5000]
 
 
 def default_body_limit(max_items: int) -> int:
@@ -119,6 +132,58 @@ class BodyLimit:
                                         f"(max_body_bytes)")], Headers(scope=scope).get(REQUEST_ID))
         await response(scope, receive, send)
 
+class ServingMetrics:
+    """The ingress's Prometheus series (made in the replica: Serve adds its deployment/replica tags)."""
+
+    def __init__(self):
+        tags = ("route", "status")
+        self.requests = metrics.Counter("loopfm_serve_requests", tag_keys=tags,
+                                        description="HTTP requests answered, by route and status")
+        self.errors = metrics.Counter("loopfm_serve_errors", tag_keys=tags,
+                                      description="HTTP answers with a status of 400 or more, by route and status")
+        self.latency = metrics.Histogram("loopfm_serve_latency_ms", boundaries=LATENCY_MS, tag_keys=("route",),
+                                         description="time from the request reaching the replica to its answer")
+
+    def record(self, path: str, status: int, ms: float) -> None:
+        route = path if path in ROUTES else "other"  # a fuzzer's paths must not become series
+        tags = {"route": route, "status": str(status)}
+        self.requests.inc(tags=tags)
+        if status >= 400:
+            self.errors.inc(tags=tags)
+        self.latency.observe(ms, tags={"route": route})
+
+
+class RequestMetrics:
+    """ASGI middleware, outermost of ours: counts every answer and its latency. Framework errors and
+    the body cap's 413 included; an exception that escapes every handler counts as the 500 it becomes.
+    `RequestMetrics.metrics` is set by the ingress's constructor (middleware is bound at import)."""
+
+    metrics: Optional[ServingMetrics] = None
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.metrics is None:
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix: its routes' own names
+            path = path[len(root):]
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.record(path, status, (time.perf_counter() - started) * 1e3)
+
+
 api = FastAPI(
     title="LoopFM scoring",
     version="1",
@@ -127,6 +192,7 @@ api = FastAPI(
     responses={code: {"model": ErrorResponse} for code in (400, 404, 405, 413, 422, 500, 503)},
 )
 api.add_middleware(BodyLimit)
+api.add_middleware(RequestMetrics)  # added last: outermost
 
 
 def _openapi() -> dict:
@@ -200,21 +266,48 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error(500, [("server", f"internal error ({type(exc).__name__}); quote request id {rid}")], rid)
 
 
+class BackendGone(Exception):
+    """The backend replica died on every try (`front` topology)."""
+
+
 @serve.deployment(name="ScoringIngress")
 @serve.ingress(api)
 class ScoringIngress:
-    def __init__(self, lookup: DeploymentHandle, model: DeploymentHandle, max_items: int,
-                 context_columns: list[str], staleness_sla_s: Optional[float] = None,
-                 max_body_bytes: Optional[int] = None):
-        self.lookup, self.model = lookup, model
+    """The app's HTTP face. `core_args`: the fused topology (this replica holds a `ScoringCore`);
+    `backend`: the front topology (a handle to the `ScoringBackend` deployment)."""
+
+    def __init__(self, verticals: list[int], max_items: int, context_columns: list[str],
+                 staleness_sla_s: Optional[float] = None, max_body_bytes: Optional[int] = None,
+                 core_args: Optional[dict] = None, backend: Optional[DeploymentHandle] = None):
+        if (core_args is None) == (backend is None):
+            raise ValueError("ScoringIngress takes core_args (fused) or backend (front), exactly one")
+        self.core = ScoringCore(**core_args) if core_args is not None else None
+        self.backend = backend
+        self.verticals = sorted(int(v) for v in verticals)
         self.max_items = max_items
         self.staleness_sla_s = staleness_sla_s
         self.context_keys = {TS, *context_columns}
-        ScoreRequest.limit(max_items, context_columns)
+        ScoreRequest.limit(max_items, context_columns, self.verticals)
         BodyLimit.limit = max_body_bytes or default_body_limit(max_items)
+        RequestMetrics.metrics = ServingMetrics()
         api.openapi_schema = None  # regenerated with these limits
 
-    def _check(self, req: ScoreRequest) -> list[tuple[str, str]]:
+    async def _call(self, method: str, *args):
+        """`method` of the scoring core: in this process (fused), or on a backend replica (front),
+        tried again on another replica when the one holding it died."""
+        if self.core is not None:
+            return await getattr(self.core, method)(*args)
+        tries = 0
+        while True:
+            try:
+                return await getattr(self.backend, method).remote(*args)
+            except REPLICA_GONE as exc:  # died mid-request: scoring is idempotent, try another replica
+                tries += 1
+                if tries >= REPLICA_TRIES:
+                    raise BackendGone(f"{type(exc).__name__} on {tries} tries") from exc
+                await asyncio.sleep(RETRY_WAIT_S * tries)
+
+    def _check(self, req: ScoreRequest) -> tuple[list[tuple[str, str]], Optional[int]]:
         problems = []
         for key in req.context:
             if key not in self.context_keys:
@@ -223,68 +316,72 @@ class ScoringIngress:
         ts = req.context.get(TS)
         if ts is not None and abs(ts) > TS_LIMIT:
             problems.append((f"context.{TS}", f"must be within +-2**62, got {ts}"))
-        return problems
+        served = ", ".join(map(str, self.verticals))
+        vertical = req.vertical
+        if vertical is None and len(self.verticals) == 1:
+            vertical = self.verticals[0]
+        elif vertical is None:
+            problems.append(("vertical", f"required: this app serves several verticals ({served})"))
+        elif vertical not in self.verticals:
+            problems.append(("vertical", f"unknown vertical {vertical}; this app serves {served}"))
+        return problems, vertical
 
     @api.post("/v1/score", response_model=ScoreResponse, summary="score candidate items for a user")
     async def score(self, req: ScoreRequest, request: Request):
         rid = request_id(request)
-        problems = self._check(req)
+        problems, vertical = self._check(req)
         if problems:
             return error(422, problems, rid)
         context = dict(req.context)
         context.setdefault(TS, int(time.time()))  # one time for lookup and response
-        give_up = time.monotonic() + STALE_RETRY_S
-        tries = 0
-        while True:
-            try:
-                features = self.lookup.features.remote(req.user_id, req.items, context)
-                out = await self.model.score.remote(features)
-            except REPLICA_GONE as exc:  # the replica died mid-request: scoring is idempotent, try another
-                tries += 1
-                if tries >= REPLICA_TRIES:
-                    logger.warning("request %s: scoring failed %d times: %r", rid, tries, exc)
-                    return error(503, [("backend", f"scoring failed ({type(exc).__name__}); retry")], rid)
-                await asyncio.sleep(STALE_WAIT_S * tries)
-                continue
-            except OVERLOADED as exc:  # busy or timed out: the client may retry
-                logger.warning("request %s: backend overloaded: %r", rid, exc)
-                return error(503, [("backend", f"backend busy ({type(exc).__name__}); retry")], rid)
-            if not out.get(STALE):
-                break
-            if time.monotonic() > give_up:
-                return error(503, [("store_version", "the store and the VM are being reloaded; retry")], rid)
-            await asyncio.sleep(STALE_WAIT_S)
-        return ScoreResponse(
-            scores=out["scores"].tolist(), logits=out["logits"].tolist(),
-            model_version=out["model_version"], store_version=out["store_version"], store_head=out["store_head"],
-            log_head=out["log_head"], arm=out["arm"],
-            cold_start=out["cold_start"], oov_items=out["oov_items"], ts=out["ts"],
-        )
+        try:
+            out = await self._call("score", req.user_id, req.items, context, vertical)
+        except BackendGone as exc:
+            logger.warning("request %s: scoring failed: %s", rid, exc)
+            return error(503, [("backend", f"scoring failed ({exc}); retry")], rid)
+        except OVERLOADED as exc:  # busy or timed out: the client may retry
+            logger.warning("request %s: backend overloaded: %r", rid, exc)
+            return error(503, [("backend", f"backend busy ({type(exc).__name__}); retry")], rid)
+        # built here and not through the response model: a second validation of every float
+        # would cost more than the forward (the route still publishes ScoreResponse)
+        return JSONResponse({
+            "scores": out["scores"].tolist(), "logits": out["logits"].tolist(),
+            "model_version": out["model_version"], "store_version": out["store_version"],
+            "store_head": out["store_head"], "log_head": out["log_head"], "arm": out["arm"],
+            "vertical": out["vertical"], "cold_start": out["cold_start"], "oov_items": out["oov_items"],
+            "ts": out["ts"]})
+
+    async def describe(self) -> list[dict]:
+        """Every served VM with its table's state (`loopfm serve reload` reads it through a handle)."""
+        return await self._call("describe")
+
+    async def refresh(self) -> dict:
+        """Reload the store deltas and appended log batches now (`loopfm serve refresh`)."""
+        return await self._call("refresh")
 
     @api.get("/healthz", response_model=Health,
-             summary="liveness: both backends answer; `degraded` (still 200) "
+             summary="liveness: the scoring core answers; `degraded` (still 200) "
              "when the store is staler than serve.staleness_sla_s")
     async def healthz(self):
         try:
-            model = await self.model.describe.remote()
-            table = await self.lookup.describe.remote()
-        except Exception as exc:  # noqa: BLE001 (any backend that cannot describe itself is not healthy)
+            models = await self.describe()
+        except Exception as exc:  # noqa: BLE001 (a core that cannot describe itself is not healthy)
             return error(503, [("backend", f"backend unavailable ({type(exc).__name__})")])
-        stale = table.get("staleness_s")
+        stale = max((m["staleness_s"] for m in models if m["staleness_s"] is not None), default=None)
         degraded = self.staleness_sla_s is not None and stale is not None and stale > self.staleness_sla_s
-        return Health(status="degraded" if degraded else "ok", model_version=model["model_version"],
-                      store_version=model["store_version"], staleness_s=stale,
+        versions = {str(m["vertical"]): m["model_version"] for m in models}
+        return Health(status="degraded" if degraded else "ok",
+                      model_version=models[0]["model_version"] if len(models) == 1 else None,
+                      model_versions=versions, store_version=models[0]["store_version"], staleness_s=stale,
                       detail=f"newest stored event is {stale:.0f}s old, SLA {self.staleness_sla_s:.0f}s"
                       if degraded else None)
 
-    @api.get("/v1/models", response_model=ModelsResponse, summary="the served VM, its store and settings")
+    @api.get("/v1/models", response_model=ModelsResponse,
+             summary="the served VMs (one per vertical), their store and settings")
     async def models(self):
         try:
-            model, table = await self.model.describe.remote(), await self.lookup.describe.remote()
-        except (*REPLICA_GONE, *OVERLOADED) as exc:
+            models = await self.describe()
+        except (BackendGone, *OVERLOADED) as exc:
             return error(503, [("backend", f"backend unavailable ({type(exc).__name__})")])
-        info = ModelInfo(**{**model, **{k: table[k] for k in ("store_head", "log_head", "store_rows", "store_deltas",
-                                                              "appended_batches", "newest_event_ts", "staleness_s",
-                                                              "users_with_history", "refresh_error")},
-                            "max_items": self.max_items, "staleness_sla_s": self.staleness_sla_s})
-        return ModelsResponse(models=[info])
+        return ModelsResponse(models=[ModelInfo(**m, max_items=self.max_items, staleness_sla_s=self.staleness_sla_s)
+                                      for m in models])

@@ -15,8 +15,8 @@
 At request time t it calls the functions of `loopfm.features.join` that the features stage calls,
 with the feature set's own `JoinSpec`, so a test example posted with its own time gets its training
 features. A user the log has never seen gets empty windows and zero counts: the cold-start path.
-The FM is never called: every z was stored when its event happened. `FeatureLookup` is the Ray
-Serve deployment around one table.
+The FM is never called: every z was stored when its event happened. `LiveTable` keeps one table
+current (background reload when the store or the log grows) inside the scoring replica.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-from ray import serve
 
 from loopfm.datasets.append import appended_batches
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, OOV_INDEX, SPLITS, SURFACE, TS, USER_ID, idx
@@ -270,18 +269,18 @@ def on_disk(bundle: Bundle) -> tuple:
     return tuple(p.name for p in deltas), tuple(p.name for p in appended_batches(bundle.run))
 
 
-@serve.deployment(name="FeatureLookup")
-class FeatureLookup:
-    """Holds one `FeatureTable` (the store version the VM names, with its deltas); loaded at
-    replica start and reloaded in the background when a delta or an appended batch lands.
+class LiveTable:
+    """One `FeatureTable` (the store version the VM names, with its deltas), kept current: loaded
+    at start and reloaded in the background when a delta or an appended batch lands.
 
     At most every `refresh_interval_s` a request looks at the disk (two directory listings); on a
     change a new table is built in a thread while the old one keeps answering, then swapped in, so
-    no request waits or fails. `refresh()` does the same at once (`loopfm serve refresh`).
+    no request waits or fails. `refresh()` does the same at once (`loopfm serve refresh`). A plain
+    object, not a deployment: it lives in the replica that scores, so features never cross a hop.
     """
 
-    def __init__(self, run_dir: str, vm_dir: str, store_dir: Optional[str] = None, refresh_interval_s: float = 30.0):
-        self.bundle = Bundle.open(run_dir, vm_dir, store_dir)
+    def __init__(self, bundle: Bundle, refresh_interval_s: float = 30.0):
+        self.bundle = bundle
         self.loaded_from = on_disk(self.bundle)
         self.table = FeatureTable(self.bundle)
         self.refresh_interval_s = refresh_interval_s
@@ -289,12 +288,16 @@ class FeatureLookup:
         self.reloading: Optional[asyncio.Task] = None
         self.refresh_error: Optional[str] = None
 
-    async def features(self, user_id: int, items: list[int], context: dict) -> dict:
+    def current(self) -> FeatureTable:
+        """The table to answer from now; starts a background look at the disk when one is due."""
         if self.refresh_interval_s and time.monotonic() - self.checked_at > self.refresh_interval_s:
             self.checked_at = time.monotonic()
             if self.reloading is None or self.reloading.done():
                 self.reloading = asyncio.get_running_loop().create_task(self._reload_if_changed())
-        return self.table.features(user_id, items, context)
+        return self.table
+
+    async def features(self, user_id: int, items: list[int], context: dict) -> dict:
+        return self.current().features(user_id, items, context)
 
     async def _reload_if_changed(self) -> bool:
         now = await asyncio.to_thread(on_disk, self.bundle)

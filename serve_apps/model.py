@@ -1,22 +1,18 @@
-"""The VM deployment: requests' features -> one batched forward of the serving head.
+"""The VM's side of scoring: requests' features -> one batched forward of the serving head.
 
 `VMScorer` loads the checkpoint (`load_vm`: the model hash is re-checked) and scores a list of
 requests in one forward: each request's user row is repeated once per candidate, the rows go
 through `decode_batch`, the very function the training loop's collate step runs, so serving sees
-the tensors training saw. `VMModel` is the Serve deployment: `@serve.batch` on its async `score`
-gathers concurrent requests (up to `serve.max_batch_size`, waiting at most
-`serve.batch_wait_timeout_s`) into one call (docs/DESIGN.md, 'Ray facts': batching on the model deployment,
-never on FastAPI routes).
+the tensors training saw. The `@serve.batch` that gathers concurrent requests into one call is
+`serve_apps.scoring.ScoringCore`'s, in the same replica as the feature lookup.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 import torch
-from ray import serve
 
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, USER_ID, idx
 from loopfm.features.reader import DENSE, HISTORY_COLUMNS, KD_LOGIT, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z, decode_batch
@@ -91,32 +87,7 @@ class VMScorer:
         m = self.manifest
         return {"model_version": m.model_version, "arm": m.arm, "seed": m.seed, "vm": m.vm,
                 "features_fingerprint": m.features_fingerprint, "store_version": m.store_version,
-                "vertical": self.features.vertical, "seq_len": m.seq_len, "seq_width": m.seq_width,
+                "features_vertical": self.features.vertical, "seq_len": m.seq_len, "seq_width": m.seq_width,
                 "raw_seq_len": m.raw_seq_len, "lag": self.features.lag, "retention": self.features.retention,
                 "context_columns": list(m.context_columns), "test_metrics": m.metrics.get("test", {}),
                 "vm_dir": str(self.bundle.vm_dir), "loaded_at": self.loaded_at}
-
-
-@serve.deployment(name="VMModel")
-class VMModel:
-    """The VM behind dynamic batching; batch size and wait time come from `serve.*` config."""
-
-    def __init__(self, run_dir: str, vm_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.001,
-                 torch_threads: Optional[int] = 1, gpu: bool = False):
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        device = "cuda" if gpu and torch.cuda.is_available() else "cpu"  # gpu: this replica holds a GPU share
-        self.scorer = VMScorer(Bundle.open(run_dir, vm_dir), device)
-        self.batch = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
-        self.score_batch.set_max_batch_size(max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
-    async def score_batch(self, requests: list[dict]) -> list[dict]:
-        return self.scorer.score(requests)
-
-    async def score(self, features: dict) -> dict:
-        return await self.score_batch(features)
-
-    async def describe(self) -> dict:
-        return {**self.scorer.describe(), **self.batch}

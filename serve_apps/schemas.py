@@ -9,9 +9,10 @@ refused, since the parsed double may no longer be the integer the client meant.
 
 The request schema says exactly what the server accepts, so a client (or a fuzzer) generating
 from `/openapi.json` never sends a schema-valid request that is then refused: `items` carries
-`maxItems` = `serve.max_items` and `context` lists its keys (`ts` within +-2**62, each categorical
-column within int64, nothing else). Those limits come from the deployment's arguments, so the
-ingress sets them (`ScoreRequest.limit`) before it serves; one ingress runs per replica process.
+`maxItems` = `serve.max_items`, `context` lists its keys (`ts` within +-2**62, each categorical
+column within int64, nothing else) and `vertical` lists the verticals served (required when there
+are several). Those limits come from the deployment's arguments, so the ingress sets them
+(`ScoreRequest.limit`) before it serves; one ingress runs per replica process.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def _exact_limits(schema: dict[str, Any], cls: type[ScoreRequest]) -> None:
         **{c: {"type": "integer", **INT64_BOUNDS} for c in cls.context_columns},
     }
     context["additionalProperties"] = False
+    served = {"type": "integer", "enum": list(cls.verticals)}
+    about = props["vertical"].get("description", "")
+    if len(cls.verticals) > 1:
+        props["vertical"] = {**served, "description": about}
+        schema["required"] = [*schema.get("required", []), "vertical"]
+    else:
+        props["vertical"] = {"anyOf": [served, {"type": "null"}], "description": about}
 
 
 _EXACT = {float(b): b for b in (INT64_MIN, INT64_MAX, -TS_LIMIT, TS_LIMIT)}
@@ -90,6 +98,7 @@ class ScoreRequest(BaseModel):
 
     max_items: ClassVar[int] = DEFAULT_MAX_ITEMS
     context_columns: ClassVar[tuple[str, ...]] = ()
+    verticals: ClassVar[tuple[int, ...]] = (0,)
 
     user_id: Id = Field(description="raw user id; an unknown user is scored on the cold-start path (empty sequence)")
     items: list[Id] = Field(min_length=1, description="raw item ids to score, 1..serve.max_items; unknown ids "
@@ -101,10 +110,15 @@ class ScoreRequest(BaseModel):
                     "(default: the user's latest logged value, else out-of-vocabulary)",
     )
 
+    vertical: Optional[Id] = Field(None, description="the vertical (surface) whose VM scores; optional when the app "
+                                                      "serves one, required when it serves several (GET /v1/models)")
+
     @classmethod
-    def limit(cls, max_items: int, context_columns: list[str]) -> None:
+    def limit(cls, max_items: int, context_columns: list[str], verticals: Optional[list[int]] = None) -> None:
         """Set the deployment's limits (validation and schema), before the first request."""
         cls.max_items, cls.context_columns = max_items, tuple(context_columns)
+        if verticals is not None:
+            cls.verticals = tuple(verticals)
 
     @field_validator("items", mode="before")
     @classmethod
@@ -129,6 +143,7 @@ class ScoreResponse(BaseModel):
                                                       "the split log only); with `model_version` and `store_head`, "
                                                       "exactly which model and data scored")
     arm: str
+    vertical: int = Field(description="the vertical whose VM scored")
     cold_start: bool = Field(description="true when the user has no history before `ts` (empty sequence)")
     oov_items: int = Field(description="how many of the items are unknown to the VM (out-of-vocabulary index)")
     ts: int = Field(description="the request time the history was cut at")
@@ -152,7 +167,8 @@ class ModelInfo(BaseModel):
     refresh_error: Optional[str] = Field(
         None, description="why the last background reload failed (the old table still serves)")
     users_with_history: int
-    vertical: int
+    vertical: int = Field(description="the vertical this VM serves (the request's `vertical`)")
+    features_vertical: int = Field(description="the surface the VM's features were joined for")
     seq_len: int
     seq_width: Optional[int]
     raw_seq_len: int
@@ -173,7 +189,9 @@ class ModelsResponse(BaseModel):
 
 class Health(BaseModel):
     status: str = Field(description="`ok`, or `degraded` when the store is staler than serve.staleness_sla_s")
-    model_version: str
+    model_version: Optional[str] = Field(description="the served VM (null when the app serves several: see "
+                                                     "`model_versions`)")
+    model_versions: dict[str, str] = Field(default_factory=dict, description="vertical -> the VM that serves it")
     store_version: Optional[str]
     staleness_s: Optional[float] = None
     detail: Optional[str] = None

@@ -30,6 +30,7 @@ from loopfm.runtime import init_ray, log
 from loopfm.serve_apps.app import APP_NAME, ROUTE_PREFIX, app_args, build_app, deploy_config, logging_config
 
 ADDRESS_FILE = "ray_address"
+INGRESS = "ScoringIngress"  # the deployment every topology answers HTTP and handle calls with
 
 
 def serve_dir(run: RunDir) -> Path:
@@ -48,12 +49,14 @@ def deploy(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dic
 
 
 def served_version() -> Optional[dict]:
-    """What the running app serves (`VMModel.describe`), None when no app runs."""
+    """What the running app serves: its (first) VM's description with every VM under `models`; None
+    when no app runs."""
     try:
-        handle = serve.get_deployment_handle("VMModel", APP_NAME)
-        return handle.describe.remote().result(timeout_s=30)
+        handle = serve.get_deployment_handle(INGRESS, APP_NAME)
+        models = handle.describe.remote().result(timeout_s=30)
     except Exception:
         return None
+    return {**models[0], "models": models}
 
 
 def serve_run_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLike] = None) -> None:
@@ -66,7 +69,7 @@ def serve_run_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLi
     info = served_version() or {}
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     log.info("serve: VM %s (%s seed %s, store %s) from %s", info.get("model_version"), info.get("arm"),
-             info.get("seed"), info.get("store_version"), deployed["vm_dir"])
+             info.get("seed"), info.get("store_version"), deployed["vm_dir"] or deployed["vm_dirs"])
     log.info("serve: listening on %s  (POST /v1/score, GET /healthz, GET /v1/models, docs at %s/docs); Ctrl-C stops",
              url, url)
     try:
@@ -89,7 +92,8 @@ def serve_build_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.Path
     header = ("# Ray Serve config written by `loopfm serve build`; deploy with `serve deploy " + str(out) + "`\n"
               "# (needs `loopfm` installed on the cluster and the run directory readable by it).\n")
     atomic_write_text(out, header + yaml.safe_dump(config, sort_keys=False))
-    log.info("serve build: %s (VM %s) -> %s", APP_NAME, config["applications"][0]["args"]["vm_dir"], out)
+    args = config["applications"][0]["args"]
+    log.info("serve build: %s (VM %s) -> %s", APP_NAME, args["vm_dir"] or args["vm_dirs"], out)
     return out
 
 
@@ -124,10 +128,10 @@ def serve_reload_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.Pat
 
 
 def refresh() -> dict:
-    """Ask the running app's feature lookup to load new store deltas and appended logs now (one
+    """Ask the running app's feature tables to load new store deltas and appended logs now (one
     replica answers; the others find them within `serve.refresh_interval_s`)."""
     try:
-        handle = serve.get_deployment_handle("FeatureLookup", APP_NAME)
+        handle = serve.get_deployment_handle(INGRESS, APP_NAME)
     except Exception as err:
         raise MissingInputError(
             f"no Serve app {APP_NAME!r} is running on this Ray cluster ({type(err).__name__})") from err

@@ -1,8 +1,10 @@
-"""The Ray Serve app over real HTTP (issue 6): exact scores, the error contract, cold start, reload.
+"""The Ray Serve app over real HTTP (issue 6): exact scores, the error contract, cold start, reload,
+the metrics on Ray's Prometheus endpoint (issue 19) and several verticals in one app (issue 23).
 
 One module-scoped run: a copy of the session's smoke run with its features and one kd_loopfm VM
 (conftest's `smoke_trained`, trained once for every serving test module); one Serve app on a free
-loopback port for the whole module. The reload test runs last (it swaps the served VM).
+loopback port for the whole module. The metrics test runs first (it counts the app's requests from
+its start); the reload test runs last (it swaps the served VM).
 """
 
 from __future__ import annotations
@@ -89,6 +91,72 @@ def post_all(client, bodies, threads: int = 8) -> list:
     for t in pool:
         t.join()
     return out
+
+
+def scrape(url: str) -> list[tuple[str, dict, float]]:
+    """(name, labels, value) of every sample of a Prometheus text exposition."""
+    import re
+
+    import httpx
+
+    samples = []
+    for line in httpx.get(url, timeout=30).text.splitlines():
+        m = re.match(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? ([^ ]+)', line)
+        if m and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            samples.append((m.group(1), labels, float(m.group(3))))
+    return samples
+
+
+def total(samples, name: str, **labels) -> float:
+    """The sum over every series of `name` whose labels include `labels` (one series per replica)."""
+    return sum(v for n, ls, v in samples if n == name and all(ls.get(k) == x for k, x in labels.items()))
+
+
+def test_serving_metrics_reach_rays_prometheus_endpoint(server, served_run):
+    """Requests, errors by status, latency, cold starts and staleness as `ray.serve.metrics`, scraped
+    from this node's metrics export port on loopback: the counters move by what was sent."""
+    import ray
+
+    client, args = server
+    run, _, _ = served_run
+    node = ray.get_runtime_context().get_node_id()
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node)
+    url = f"http://127.0.0.1:{port}/metrics"
+    rows, _, _ = offline(run, Path(args["vm_dir"]), n=4)
+    known = [{"user_id": int(u), "items": [1, 2, 3]} for u in rows["user_id"]]  # no ts: all history, warm
+    cold = [{"user_id": 10**15 + k, "items": [1, 2]} for k in range(3)]
+    bad = [{"user_id": 5, "items": []}] * 2
+
+    def counts(samples) -> dict:
+        return {"ok": total(samples, "ray_loopfm_serve_requests_total", route="/v1/score", status="200"),
+                "422": total(samples, "ray_loopfm_serve_requests_total", route="/v1/score", status="422"),
+                "errors_422": total(samples, "ray_loopfm_serve_errors_total", route="/v1/score", status="422"),
+                "errors_200": total(samples, "ray_loopfm_serve_errors_total", status="200"),
+                "latency_count": total(samples, "ray_loopfm_serve_latency_ms_count", route="/v1/score"),
+                "cold": total(samples, "ray_loopfm_serve_cold_starts_total")}
+
+    before = counts(scrape(url))
+    for body in known + cold:
+        assert client.post("/v1/score", json=body).status_code == 200
+    for body in bad:
+        assert client.post("/v1/score", json=body).status_code == 422
+    want = {"ok": len(known) + len(cold), "422": len(bad), "errors_422": len(bad), "errors_200": 0,
+            "latency_count": len(known) + len(cold) + len(bad), "cold": len(cold)}
+    deadline = time.monotonic() + 60  # the agent exports every few seconds
+    while True:
+        samples = scrape(url)
+        now = counts(samples)
+        moved = {k: now[k] - before[k] for k in want}
+        staleness = [v for n, ls, v in samples if n == "ray_loopfm_serve_store_staleness_s"]
+        if (moved == want and staleness) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert moved == want, (moved, want)
+    assert staleness and min(staleness) > 3600  # the synthetic log's events are decades old
+    buckets = [ls for n, ls, _ in samples
+               if n == "ray_loopfm_serve_latency_ms_bucket" and ls.get("route") == "/v1/score"]
+    assert buckets and all(ls.get("deployment") == "ScoringIngress" for ls in buckets)
 
 
 def test_scores_equal_offline_vm_over_http(server, served_run):
@@ -220,6 +288,19 @@ def test_a_server_bug_is_a_500_with_the_request_id_not_a_503():
     response = asyncio.run(_unexpected(Request(scope), KeyError("user_segment_idx")))
     body = json.loads(response.body)
     assert response.status_code == 500 and body["request_id"] == "abc123" and "KeyError" in body["detail"]
+
+
+def test_app_args_name_one_vm_or_one_per_vertical():
+    from pydantic import ValidationError
+
+    from loopfm.serve_apps.app import AppArgs
+
+    for vms in ({}, {"vm_dir": "a", "vm_dirs": {1: "b"}}, {"vm_dirs": {}}):
+        with pytest.raises(ValidationError, match="vm_dir / vm_dirs: give exactly one"):
+            AppArgs.model_validate({"run_dir": "r", **vms})
+    assert AppArgs.model_validate({"run_dir": "r", "vm_dirs": {"3": "b"}}).served() == {3: "b"}  # YAML keys
+    with pytest.raises(ValidationError, match="topology"):
+        AppArgs.model_validate({"run_dir": "r", "vm_dir": "a", "topology": "three-hops"})
 
 
 def _generated_bodies():
@@ -484,6 +565,71 @@ def score_during(client, bodies, action, done) -> list:
         for t in threads:
             t.join()
     return results
+
+
+def test_one_app_serves_the_vms_of_two_verticals_from_one_store(server, served_run):
+    """Two VMs on one store version under two vertical keys (the second's manifest declares its
+    vertical, the first's does not: the split's): each request's `vertical` picks its VM, over HTTP;
+    an unknown or missing vertical is a 422 naming the field and the verticals served; VMs on two
+    store versions, or one registered under another vertical than it declares, are refused."""
+    import json
+
+    from ray import serve
+
+    from loopfm.datasets.splits import SplitInfo
+    from loopfm.errors import MissingInputError, VersionMismatchError
+    from loopfm.serve_apps.app import AppArgs, build_app
+    from loopfm.serve_apps.bundle import latest_vm, open_bundles
+
+    client, args = server
+    run, _, vm = served_run
+    first = Path(args["vm_dir"])
+    home = SplitInfo.load(run).vertical
+    other = home + 7
+    made = [perturbed_vm(run, first, "vertical0007")]
+    try:
+        second = made[0]
+        manifest = json.loads((second / "manifest.json").read_text())
+        (second / "manifest.json").write_text(json.dumps({**manifest, "vertical": other}))
+        assert latest_vm(run, ARM, SEED, vertical=other) == second
+        assert latest_vm(run, ARM, SEED, vertical=home) == first
+        with pytest.raises(MissingInputError, match="vertical 99"):
+            latest_vm(run, ARM, SEED, vertical=99)
+        with pytest.raises(VersionMismatchError, match=f"serves vertical {other}, but is registered under vertical 3"):
+            open_bundles(run.root, {3: second})
+        new_store_version(run, vm, "5707e0000009", "feature00009")
+        made.append(perturbed_vm(run, first, "otherstore09", "5707e0000009", "feature00009"))
+        with pytest.raises(VersionMismatchError, match=f"{vm.store_version}.*5707e0000009"):
+            build_app({**args, "vm_dir": None, "vm_dirs": {home: str(first), other: str(made[1])}})
+
+        app = AppArgs.model_validate({**args, "vm_dir": None, "vm_dirs": {home: str(first), other: str(second)}})
+        serve.run(build_app(app.model_dump()), name="verticals", route_prefix="/verticals")
+        rows, first_logits, _ = offline(run, first, n=6)
+        _, second_logits, _ = offline(run, second, n=6)
+        for vertical, logits in ((home, first_logits), (other, second_logits)):
+            bodies = [{**request_of(rows, i), "vertical": vertical} for i in range(len(logits))]
+            answers = [client.post("/verticals/v1/score", json=b) for b in bodies]
+            assert [a.status_code for a in answers] == [200] * len(bodies), answers[0].text
+            assert {a.json()["vertical"] for a in answers} == {vertical}
+            assert np.abs(np.array([a.json()["logits"][0] for a in answers]) - logits).max() < 1e-5
+        assert np.abs(first_logits - second_logits).min() > 1e-3  # two VMs, not one answering twice
+        for body, problem in (({"user_id": 5, "items": [1]}, "required"),
+                              ({"user_id": 5, "items": [1], "vertical": 99}, "unknown vertical 99")):
+            r = client.post("/verticals/v1/score", json=body)
+            assert r.status_code == 422 and r.json()["errors"][0]["field"] == "vertical", r.text
+            assert problem in r.json()["detail"] and f"{home}, {other}" in r.json()["detail"], r.text
+        models = client.get("/verticals/v1/models").json()["models"]
+        assert [(m["vertical"], m["vm_dir"]) for m in models] == [(home, str(first)), (other, str(second))]
+        assert {m["store_version"] for m in models} == {vm.store_version}
+        health = client.get("/verticals/healthz").json()
+        assert health["model_version"] is None and set(health["model_versions"]) == {str(home), str(other)}
+        spec = client.get("/verticals/openapi.json").json()["components"]["schemas"]["ScoreRequest"]
+        assert spec["properties"]["vertical"]["enum"] == [home, other] and "vertical" in spec["required"]
+    finally:
+        if "verticals" in serve.status().applications:
+            serve.delete("verticals")
+        for d in made:
+            shutil.rmtree(d)
 
 
 def test_reload_picks_up_a_new_checkpoint_and_store_without_failed_requests(server, served_run, smoke_config):

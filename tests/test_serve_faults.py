@@ -1,9 +1,11 @@
-"""Serving under a replica fault (issue 7, item 4): a VM replica SIGKILLed under load over real HTTP.
+"""Serving under a replica fault (issue 7, item 4): a scoring replica SIGKILLed under load over real HTTP.
 
-The app runs with 2 replicas of each deployment (fractional CPUs: 2 x (0.25 + 0.25 + 0.5) = 2 of
-the test Ray's 4 logical CPUs, so the replacement replica can start beside the survivors). A few
+The app runs in the `front` topology (`serve.topology`: an ingress ahead of the scoring replicas,
+the layout that retries a request whose replica died) with 2 replicas of each deployment
+(fractional CPUs: 2 x (0.25 + 0.5) = 1.5 of the test Ray's 4 logical CPUs, so the replacement
+replica can start beside the survivors). A few
 closed-loop client threads fire a steady, bounded load of real `POST /v1/score` requests at the
-loopback port; mid-load the test SIGKILLs one VMModel replica's worker process, the way the OOM
+loopback port; mid-load the test SIGKILLs one ScoringBackend replica's worker process, the way the OOM
 killer or a crash ends it. It then checks that
 - no request failed: those inside the killed replica (each request waits there `BATCH_WAIT_S` for
   its batch, so the kill always finds some), and those the router still sent to it before it
@@ -43,7 +45,7 @@ served_run = test_serve.served_run
 
 pytestmark = pytest.mark.timeout(420)
 
-APP, VM = "loopfm", "VMModel"
+APP, VM = "loopfm", "ScoringBackend"
 REPLICAS = int(os.environ.get("LOOPFM_FAULT_REPLICAS", "2"))
 CLIENTS = 4
 CANDIDATES = 200
@@ -58,7 +60,7 @@ RECOVER_S = 120.0        # Serve notices the death and starts a replica (5-25 s 
 
 
 def vm_replicas() -> dict[str, int]:
-    """{actor id: pid} of the live VMModel replica actors of this cluster (the GCS actor table; the
+    """{actor id: pid} of the live ScoringBackend replica actors of this cluster (the GCS actor table; the
     State API needs the dashboard, which the test Ray runs without)."""
     from ray._private import state
 
@@ -90,7 +92,7 @@ def replicated_server(served_run, smoke_config):
     from loopfm.serve_apps.stage import deploy
 
     serving = smoke_config.serve.model_copy(update={"replicas": REPLICAS, "num_cpus": 0.5, "frontend_cpus": 0.25,
-                                                    "batch_wait_timeout_s": BATCH_WAIT_S})
+                                                    "batch_wait_timeout_s": BATCH_WAIT_S, "topology": "front"})
     cfg = smoke_config.model_copy(update={"serve": serving})
     run, _, _ = served_run
     ensure_local_ray()  # the session's 4-CPU Ray, should an earlier module have shut it down

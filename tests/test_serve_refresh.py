@@ -172,13 +172,13 @@ def test_a_broken_delta_keeps_the_old_table_serving_and_says_why(live):
     import asyncio
     import json
 
-    from loopfm.serve_apps.bundle import latest_vm
-    from loopfm.serve_apps.lookup import FeatureLookup
+    from loopfm.serve_apps.bundle import Bundle, latest_vm
+    from loopfm.serve_apps.lookup import LiveTable
     from loopfm.store.deltas import delta_paths
 
     cfg, run, _ = live
     vm_dir = latest_vm(run, test_serve.ARM, test_serve.SEED)
-    lookup = FeatureLookup.func_or_class(str(run.root), str(vm_dir), None, 0)  # the deployment's class, in process
+    lookup = LiveTable(Bundle.open(run.root, vm_dir), 0)  # what the scoring replica holds, in process
     before = asyncio.run(lookup.describe())
     good = delta_paths(run, before["store_version"])[-1]
     bad = good.parent / "9999-broken"
@@ -225,11 +225,11 @@ def test_a_refresh_never_sees_a_batch_that_is_not_appended_whole(live, tmp_path)
     without the batch or with all of it, and the killed append's staging is reaped by the next one
     (before issue 20 the batch had its final name during the check: a refresh then loaded it, and a
     kill left it in the log unchecked)."""
-    from loopfm.serve_apps.bundle import latest_vm
-    from loopfm.serve_apps.lookup import FeatureLookup
+    from loopfm.serve_apps.bundle import Bundle, latest_vm
+    from loopfm.serve_apps.lookup import LiveTable
 
     cfg, run, _ = live
-    lookup = FeatureLookup.func_or_class(str(run.root), str(latest_vm(run, test_serve.ARM, test_serve.SEED)), None, 0)
+    lookup = LiveTable(Bundle.open(run.root, latest_vm(run, test_serve.ARM, test_serve.SEED)), 0)
     before = asyncio.run(lookup.describe())
     user = int(lookup.table.users.users[0])
     _new_events_file(run, user, tmp_path / "batch.parquet", n=8)

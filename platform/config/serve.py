@@ -21,7 +21,14 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless set otherwise")
     port: int = Field(8000, ge=1, le=65535)
-    replicas: PositiveInt = Field(1, description="replicas of each deployment (ingress, lookup, VM)")
+    replicas: PositiveInt = Field(1, description="replicas of each deployment")
+    topology: Literal["fused", "front"] = Field(
+        "fused", description="fused: one deployment parses, looks up features and runs the VM (one hop from the "
+        "proxy); front: a FastAPI ingress ahead of the scoring replicas, one hop more, which retries a request "
+        "whose scoring replica died (for replicas >= 2 that must not drop a request)")
+    verticals: Optional[list[int]] = Field(
+        None, description="serve one VM per vertical (the newest of arm/seed whose manifest names it), all on one "
+        "store version; requests pick with `vertical` (None: the newest VM of arm/seed)")
     max_batch_size: PositiveInt = Field(32, description="@serve.batch: most requests per VM forward")
     batch_wait_timeout_s: float = Field(
         0.001, ge=0, description="@serve.batch: longest wait to fill a batch (queued requests batch anyway)")
