@@ -204,3 +204,25 @@ def test_two_verticals_get_one_vm_each_from_one_store_version(smoke_trained, tmp
         assert (run.report / f"vertical{v}" / "arms.png").is_file()
     md = (run.report / "report.md").read_text()
     assert "## Vertical 0" in md and "## Vertical 1" in md and "## Across verticals" in md
+
+    # one app serves both verticals' VMs from that store: each request's `vertical` picks its VM
+    import httpx
+    from ray import serve
+    from test_serve import free_port, offline, request_of
+
+    from loopfm.serve_apps.app import app_args, build_app
+
+    args = app_args(cfg.updated({"serve.arm": "kd_loopfm", "serve.verticals": [0, 1]}), run)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="verticals", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for v, vm_dir in args["vm_dirs"].items():
+                rows, logits, _ = offline(run, vm_dir, n=3)
+                answers = [client.post("/v1/score", json={**request_of(rows, i), "vertical": v}) for i in range(3)]
+                assert [a.status_code for a in answers] == [200] * 3, answers[0].text
+                assert {a.json()["vertical"] for a in answers} == {v}
+                assert np.abs(np.array([a.json()["logits"][0] for a in answers]) - logits).max() < 1e-5
+    finally:
+        serve.shutdown()
