@@ -21,6 +21,7 @@ loops only); steady (train loops of epochs after the first, i.e. without Ray Dat
 start-up).
 
     RAY_AUTH_MODE=disabled python benchmarks/bench_train.py               # ~3-4 min on 2 cores
+    python benchmarks/bench_train.py --fleet-seeds 2    # + the report's path: arms x seeds in one run
     python benchmarks/bench_train.py --users 6000 --epochs 4 --batch-size 1024
 
 Results: benchmarks/results/train_<device>.json and a row in docs/BENCHMARKS.md.
@@ -211,6 +212,33 @@ def compare_arm(acfg: LoopFMConfig, run: RunDir, features, threads: int, plain: 
     return entry
 
 
+def fleet(cfg: LoopFMConfig, run: RunDir, features, threads: int, arms: list[str], seeds: int) -> dict:
+    """The report's path: every arm x seed in one `train_vms` run, against one `train_vm` per VM and
+    against the bare loops of the same VMs; Ray's share = 1 - bare seconds / wall seconds."""
+    from loopfm.training.vm import arm_config, train_vm, train_vms
+
+    cfgs = [arm_config(cfg, arm, seed) for seed in range(seeds) for arm in arms]
+    bare_s = sum(bare_run(c, run, features, threads)["seconds"] for c in cfgs)
+
+    def timed(fn):
+        try:
+            with Timer() as t:
+                out = fn()
+        finally:
+            shutil.rmtree(run.root / "vm", ignore_errors=True)
+            shutil.rmtree(run.ray_storage, ignore_errors=True)
+        return round(t.seconds, 3), out
+
+    one_s, alone = timed(lambda: [train_vm(c, run, features) for c in cfgs])
+    fleet_s, together = timed(lambda: train_vms(cfgs, run, features))
+    out = {"vms": len(cfgs), "bare_s": round(bare_s, 3), "one_per_fit_s": one_s, "fleet_s": fleet_s,
+           "speedup_fleet": round(one_s / fleet_s, 3), "ray_share_one_per_fit": round(1 - bare_s / one_s, 3),
+           "ray_share_fleet": round(1 - bare_s / fleet_s, 3),
+           "same_weights": all(a.model_version == b.model_version for a, b in zip(alone, together))}
+    print("fleet:", out, flush=True)
+    return out
+
+
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -223,6 +251,9 @@ def main() -> None:
                         help="train.data_cache (default: the config's)")
     parser.add_argument("--plain", action="store_true", help="also time train_vm with the unmodified vms_loop")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument("--fleet-seeds", type=int, default=0,
+                        help="also time the report's path: --arms x this many seeds in one train_vms run "
+                             "against one train_vm each and their bare loops (0: skip)")
     parser.add_argument("--device-name", default=None)
     args = parser.parse_args()
 
@@ -263,6 +294,8 @@ def main() -> None:
                         "worker_omp_num_threads": worker["omp"], "bare": worker["threads"]},
             "arms": arms, "date": time.strftime("%Y-%m-%d"),
         }
+        if args.fleet_seeds:
+            result["fleet"] = fleet(cfg, run, features, worker["threads"], args.arms, args.fleet_seeds)
         result["notes"] = notes(result)
         write_result("train", result)
         row(result)
@@ -285,6 +318,12 @@ def notes(r: dict) -> str:
                      f"{e['bare']['eval_s']}s; train-epochs ratio {e['ratio_train_epochs']}x"
                      + (f", steady (epochs after the first) {e['ratio_steady']}x" if "ratio_steady" in e else ""))
         parts.append(text)
+    if "fleet" in r:
+        f = r["fleet"]
+        parts.append(f"{f['vms']} VMs (arms x seeds) in one train_vms run {f['fleet_s']}s vs one train_vm each "
+                     f"{f['one_per_fit_s']}s ({f['speedup_fleet']}x) vs bare {f['bare_s']}s: Ray's share "
+                     f"{f['ray_share_fleet']:.0%} (one per fit {f['ray_share_one_per_fit']:.0%}); same weights: "
+                     f"{f['same_weights']}")
     return "; ".join(parts) + "."
 
 
