@@ -568,8 +568,8 @@ def score_during(client, bodies, action, done) -> list:
 
 
 def test_one_app_serves_the_vms_of_two_verticals_from_one_store(server, served_run):
-    """Two VMs on one store version under two vertical keys (the second's manifest declares its
-    vertical, the first's does not: the split's): each request's `vertical` picks its VM, over HTTP;
+    """Two VMs on one store version under two vertical keys (each manifest declares its vertical):
+    each request's `vertical` picks its VM, over HTTP;
     an unknown or missing vertical is a 422 naming the field and the verticals served; VMs on two
     store versions, or one registered under another vertical than it declares, are refused."""
     import json
@@ -599,6 +599,8 @@ def test_one_app_serves_the_vms_of_two_verticals_from_one_store(server, served_r
             open_bundles(run.root, {3: second})
         new_store_version(run, vm, "5707e0000009", "feature00009")
         made.append(perturbed_vm(run, first, "otherstore09", "5707e0000009", "feature00009"))
+        manifest = json.loads((made[1] / "manifest.json").read_text())
+        (made[1] / "manifest.json").write_text(json.dumps({**manifest, "vertical": other}))
         with pytest.raises(VersionMismatchError, match=f"{vm.store_version}.*5707e0000009"):
             build_app({**args, "vm_dir": None, "vm_dirs": {home: str(first), other: str(made[1])}})
 
