@@ -134,10 +134,11 @@ def run_scale(cfg: LoopFMConfig, run: RunDir) -> list[dict]:
                 log.warning("scale: %s fm_seed %d: its FM-free feature columns differ from the first size's; "
                             "%s trained on its own features", size.name, fm_seed, ", ".join(FM_FREE_ARMS))
             pairs = [(seed, arm) for seed in range(seeds) for arm in arms]
+            on = {arm: reference[0] if arm in FM_FREE_ARMS and shared else features for arm in arms}
             trained: dict = {}
-            for on in {id(f): f for f in (reference[0], features)}.values():  # one Train run per feature set
-                mine = [p for p in pairs if (reference[0] if p[1] in FM_FREE_ARMS and shared else features) is on]
-                trained.update(zip(mine, train_vms([arm_config(rcfg, arm, seed) for seed, arm in mine], run, on)))
+            for fs in {id(f): f for f in on.values()}.values():  # one Train run per feature set
+                group = [(seed, arm) for seed, arm in pairs if on[arm] is fs]
+                trained.update(zip(group, train_vms([arm_config(rcfg, arm, seed) for seed, arm in group], run, fs)))
             for seed, arm in pairs:
                 row["arms"].setdefault(arm, []).append({**trained[seed, arm].metrics["test"], "seed": seed,
                                                         "fm_seed": fm_seed})

@@ -173,8 +173,8 @@ def train_vms(cfgs: list[LoopFMConfig], run: RunDir, features: FeaturesManifest,
             ray.kill(finished)
     missing = [pending[k] for k in range(len(pending)) if found[todo[k]] is None]
     if missing and not stop_file:
-        names = ", ".join(f"{m.arm} seed {m.seed}" for m in missing)
-        raise RuntimeError(f"training reported no final state for {names}")
+        which = ", ".join(f"{m.arm} seed {m.seed}" for m in missing)
+        raise RuntimeError(f"training reported no final state for {which}")
     for k in range(len(pending)):
         if found[todo[k]] is None:  # asked to stop before this VM started
             pending[k].metrics = {"stopped": True, "history": []}
