@@ -81,11 +81,20 @@ def init_ray(cfg: RayConfig) -> None:
 
 
 def use_gpu(cfg: RayConfig) -> bool:
-    """`auto` uses GPUs when the cluster (or this machine, before Ray starts) has any."""
+    """`auto` uses GPUs when the cluster (or this machine, before Ray starts) has any now.
+
+    `auto` cannot see GPUs an autoscaler could add: on a cluster whose GPU worker type starts at
+    zero nodes it resolves to CPU and nothing ever asks for a GPU node. `always` makes every GPU
+    stage request one GPU per worker or actor, which is what makes the autoscaler start them
+    (cluster.yaml's commands pass it)."""
     if cfg.use_gpu != "auto":
         return cfg.use_gpu == "always"
     if ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        if not gpus and sum(node["Alive"] for node in ray.nodes()) > 1:
+            log.warning("ray.use_gpu=auto: this cluster has no GPU now, so the stage runs on CPU; if its GPU "
+                        "workers start at zero nodes, pass --set ray.use_gpu=always to request them")
+        return gpus
     return torch.cuda.is_available()
 
 

@@ -144,7 +144,7 @@ def logging_config(cfg: LoopFMConfig) -> dict:
 def deploy_config(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
     """The `serve deploy` config of this run's VM (validated with Ray's `ServeDeploySchema`)."""
     config = {
-        "proxy_location": "HeadOnly",
+        "proxy_location": cfg.serve.proxy_location,
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
         "applications": [{
             "name": APP_NAME,

@@ -38,7 +38,7 @@ def serve_dir(run: RunDir) -> Path:
 
 
 def start_http(cfg: LoopFMConfig) -> None:
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(proxy_location=cfg.serve.proxy_location, http_options={"host": cfg.serve.host, "port": cfg.serve.port})
 
 
 def deploy(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:

@@ -437,10 +437,16 @@ def test_serve_build_writes_a_config_serve_deploy_accepts(served_run, smoke_conf
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "loopfm.serve_apps.app:build_app" and schema.http_options.port == 8123
-    assert schema.http_options.host == "127.0.0.1"
+    assert schema.http_options.host == "127.0.0.1" and schema.proxy_location == "HeadOnly"
     args = AppArgs.model_validate(app.args)
     assert Path(args.vm_dir).parent.name == ARM
     assert isinstance(build_app(app.args), Application)
+
+    cluster = tmp_path / "cluster_serve.yaml"  # a cluster's: a proxy on every node, reachable from its network
+    assert main(["serve", "build", "--config", str(smoke), "--out", str(run.root), "-o", str(cluster),
+                 "--set", "serve.proxy_location=EveryNode", "--set", "serve.host=0.0.0.0"]) == 0
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(cluster.read_text()))
+    assert schema.proxy_location == "EveryNode" and schema.http_options.host == "0.0.0.0"
 
 
 def lookup_matches_offline(run, vm_dir: Path) -> tuple:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import queue as std_queue
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -43,7 +42,7 @@ from loopfm.rundir import RunDir
 from loopfm.runtime import setup_logging
 from loopfm.skeleton import current
 from loopfm.training.checkpoint import VMManifest
-from loopfm.training.loop import scalar_metrics
+from loopfm.training.loop import Background, scalar_metrics
 from loopfm.training.vm import arm_config, arm_of, selection_value, train_vm, vm_fingerprint
 from loopfm.tune.space import decode, serving_bytes
 
@@ -99,29 +98,17 @@ class TrialReport(UserCallback):
 
 def train_reporting_to_tune(train, queue) -> Any:
     """Run `train()` in a thread; meanwhile pass every queued result to `ray.tune.report`."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = train()
-        except BaseException as err:  # re-raised in the trial thread
-            box["error"] = err
-
-    worker = threading.Thread(target=target, name="loopfm-train", daemon=True)
-    worker.start()
+    fit = Background(train, name="loopfm-train")
     while True:
-        alive = worker.is_alive()
+        done = fit.wait(0)
         try:
             ray.tune.report(queue.get(block=True, timeout=1.0))
             continue
         except std_queue.Empty:  # ray.util.queue.Empty is one
             pass
-        if not alive:  # finished, and the queue was empty after it finished
+        if done:  # finished, and the queue was empty after it finished
             break
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return fit.result()
 
 
 def log_event(tune_dir: Path, event: str, **fields: Any) -> None:

@@ -21,6 +21,9 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless set otherwise")
     port: int = Field(8000, ge=1, le=65535)
+    proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
+        "HeadOnly", description="where Serve runs its HTTP proxies: HeadOnly (one machine) or EveryNode (a cluster "
+        "behind a load balancer: every node answers on `port`; set `host: 0.0.0.0` with it)")
     replicas: PositiveInt = Field(1, description="replicas of each deployment")
     topology: Literal["fused", "front"] = Field(
         "fused", description="fused: one deployment parses, looks up features and runs the VM (one hop from the "
@@ -51,7 +54,9 @@ class RayConfig(Section):
 
     address: Optional[str] = Field(None, description="None: RAY_ADDRESS if set, else start a local Ray")
     num_cpus: Optional[PositiveInt] = Field(None, description="logical CPUs of a local Ray (default max(4, cores))")
-    use_gpu: Literal["auto", "always", "never"] = "auto"
+    use_gpu: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: GPUs when the cluster has some when a stage starts (an autoscaler's GPU nodes "
+        "at zero are not counted); always: GPU stages request a GPU each, so an autoscaler starts GPU nodes")
     progress_bars: bool = True
     dashboard: bool = Field(True, description="start the dashboard with a local Ray "
                             "(the State API Ray Train uses needs it)")

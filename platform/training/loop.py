@@ -242,9 +242,9 @@ class Background:
     """`fn()` in a daemon thread, so the caller can act while it runs (`train_vms` publishes each VM as
     it finishes) and Ctrl-C still ends the process: the thread never holds up the interpreter's exit."""
 
-    def __init__(self, fn: Callable[[], object]):
+    def __init__(self, fn: Callable[[], object], name: str = "loopfm-fit"):
         self._box: dict = {}
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="loopfm-fit", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, fn: Callable[[], object]) -> None:
@@ -262,7 +262,7 @@ class Background:
         self._thread.join()
         if "error" in self._box:
             raise self._box["error"]
-        return self._box["value"]
+        return self._box.get("value")
 
 
 def scalar_metrics(metrics: dict) -> dict:
