@@ -150,9 +150,11 @@ def test_a_report_over_two_verticals_has_a_summary_row_and_a_section_each(tmp_pa
 
     paths = write_verticals_report(report, tmp_path / "report")
     names = {p.relative_to(tmp_path / "report").as_posix() for p in paths}
-    assert {"report.json", "report.md", "vertical0/report.md", "vertical0/arms.png", "vertical0/transfer.png",
-            "vertical1/report.json", "vertical1/arms.png"} <= names
+    assert {"report.json", "report.md", "verticals.png", "vertical0/report.md", "vertical0/arms.png",
+            "vertical0/transfer.png", "vertical1/report.json", "vertical1/arms.png"} <= names
     md = (tmp_path / "report" / "report.md").read_text()
+    assert "![paired ΔAUC per vertical](verticals.png)" in md
+    assert (tmp_path / "report" / "verticals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert md.count("\n## Vertical ") == 2 and md.index("## Vertical 0") < md.index("## Vertical 1")
     assert md.count("### Test metrics") == 2 and md.count("### Transfer ratio") == 2
     assert md.count("### Gain decomposition") == 1  # vertical 1 ran two arms: no decomposition

@@ -51,6 +51,7 @@ FM_KNOWLEDGE = ("loopfm_vs_rawseq", "kd_loopfm_vs_kd_rawseq", "kd_loopfm_vs_raws
 TR_DOUBLE_THRESHOLD = 1.5  # "about twice": TR(kd_loopfm) >= 1.5 x TR(kd)
 NAN = float("nan")
 VERTICAL_DIR = "vertical"  # report/vertical<v>/: one vertical's own report in a report over several
+VERTICALS_PLOT = "verticals.png"  # the summary figure of a report over several verticals
 SUMMARY_COMPARISONS = ("loopfm_vs_base", "loopfm_vs_rawseq", "kd_loopfm_vs_kd")  # the columns across verticals
 SUMMARY_CHANNELS = ("kd", "kd_loopfm")  # their TR across verticals (the paper: +KD+LoopFM about twice +KD)
 
@@ -423,6 +424,29 @@ def _summary_markdown(report: Mapping) -> list[str]:
     return L
 
 
+def _plot_verticals(report: Mapping, path: Path) -> Path:
+    """Per vertical, the paired ΔAUC of each summary comparison with its 95% CI: which channels help
+    on which surface, read off one figure."""
+    rows = report["summary"]
+    pairs = [k for k in SUMMARY_COMPARISONS if any(k in row["comparisons"] for row in rows)]
+    fig, (ax,) = _figure(1, max(6.0, 1.6 * len(rows) * max(len(pairs), 1)))
+    x, width = np.arange(len(rows)), 0.8 / max(len(pairs), 1)
+    for i, k in enumerate(pairs):
+        cmp = [row["comparisons"].get(k, {"mean": NAN, "ci95": [NAN, NAN]}) for row in rows]
+        mu = np.array([c["mean"] for c in cmp], float)
+        lo, hi = (np.array([c["ci95"][j] for c in cmp], float) for j in (0, 1))
+        err = np.nan_to_num(np.vstack([mu - lo, hi - mu]))
+        arm, against = COMPARISONS[k]
+        ax.bar(x + (i - (len(pairs) - 1) / 2) * width, mu, width=width, yerr=err, capsize=4,
+               label=f"{LABELS.get(arm, arm)} - {LABELS.get(against, against)}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, [f"vertical {row['vertical']}" for row in rows])
+    ax.set_ylabel("paired ΔAUC (positive: first is better)")
+    ax.set_title("Across verticals: paired ΔAUC per comparison (whiskers: 95% CI)", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
 def _verticals_markdown(report: Mapping) -> str:
     """One document: the meta, the summary across verticals, then each vertical's own report as a
     section (its headings one level down, its plots linked from its folder)."""
@@ -433,7 +457,7 @@ def _verticals_markdown(report: Mapping) -> str:
           "Each replicate's one FM and store serve every vertical; each vertical has its own features, VMs "
           "(`vm/<arm>/seed<k>-<fingerprint>/`, the manifest naming the vertical) and report (its section below, "
           f"and `{VERTICAL_DIR}<v>/`). ΔAUC: paired, arm minus the other (positive = better); p: paired t-test.",
-          "", *_summary_markdown(report), ""]
+          "", *_summary_markdown(report), "", f"![paired ΔAUC per vertical]({VERTICALS_PLOT})", ""]
     for v, r in report["verticals"].items():
         folder = f"{VERTICAL_DIR}{v}"
         L += [f"## Vertical {v}", "", f"Its files: `{folder}/` (report.json, report.md, plots).", ""]
@@ -452,7 +476,8 @@ def write_verticals_report(report: Mapping, out_dir: Path) -> list[Path]:
     out = Path(out_dir)
     paths = [p for v, r in report["verticals"].items() for p in write_report(r, out / f"{VERTICAL_DIR}{v}")]
     return [atomic_write_text(out / "report.json", to_json(report)),
-            atomic_write_text(out / "report.md", _verticals_markdown(report)), *paths]
+            atomic_write_text(out / "report.md", _verticals_markdown(report)),
+            _plot_verticals(report, out / VERTICALS_PLOT), *paths]
 
 
 def write_ablation(rows: Sequence[Mapping], key: str, out_dir: Path, name: str,
