@@ -219,10 +219,25 @@ def smoke_embedded(tmp_path_factory, smoke_config, smoke_splits):
 SERVED_ARM, SERVED_SEED = "kd_loopfm", 0
 
 
+def copy_features_run(smoke_trained, dest: Path):
+    """A copy of the session's smoke run with its features and without its VMs: what a test that
+    trains its own VMs on the smoke config's features starts from. The features are the ones the
+    test's own `features_stage` call would build (the same config's `features` section), so that
+    call finds them current instead of joining them again."""
+    import shutil
+
+    from loopfm.rundir import RunDir
+
+    src = smoke_trained[0].root
+    shutil.copytree(src, dest, ignore=lambda folder, names: ["vm"] if Path(folder) == src else [])
+    return RunDir(dest)
+
+
 @pytest.fixture(scope="session")
 def smoke_trained(tmp_path_factory, smoke_config, smoke_embedded):
     """The smoke run with its features and one trained VM (SERVED_ARM, SERVED_SEED): what the
-    serving tests serve. Trained once per session.
+    serving tests serve, and (without the VM, `copy_features_run`) what the VM-training tests
+    start from. Trained once per session.
 
     Read-only for tests: copy it (shutil.copytree) before writing into it.
     """
