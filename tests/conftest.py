@@ -72,6 +72,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (docs/DESIGN.md, 'Ray facts')
+# Ray Train's controller notices a finished (or dead) worker group only at its next poll, every 2 s by
+# default: every Train run of the suite ends that much later. Polls are cheap; a late answer to one
+# is not a failure (only one unanswered for RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S is).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 _state = {"local": False}
 
