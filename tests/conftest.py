@@ -72,6 +72,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (docs/DESIGN.md, 'Ray facts')
+# Ray Train's controller notices a finished (or dead) worker group only at its next poll, every 2 s by
+# default: every Train run of the suite ends that much later. Polls are cheap; a late answer to one
+# is not a failure (only one unanswered for RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S is).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 _state = {"local": False}
 
@@ -219,10 +223,25 @@ def smoke_embedded(tmp_path_factory, smoke_config, smoke_splits):
 SERVED_ARM, SERVED_SEED = "kd_loopfm", 0
 
 
+def copy_features_run(smoke_trained, dest: Path):
+    """A copy of the session's smoke run with its features and without its VMs: what a test that
+    trains its own VMs on the smoke config's features starts from. The features are the ones the
+    test's own `features_stage` call would build (the same config's `features` section), so that
+    call finds them current instead of joining them again."""
+    import shutil
+
+    from loopfm.rundir import RunDir
+
+    src = smoke_trained[0].root
+    shutil.copytree(src, dest, ignore=lambda folder, names: ["vm"] if Path(folder) == src else [])
+    return RunDir(dest)
+
+
 @pytest.fixture(scope="session")
 def smoke_trained(tmp_path_factory, smoke_config, smoke_embedded):
     """The smoke run with its features and one trained VM (SERVED_ARM, SERVED_SEED): what the
-    serving tests serve. Trained once per session.
+    serving tests serve, and (without the VM, `copy_features_run`) what the VM-training tests
+    start from. Trained once per session.
 
     Read-only for tests: copy it (shutil.copytree) before writing into it.
     """

@@ -38,10 +38,12 @@ def test_fewer_than_two_slices_is_refused_naming_the_flag(tmp_path, capsys):
 
 @pytest.mark.timeout(900)
 def test_each_arm_embeds_every_event_with_the_fm_it_names(smoke_embedded, tmp_path):
+    """On the session's smoke run under its own FM settings: today's FM and its store are the run's
+    (current, not trained again); the older slice's FM is trained and embedded here."""
     run = RunDir(tmp_path / "run")
     shutil.copytree(smoke_embedded[0].root, run.root)
     argv = ["freshness", "--config", str(SMOKE), "--out", str(run.root), "--slices", "2",
-            "--set", "ray.progress_bars=false", "--set", "fm.num_workers=0", "--set", "experiment.seeds=1"]
+            "--set", "ray.progress_bars=false", "--set", "experiment.seeds=1"]
     assert main(argv) == 0
 
     table = json.loads((run.report / "freshness.json").read_text())
@@ -62,7 +64,7 @@ def test_each_arm_embeds_every_event_with_the_fm_it_names(smoke_embedded, tmp_pa
     stale, fixed, drifting = (stores[arms[name]["store_version"]] for name in ("stale", "fixed", "drifting"))
     cfg = load_config(SMOKE, argv[argv.index("--set"):][1::2])
     own_fm = FMManifest.read(run.fm(fm_fingerprint(cfg, SplitInfo.load(run)))).fm_version
-    assert fixed.fm_version == own_fm  # today's FM: the one this config trains on the whole train split
+    assert fixed.fm_version == own_fm == smoke_embedded[1].fm_version  # today's FM: the run's own
     early_fm, late_fm = drifting.checkpoint_hash.split(",")
     assert (stale.fm_version, fixed.fm_version) == (early_fm, late_fm) and early_fm != late_fm
     [aligned] = [m for m in stores.values() if m.fm_version.startswith("aligned-")]

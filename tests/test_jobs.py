@@ -68,7 +68,7 @@ def _start_head(log: Path) -> tuple[subprocess.Popen, str]:
                 _stop(head)
                 raise RuntimeError(
                     f"ray head (exit {head.poll()}) did not come up:\n{log.read_text()[-3000:]}") from None
-            time.sleep(1)
+            time.sleep(0.25)
 
 
 def _stop(head: subprocess.Popen) -> None:
@@ -118,10 +118,10 @@ def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540):
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.time() > deadline:
                 raise
-            time.sleep(2)
+            time.sleep(0.5)
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, f"job {job} still {status} after {timeout}s"
-        time.sleep(2)
+        time.sleep(0.5)
     return status, client.get_job_logs(job)
 
 

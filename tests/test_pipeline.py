@@ -7,18 +7,17 @@ import shutil
 
 import pytest
 
-from conftest import SMOKE
+from conftest import SMOKE, copy_features_run
 from loopfm.cli import main
 from loopfm.config import DEFAULT_ARMS as ARMS
-from loopfm.rundir import RunDir
 from loopfm.training.checkpoint import VMManifest
 
 
 @pytest.mark.timeout(900)
-def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smoke_trained, smoke_config, tmp_path,
+def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_trained, smoke_config, tmp_path,
                                                              capsys):
-    run = RunDir(tmp_path / "run")
-    shutil.copytree(smoke_embedded[0].root, run.root)  # data, FM and store are current: skipped
+    # data, FM, store and features are current: skipped (the session's VM left out: every VM trains here)
+    run = copy_features_run(smoke_trained, tmp_path / "run")
     assert main(["run", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false"]) == 0
     out = capsys.readouterr().out
     for stage in ("data validate", "data split", "fm train", "embed"):
@@ -59,9 +58,8 @@ def test_run_writes_the_report_with_every_arm_seed_and_claim(smoke_embedded, smo
 
 
 @pytest.mark.timeout(600)
-def test_ablate_trains_the_arm_for_each_value_and_writes_the_table(smoke_embedded, smoke_config, tmp_path, capsys):
-    run = RunDir(tmp_path / "run")
-    shutil.copytree(smoke_embedded[0].root, run.root)
+def test_ablate_trains_the_arm_for_each_value_and_writes_the_table(smoke_trained, smoke_config, tmp_path, capsys):
+    run = copy_features_run(smoke_trained, tmp_path / "run")
     argv = ["ablate", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false",
             "--param", "vm.pooling", "--values", "mean,attention"]
     assert main(argv) == 0
@@ -76,10 +74,9 @@ def test_ablate_trains_the_arm_for_each_value_and_writes_the_table(smoke_embedde
 
 
 @pytest.mark.timeout(900)
-def test_fm_replicates_each_get_their_fm_store_and_features(smoke_embedded, tmp_path):
+def test_fm_replicates_each_get_their_fm_store_and_features(smoke_trained, tmp_path):
     """`experiment.fm_seeds`: one FM, store and feature set per replicate, every VM seed trained under each."""
-    run = RunDir(tmp_path / "run")
-    shutil.copytree(smoke_embedded[0].root, run.root)
+    run = copy_features_run(smoke_trained, tmp_path / "run")
     argv = ["report", "--config", str(SMOKE), "--out", str(run.root), "--set", "ray.progress_bars=false",
             "--set", "experiment.fm_seeds=[0,1]", "--set", "experiment.arms=[base,loopfm]",
             "--set", "experiment.seeds=1"]

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import copy_features_run
 from loopfm.features.stage import features_stage
 from loopfm.rundir import RunDir
 from loopfm.training.vm import arm_config, train_vm, train_vms
@@ -38,11 +39,11 @@ def _checkpoints_registered(run: RunDir) -> int:
 
 @pytest.mark.timeout(400)
 def test_killed_worker_skips_the_finished_vm_and_resumes_the_next_from_its_checkpoint(
-        smoke_embedded, smoke_config, tmp_path):
+        smoke_trained, smoke_config, tmp_path):
     base = smoke_config.updated({"train.num_workers": 1, "train.epochs": 3, "train.patience": 3})
     first, second = (arm_config(base, "loopfm", seed=s) for s in (0, 1))
     runs = {name: RunDir(tmp_path / name) for name in ("alone", "killed")}
-    shutil.copytree(smoke_embedded[0].root, runs["alone"].root)
+    copy_features_run(smoke_trained, runs["alone"].root)  # the train.* overrides keep its features current
     features = features_stage(base, runs["alone"])
     shutil.copytree(runs["alone"].root, runs["killed"].root)  # the same features, built once
     alone = train_vm(second, runs["alone"], features)

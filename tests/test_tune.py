@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import SMOKE
+from conftest import SMOKE, copy_features_run
 from loopfm.config import load_config
 from loopfm.errors import LoopFMError
 from loopfm.rundir import RunDir
@@ -27,12 +27,11 @@ SPACE = ("tune.space={train.kd_lambda: {type: float, low: 0.0, high: 1.0}, "
 
 
 @pytest.fixture(scope="module")
-def features_run(smoke_embedded, smoke_config, tmp_path_factory):
-    """The smoke run with its features built (read-only: copy it)."""
+def features_run(smoke_trained, smoke_config, tmp_path_factory):
+    """The smoke run with its features built (the session's, no VM; read-only: copy it)."""
     from loopfm.features.stage import features_stage
 
-    run = RunDir(tmp_path_factory.mktemp("tune") / "base")
-    shutil.copytree(smoke_embedded[0].root, run.root)
+    run = copy_features_run(smoke_trained, tmp_path_factory.mktemp("tune") / "base")
     features_stage(smoke_config, run)
     return run
 

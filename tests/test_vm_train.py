@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
-from conftest import SMOKE
+from conftest import SMOKE, copy_features_run
 from loopfm.cli import main
 from loopfm.errors import VersionMismatchError
 from loopfm.features.collate import VMBatchCollate
 from loopfm.features.reader import read_features
 from loopfm.features.stage import features_stage
-from loopfm.rundir import RunDir
 from loopfm.training.checkpoint import load_vm
 from loopfm.training.vm import arm_config, predict, train_vm
 from loopfm.weights import MODEL_FILE
 
 
 @pytest.fixture(scope="module")
-def features_run(smoke_embedded, smoke_config, tmp_path_factory):
-    run = RunDir(tmp_path_factory.mktemp("vm") / "run")
-    shutil.copytree(smoke_embedded[0].root, run.root)
+def features_run(smoke_trained, smoke_config, tmp_path_factory):
+    """The session's smoke features, no VM yet (`features_stage` finds them current)."""
+    run = copy_features_run(smoke_trained, tmp_path_factory.mktemp("vm") / "run")
     return run, features_stage(smoke_config, run)
 
 
