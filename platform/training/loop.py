@@ -262,7 +262,7 @@ class Background:
         self._thread.join()
         if "error" in self._box:
             raise self._box["error"]
-        return self._box.get("value")
+        return self._box["value"]
 
 
 def scalar_metrics(metrics: dict) -> dict:
