@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from loopfm.config import ARMS, ConfigError, LoopFMConfig, load_config
-from loopfm.errors import LoopFMError
+from loopfm.errors import LoopFMError, UnsupportedLocationError
 from loopfm.logs import setup_logging
 from loopfm.rundir import RunDir
 
@@ -29,6 +29,7 @@ class Command:
     target: Optional[str]  # "module:function"; None = not built yet
     options: tuple[tuple[tuple[str, ...], dict], ...] = field(default=())
     passes: tuple[str, ...] = ()  # common options the function takes too (`bench`: config, overrides)
+    uri: bool = False  # runs on a run directory given as a URI (s3://...); the others refuse one by name
 
     @property
     def name(self) -> str:
@@ -50,14 +51,14 @@ def _opt(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command(("config", "show"), "print the resolved config", "loopfm.cli:show_config"),
+    Command(("config", "show"), "print the resolved config", "loopfm.cli:show_config", uri=True),
     Command(("data", "generate"), "write the seeded synthetic multi-surface log",
-            "loopfm.datasets.synthetic:generate_stage"),
+            "loopfm.datasets.synthetic:generate_stage", uri=True),
     Command(("data", "validate"), "read the configured log, validate it, write normalized events",
-            "loopfm.datasets.ingest:validate_stage"),
+            "loopfm.datasets.ingest:validate_stage", uri=True),
     Command(("data", "split"), "split events by time into train/valid/test and build the vocabulary",
-            "loopfm.datasets.splits:split_stage"),
-    Command(("fm", "train"), "train the foundation model with Ray Train", "loopfm.fm.train:fm_train_stage"),
+            "loopfm.datasets.splits:split_stage", uri=True),
+    Command(("fm", "train"), "train the foundation model with Ray Train", "loopfm.fm.train:fm_train_stage", uri=True),
     Command(("logs", "append"), "validate new event files and append them to the run's log as one batch",
             "loopfm.datasets.append:logs_append_stage", (
         _opt("--files", nargs="+", required=True, help="parquet or CSV files of new events (newer than the log)"),
@@ -68,7 +69,7 @@ COMMANDS: tuple[Command, ...] = (
             "loopfm.fm.embed:embed_stage", (
         _opt("--incremental", action="store_true", help="embed only events newer than the store, as a delta"),
         _opt("--since", default="last", help="with --incremental: a ts, or `last` (newest stored event; default)"),
-    )),
+    ), uri=True),
     Command(("store", "compact"), "fold the store's deltas into one full store", "loopfm.store.deltas:compact_stage"),
     Command(("drift",), "how far stored embeddings moved: between time slices, or between two stores",
             "loopfm.evaluation.drift:drift_stage", (
@@ -77,15 +78,15 @@ COMMANDS: tuple[Command, ...] = (
              help="two store versions A,B compared on the events both hold (e.g. two FMs)"),
     )),
     Command(("features",), "point-in-time join of stored embeddings into VM examples (one set per vertical)",
-            "loopfm.features.stage:features_verticals_stage"),
+            "loopfm.features.stage:features_verticals_stage", uri=True),
     Command(("train",), "train one VM (one arm, one seed; one per vertical) with Ray Train",
             "loopfm.training.vm:train_stage", (
         _opt("--arm", choices=ARMS,
              help=f"one of {', '.join(ARMS)} (default: from train.use_kd/use_loopfm/use_rawseq)"),
         _opt("--seed", type=int, help="default: train.seed"),
-    )),
+    ), uri=True),
     Command(("report",), "train every arm on every seed, evaluate, write report.json, report.md and plots",
-            "loopfm.training.experiment:report_stage"),
+            "loopfm.training.experiment:report_stage", uri=True),
     Command(("ablate",), "vary one setting (e.g. vm.pooling) over values, train an arm on every seed, "
             "write a table and plot", "loopfm.training.ablation:ablate_stage", (
         _opt("--param", required=True, help="dotted config key, e.g. vm.pooling, embed.layers, features.seq_len"),
@@ -124,7 +125,7 @@ COMMANDS: tuple[Command, ...] = (
              help="file format (default: by extension)"),
         _opt("--no-refresh", action="store_true", help="do not ask a running Serve app to refresh"),
     )),
-    Command(("run",), "run every stage end to end and write the report", "loopfm.pipeline:run_pipeline"),
+    Command(("run",), "run every stage end to end and write the report", "loopfm.pipeline:run_pipeline", uri=True),
     Command(("bench",),
             "run a performance harness of benchmarks/ (JSON in benchmarks/results/, a row in docs/BENCHMARKS.md)",
             "loopfm.bench:bench_stage", (
@@ -176,6 +177,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         run = RunDir(args.out or f"runs/{cfg.name}")
+        if run.remote and not cmd.uri:
+            raise UnsupportedLocationError(
+                f"`loopfm {cmd.name}` does not run on a run directory given as a URI yet ({run.root}); "
+                f"give a local or mounted path; on a URI: {', '.join(c.name for c in COMMANDS if c.uri)}")
     except LoopFMError as err:
         print(f"loopfm: {err}", file=sys.stderr)
         return 2

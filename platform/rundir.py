@@ -27,7 +27,6 @@ import shutil
 import socket
 import tempfile
 import time
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 from filelock import FileLock
 
 from loopfm.errors import MissingInputError, RowCountError, UnsupportedLocationError, VersionMismatchError
+from loopfm.location import AnyPath, UriPath, as_location, as_path, is_remote
 
 MANIFEST = "manifest.json"
 LOCK_DIR = Path(tempfile.gettempdir()) / "loopfm-locks"
@@ -43,7 +43,6 @@ RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
 _TMP_NAME = re.compile(r"\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one path component, never "." / ".." / hidden
-_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def valid_id(value: object, what: str) -> str:
@@ -60,88 +59,77 @@ def valid_id(value: object, what: str) -> str:
 
 
 def local_path(location: str | os.PathLike) -> Path:
-    """The local path a run directory names: a plain path, or a `file://` URI mapped to its path.
-
-    Any other URI (`s3://bucket/x`, `gs://...`) is refused by name: `Path("s3://bucket/x")` is the
-    relative folder `s3:/bucket/x`, so taking it as a path would write the whole run to a local folder
-    named after the scheme while the user believes it went to the bucket. The stages write through
-    the local filesystem (the store's object-store backend, `loopfm.store.backend`, is not yet what
-    they write with), so a URI is an error until they do.
-    """
-    text = os.fspath(location)
-    match = _SCHEME.match(text) if isinstance(text, str) else None
-    if match is None:
-        return Path(text)
-    if match["scheme"].lower() == "file":
-        parsed = urllib.parse.urlparse(text)
-        if parsed.netloc not in ("", "localhost") or not parsed.path:
-            raise UnsupportedLocationError(
-                f"run directory {text!r}: a file:// URI must name a local absolute path (file:///abs/path)")
-        return Path(urllib.parse.unquote(parsed.path))
-    raise UnsupportedLocationError(
-        f"run directory {text!r} is a {match['scheme']}:// URI; the stages write only to local (or mounted "
-        "shared) paths: give a path such as runs/x, /mnt/shared/runs/x or file:///abs/path")
+    """The local path a run directory names (a plain path or a `file://` URI); a remote URI is refused."""
+    where = as_location(location)
+    if isinstance(where, UriPath):
+        raise UnsupportedLocationError(f"{str(where)!r} is not a local path (file:///abs/path)")
+    return where
 
 
 class RunDir:
     """Paths of one run; every stage takes one, so names live here and nowhere else."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = local_path(root).resolve()
+    def __init__(self, root: str | os.PathLike | UriPath):
+        self.root: AnyPath = as_location(root).resolve()
+
+    @property
+    def remote(self) -> bool:
+        """Whether the run lives on an object store (outputs commit by manifest, not by rename)."""
+        return is_remote(self.root)
 
     # -- layout ------------------------------------------------------------------------------
     @property
-    def config_path(self) -> Path:
+    def config_path(self) -> AnyPath:
         return self.root / "config.yaml"
 
     @property
-    def source(self) -> Path:
+    def source(self) -> AnyPath:
         """The synthetic generator's raw log (contract format, before validation)."""
         return self.root / "data" / "source"
 
     @property
-    def events(self) -> Path:
+    def events(self) -> AnyPath:
         """Validated, normalized events (one row per impression)."""
         return self.root / "data" / "events"
 
     @property
-    def appended(self) -> Path:
+    def appended(self) -> AnyPath:
         """Batches of new events added after the split (`loopfm logs append`), one folder each."""
         return self.root / "data" / "appended"
 
     @property
-    def splits(self) -> Path:
+    def splits(self) -> AnyPath:
         """train/ valid/ test/ parquet folders, the vocabulary and `manifest.json`."""
         return self.root / "data" / "splits"
 
     # Every id below may come from a manifest: each is checked before it becomes a path (valid_id).
-    def fm(self, fingerprint: str) -> Path:
+    def fm(self, fingerprint: str) -> AnyPath:
         return self.root / "fm" / valid_id(fingerprint, "FM fingerprint")
 
-    def store(self, version: str) -> Path:
+    def store(self, version: str) -> AnyPath:
         return self.root / "store" / valid_id(version, "store version")
 
-    def store_deltas(self, version: str) -> Path:
+    def store_deltas(self, version: str) -> AnyPath:
         """Deltas of store `version` (`loopfm embed --incremental`), one folder each, in order."""
         return self.root / "store_deltas" / valid_id(version, "store version")
 
-    def features(self, fingerprint: str) -> Path:
+    def features(self, fingerprint: str) -> AnyPath:
         return self.root / "features" / valid_id(fingerprint, "features fingerprint")
 
-    def vm(self, arm: str, seed: int, fingerprint: str) -> Path:
+    def vm(self, arm: str, seed: int, fingerprint: str) -> AnyPath:
         seed = int(seed)
         return self.root / "vm" / valid_id(arm, "arm") / f"seed{seed}-{valid_id(fingerprint, 'VM fingerprint')}"
 
     @property
-    def tune(self) -> Path:
+    def tune(self) -> AnyPath:
         return self.root / "tune"
 
     @property
-    def report(self) -> Path:
+    def report(self) -> AnyPath:
         return self.root / "report"
 
     @property
-    def ray_storage(self) -> Path:
+    def ray_storage(self) -> AnyPath:
         """Ray Train / Tune `storage_path`: checkpoints of in-flight runs, for resume."""
         return self.root / "ray"
 
@@ -152,10 +140,17 @@ class RunDir:
 
 # -- single files and manifests ----------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
+def atomic_file(final: AnyPath) -> Iterator[Path]:
     """Yield a hidden temp path beside `final`; once the block has written it, it is renamed to
     `final`; on error it is removed. Every single file the stages write (manifests, reports, plots,
-    tune tables) goes through here: a reader sees the old file or the new one, never half of one."""
+    tune tables) goes through here: a reader sees the old file or the new one, never half of one.
+    On an object store the temp file is local and goes up in one PUT, which is all or nothing."""
+    if is_remote(final):
+        with tempfile.TemporaryDirectory(prefix="loopfm-put-") as folder:
+            tmp = Path(folder) / final.name
+            yield tmp
+            final.write_bytes(tmp.read_bytes())
+        return
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -166,14 +161,17 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
+def atomic_write_bytes(path: AnyPath, data: bytes) -> AnyPath:
     """`data` as the whole content of `path`, written atomically (`atomic_file`)."""
+    if is_remote(path):
+        path.write_bytes(data)  # one PUT
+        return path
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
+def atomic_write_text(path: AnyPath, text: str) -> AnyPath:
     """`text` (UTF-8) as the whole content of `path`, written atomically (`atomic_file`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -188,18 +186,18 @@ def manifest_json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
-def read_manifest(path: Path) -> Optional[dict]:
+def read_manifest(path: AnyPath) -> Optional[dict]:
     """The manifest of output directory `path` as a dict; None when it has none (not finished)."""
-    f = Path(path) / MANIFEST
+    f = as_path(path) / MANIFEST
     if not f.is_file():
         return None
     return json.loads(f.read_text())
 
 
-def write_manifest(path: Path, manifest: dict[str, Any], stamp: bool = True) -> None:
+def write_manifest(path: AnyPath, manifest: dict[str, Any], stamp: bool = True) -> None:
     """`path/manifest.json`, atomically. `stamp` adds `created_at` (a `created_at` in `manifest` wins)."""
     data = {"created_at": now_stamp(), **manifest} if stamp else dict(manifest)
-    atomic_write_text(Path(path) / MANIFEST, manifest_json(data))
+    atomic_write_text(as_path(path) / MANIFEST, manifest_json(data))
 
 
 REQUIRED = "loopfm_required"  # field metadata: required in a manifest read back, though it has a default
@@ -240,7 +238,7 @@ class Manifest:
             f.metadata.get(REQUIRED)
             or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))]
         if missing:
-            raise VersionMismatchError(f"{Path(path) / MANIFEST} lacks {missing}: not a complete {cls.__name__}")
+            raise VersionMismatchError(f"{path}/{MANIFEST} lacks {missing}: not a complete {cls.__name__}")
         return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
     def to_dict(self) -> dict[str, Any]:
@@ -355,8 +353,9 @@ def output_lock(final: Path) -> FileLock:
 
 
 @contextlib.contextmanager
-def atomic_output(final: Path) -> Iterator[Path]:
+def atomic_output(final: AnyPath) -> Iterator[AnyPath]:
     """Yield a temp dir beside `final`; on success it replaces `final`, on error it is removed.
+    On an object store: an attempt prefix inside `final`, committed by its manifest (`object_attempt`).
 
     The writer holds the output's lock throughout, so a second writer of the same output waits and
     then writes whole (the kernel frees the lock of a killed process). A killed process leaves only
@@ -364,6 +363,10 @@ def atomic_output(final: Path) -> Iterator[Path]:
     its owner is dead. An existing output is replaced by exchanging it with the temp dir, so it
     never goes missing; the old content then sits under the temp dir's name and is removed.
     """
+    if is_remote(final):
+        with object_attempt(final) as tmp:
+            yield tmp
+        return
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(final):
@@ -384,3 +387,71 @@ def atomic_output(final: Path) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
+
+
+# -- object stores: no rename, the manifest is the commit ----------------------------------------
+ATTEMPT_KEY = "attempt"  # the committed manifest's key naming the attempt prefix its files lie under
+GRACE_S = 3600.0  # an attempt no manifest names is abandoned once this old
+ATTEMPT = re.compile(r"\.attempt-(?P<ms>\d{13})-[0-9a-f]{12}")
+_LIVE: set[str] = set()  # attempts this process is writing: never cleaned up under it
+
+
+def attempt_name() -> str:
+    """`.attempt-<ms since epoch>-<random>`: hidden (readers that list a folder skip it), unique, and
+    dated, so an abandoned one can be told by its age without a listing of object times."""
+    return f".attempt-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def object_attempt(final: UriPath) -> Iterator[UriPath]:
+    """Yield a fresh attempt prefix inside `final`; the block writes the output there, its manifest
+    (when it writes one) last; then `final/manifest.json`, that manifest plus the attempt's name,
+    is written in one PUT: the commit. A block that raises leaves no manifest naming its attempt,
+    and the attempt is deleted (a killed writer's is removed by a later writer once abandoned).
+    Two writers of one output each commit whole attempts; the last manifest wins."""
+    cleanup_attempts(final, GRACE_S)
+    tmp = final / attempt_name()
+    _LIVE.add(str(tmp))
+    try:
+        yield tmp
+        written = read_manifest(tmp)
+        commit = {**(written or {}), ATTEMPT_KEY: tmp.name}
+        (final / MANIFEST).write_bytes(manifest_json(commit).encode("utf-8"))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.fs.delete_dir(tmp.key)
+        raise
+    finally:
+        _LIVE.discard(str(tmp))
+    cleanup_attempts(final, GRACE_S)
+
+
+def committed(path: AnyPath) -> AnyPath:
+    """Where the finished output at `path` keeps its files: `path` itself on local disk (the rename
+    put them there); on an object store the attempt its manifest names. Readers of an output's
+    files go through here, so they read only what a manifest committed."""
+    if not is_remote(path):
+        return path
+    manifest = read_manifest(path) or {}
+    attempt = manifest.get(ATTEMPT_KEY)
+    if attempt is None:
+        return path
+    if not isinstance(attempt, str) or not ATTEMPT.fullmatch(attempt):
+        raise VersionMismatchError(f"{path}/{MANIFEST}: attempt {attempt!r} is not an attempt name; refused as a path")
+    return path / attempt
+
+
+def cleanup_attempts(final: UriPath, older_than_s: float, keep: Optional[str] = None) -> list[UriPath]:
+    """Remove attempts inside `final` that its manifest does not name (nor `keep`), at least
+    `older_than_s` old and not being written by this process; returns them."""
+    named = keep or (read_manifest(final) or {}).get(ATTEMPT_KEY)
+    now_ms = time.time() * 1000
+    removed = []
+    for child in final.iterdir():
+        match = ATTEMPT.fullmatch(child.name)
+        if (match is None or child.name == named or str(child) in _LIVE or not child.is_dir()
+                or now_ms - int(match["ms"]) < older_than_s * 1000):
+            continue
+        child.fs.delete_dir(child.key)
+        removed.append(child)
+    return removed

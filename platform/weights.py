@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.location import as_path
+from loopfm.rundir import committed
 
 MODEL_FILE = "model.pt"
 
@@ -36,7 +38,7 @@ def model_hash(data: bytes) -> str:
 
 def verified_bytes(directory: Path, version: str) -> bytes:
     """`model.pt` of `directory`, refused unless its hash is `version`."""
-    path = Path(directory) / MODEL_FILE
+    path = committed(as_path(directory)) / MODEL_FILE
     if not path.is_file():
         raise MissingInputError(f"no weights at {path}")
     data = path.read_bytes()
@@ -50,7 +52,7 @@ def verified_bytes(directory: Path, version: str) -> bytes:
 
 def verified_state(directory: Path, version: str) -> dict:
     """`model.pt` of `directory` as a state dict (`torch.load(weights_only=True)`), hash checked."""
-    return load_weights(io.BytesIO(verified_bytes(directory, version)), Path(directory) / MODEL_FILE)
+    return load_weights(io.BytesIO(verified_bytes(directory, version)), f"{directory}/{MODEL_FILE}")
 
 
 def load_weights(source, name) -> dict:

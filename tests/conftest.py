@@ -84,7 +84,8 @@ _state = {"local": False}
 # start Ray, a subprocess or a server another way carry `pytest.mark.ray` themselves.
 RAY_FIXTURES = {"ray_session", "two_node_cluster", "smoke_splits", "smoke_embedded", "smoke_trained",
                 "grown_run", "ray_head", "served_run", "server", "replicated_server", "live", "ml_slice",
-                "features_run", "embedded", "fm_run", "run_copy", "log_run", "clean_auc", "lenient"}
+                "features_run", "embedded", "fm_run", "run_copy", "log_run", "clean_auc", "lenient",
+                "s3_server", "s3_bucket"}
 
 
 def pytest_configure(config):
@@ -173,6 +174,67 @@ def _shutdown_ray_at_end():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "loopfm-test", "AWS_SECRET_ACCESS_KEY": "loopfm-test-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def start_moto(port: int, log: Path) -> subprocess.Popen:
+    """moto's standalone S3 server on a loopback port (a real HTTP S3 API in its own process);
+    returns once it answers."""
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"moto server did not answer on port {port} (rc {proc.poll()})") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A loopback S3 server and the environment every process of the test resolves `s3://` with
+    (dummy credentials, AWS_ENDPOINT_URL): what an instance profile and a real endpoint give a
+    cluster. Yields the endpoint URL."""
+    from loopfm.location import filesystem
+    from loopfm.runtime import free_port
+
+    port = free_port()
+    proc = start_moto(port, tmp_path_factory.mktemp("moto") / "moto.log")
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    filesystem.cache_clear()  # resolved again against this endpoint
+    yield env["AWS_ENDPOINT_URL"]
+    proc.kill()
+    proc.wait(timeout=10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    filesystem.cache_clear()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on the loopback server: `s3://<bucket>`."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    bucket = f"loopfm-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}"
 
 
 @pytest.fixture(scope="session")

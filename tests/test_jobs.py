@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -106,14 +107,15 @@ def ray_head(tmp_path_factory):
         _stop(head)
 
 
-def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540):
+def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540, runtime_env: Optional[dict] = None):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    runtime_env = runtime_env or {"working_dir": str(REPO), "excludes": EXCLUDES}
     client = JobSubmissionClient(address)
     deadline = time.time() + timeout
     while True:  # the head answers before its job agent is up ("No available agent"): retry that only
         try:
-            job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})
+            job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
             break
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.time() > deadline:

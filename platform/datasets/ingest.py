@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 from pathlib import Path
 
 import ray
@@ -30,7 +29,8 @@ from loopfm.datasets.readers import FILE_SHIFT, Source, generic_layout, open_sou
 from loopfm.datasets.schema import event_schema
 from loopfm.datasets.validate import BIT, CheckedSink, audit, check_batch, fail_if_invalid, keep_batch, num_surfaces
 from loopfm.errors import MissingInputError
-from loopfm.rundir import RunDir, atomic_write_text, read_manifest
+from loopfm.location import remove_tree
+from loopfm.rundir import RunDir, atomic_write_text, committed, read_manifest
 from loopfm.runtime import init_ray, log
 from loopfm.skeleton import current, publish
 
@@ -46,7 +46,7 @@ def open_configured_source(data: DataConfig, run: RunDir) -> tuple[Source, objec
         if generated is None:
             raise MissingInputError(f"no log in {run.source}: run `loopfm data generate` first")
         layout = generic_layout(data.columns, generated.get("categorical", []), bool(data.sorted_by_ts))
-        return open_source(str(run.source), "parquet", layout), generated["fingerprint"]
+        return open_source(str(committed(run.source)), "parquet", layout), generated["fingerprint"]
     if data.source == movielens.SOURCE:  # converted once into run.source, then read as parquet
         return movielens.open_movielens(data, run.source)
     if data.source == "events":
@@ -112,7 +112,7 @@ def validate_source(cfg: LoopFMConfig, source: Source, out: Path, report: Path, 
         columns = event_schema(categorical).names
         keep = functools.partial(keep_batch, drop_ref=ray.put(drop), columns=columns)
         checked.map_batches(keep, batch_format="pyarrow", batch_size=None).write_parquet(str(tmp))
-        shutil.rmtree(staged)
+        remove_tree(staged)
         return {
             **extra,
             "path": source.root,

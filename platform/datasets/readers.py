@@ -40,6 +40,7 @@ from ray.data.datasource import FileBasedDatasource
 from loopfm.config import ColumnMapping
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, OPTIONAL, REQUIRED, SURFACE, TS, USER_ID
 from loopfm.errors import DataValidationError, MissingInputError
+from loopfm.location import AnyPath, as_location, is_remote
 
 SRC = "_src"
 UNTYPED = "_untyped"
@@ -130,8 +131,14 @@ def raw_schema(categorical: tuple[str, ...] | list[str]) -> pa.Schema:
 
 
 def list_files(path: str, fmt: str = "auto") -> tuple[list[Path], str]:
-    """Files of a log given as a file, a directory (recursive) or a glob, and their format."""
-    if any(ch in path for ch in "*?["):
+    """Files of a log given as a file, a directory (recursive) or a glob, and their format
+    (a remote URI: a directory, listed on its filesystem)."""
+    where = as_location(path)
+    if is_remote(where):
+        found = [p for p in where.rglob("*") if p.is_file() and not _hidden(p.relative_to(where))]
+        if not found and not where.is_dir():
+            raise MissingInputError(f"data.path {path!r} does not exist")
+    elif any(ch in path for ch in "*?["):
         found = [Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     elif os.path.isdir(path):
         found = [p for p in Path(path).rglob("*") if p.is_file() and not _hidden(p.relative_to(path))]
@@ -157,9 +164,8 @@ def list_files(path: str, fmt: str = "auto") -> tuple[list[Path], str]:
 def inspect_files(paths: list[Path], fmt: str, layout: Layout, root: str) -> list[SourceFile]:
     """Each file's columns, read from its header on the driver (cheap: no rows are parsed)."""
     files = []
-    base = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(re.split(r"[*?\[]", root)[0]))
     for i, p in enumerate(paths):
-        f = SourceFile(index=i, path=str(p), name=os.path.relpath(p, base))
+        f = SourceFile(index=i, path=str(p), name=_relative_name(p, root))
         try:
             f.columns = _header(p, fmt)
         except (pa.ArrowException, OSError, ValueError) as err:
@@ -180,12 +186,25 @@ def open_source(path: str, fmt: str, layout: Layout, files: Optional[list[Path]]
     return Source(root=path, fmt=fmt, layout=layout, files=inspect_files(files, fmt, layout, path))
 
 
-def _header(path: Path, fmt: str) -> list[str]:
+def _relative_name(path: AnyPath, root: str) -> str:
+    """A file's name relative to the log's root (a folder, or the folder a glob starts in), for reports."""
+    if is_remote(path):
+        return str(path.relative_to(as_location(root)))
+    base = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(re.split(r"[*?\[]", root)[0]))
+    return os.path.relpath(path, base)
+
+
+def _header(path: AnyPath, fmt: str) -> list[str]:
     if fmt == "parquet":
-        return pq.read_schema(path).names
+        return pq.read_schema(str(path)).names  # a local path or a URI pyarrow resolves
     with pa.input_stream(str(path), compression="detect") as stream:
         options = csv.ReadOptions(use_threads=False, block_size=HEADER_BLOCK_BYTES)  # parse the header, not the file
         return csv.open_csv(stream, read_options=options).schema.names
+
+
+def _read_key(path: str) -> str:
+    where = as_location(path)
+    return where.key if is_remote(where) else os.path.abspath(path)
 
 
 def _has_ext(p: Path, kind: str) -> bool:
@@ -370,7 +389,8 @@ class EventFileDatasource(FileBasedDatasource):
 
     def __init__(self, files: list[SourceFile], fmt: str, layout: Layout):
         super().__init__([f.path for f in files])
-        self._by_path = {os.path.abspath(f.path): f for f in files}
+        # keyed as Ray hands paths to `_read_stream`: absolute locally, `bucket/key` for a URI
+        self._by_path = {_read_key(f.path): f for f in files}
         self._fmt = fmt
         self._contract = Contract(layout)
         self._wanted = layout.source_columns()
@@ -381,7 +401,7 @@ class EventFileDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        info = self._by_path[os.path.abspath(path)]
+        info = self._by_path[path] if path in self._by_path else self._by_path[os.path.abspath(path)]
         columns = [c for c in self._wanted if c in info.columns]
         chunks = self._parquet_chunks(f, columns) if self._fmt == "parquet" else self._csv_chunks(f, columns)
         row = 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,14 +20,14 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray
 
 from loopfm.config import DataConfig, LoopFMConfig, SplitConfig, stable_hash
 from loopfm.datasets.schema import CATEGORY, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.vocab import Vocab, VocabBuilder
 from loopfm.errors import MissingInputError
-from loopfm.rundir import Manifest, RunDir, read_manifest
+from loopfm.location import as_path, parquet_dataset
+from loopfm.rundir import Manifest, RunDir, committed, read_manifest
 from loopfm.runtime import init_ray, log
 from loopfm.skeleton import current, publish
 
@@ -58,13 +57,13 @@ class SplitInfo(Manifest):
         return cls.read(run.splits)
 
     def vocab(self, run: RunDir, column: str) -> Vocab:
-        return Vocab.load(run.splits / "vocab" / f"{column}.npy")
+        return Vocab.load(committed(run.splits) / "vocab" / f"{column}.npy")
 
 
 def split_paths(run: RunDir, name: str) -> Path:
     if name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-    return run.splits / name
+    return committed(run.splits) / name
 
 
 def read_split(run: RunDir, name: str, columns: Optional[list[str]] = None):
@@ -122,7 +121,7 @@ def split_fingerprint(events_fingerprint: str, data: DataConfig) -> str:
 
 def surfaces_present(path: Path) -> list[int]:
     """The surfaces that hold at least one event in the parquet files under `path` (one column read)."""
-    table = pads.dataset([str(f) for f in sorted(Path(path).rglob("*.parquet"))], format="parquet").to_table(
+    table = parquet_dataset(sorted(as_path(committed(path)).rglob("*.parquet"))).to_table(
         columns=[SURFACE])
     return sorted(int(s) for s in pc.unique(table[SURFACE]).to_pylist())
 
@@ -140,7 +139,7 @@ def split_stage(cfg: LoopFMConfig, run: RunDir) -> SplitInfo:
     init_ray(cfg.ray)
     categorical = list(events.get("categorical", []))
     vocab_columns = (*VOCAB_COLUMNS, *categorical)
-    ds = ray.data.read_parquet(str(run.events))
+    ds = ray.data.read_parquet(str(committed(run.events)))
 
     ts = None
     if cfg.data.split.method == "quantile":  # pass 1 (quantiles only): the ts column
@@ -177,7 +176,7 @@ def split_stage(cfg: LoopFMConfig, run: RunDir) -> SplitInfo:
         )
         ds.map_batches(tag, batch_format="numpy", batch_size=None).write_parquet(str(tmp), partition_cols=[SPLIT_TAG])
         for name in SPLITS:
-            os.replace(tmp / f"{SPLIT_TAG}={name}", tmp / name)
+            (tmp / f"{SPLIT_TAG}={name}").rename(tmp / name)  # on an object store: inside the attempt
         return SplitInfo(
             fingerprint=fingerprint,
             valid_start_ts=valid_start,

@@ -229,13 +229,12 @@ def _expose(rng, cfg: SyntheticConfig, world: World, interest: np.ndarray, surfa
 def _write_chunk(cfg_json: str, chunk: int, out_dir: str) -> int:
     cfg = SyntheticConfig.model_validate_json(cfg_json)
     table = generate_chunk(cfg, make_world(cfg), chunk)
-    pq.write_table(table, Path(out_dir) / f"part-{chunk:05d}.parquet", row_group_size=65_536)
+    pq.write_table(table, f"{out_dir}/part-{chunk:05d}.parquet", row_group_size=65_536)  # a path or a URI
     return table.num_rows
 
 
 def generate(cfg: SyntheticConfig, out_dir: Path, parallel: bool = True) -> dict:
     """Write the log as one parquet file per user chunk; returns a summary for the manifest."""
-    out_dir = Path(out_dir)
     cfg_json = cfg.model_dump_json()
     n = num_chunks(cfg)
     if parallel and ray.is_initialized():

@@ -28,6 +28,7 @@ from ray.data.expressions import col
 from loopfm.datasets.readers import ERROR, FILE_SHIFT, SRC, UNTYPED, Source
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, REQUIRED, SURFACE, TS, USER_ID, event_schema
 from loopfm.errors import DataValidationError
+from loopfm.location import as_path
 
 
 @dataclass(frozen=True)
@@ -175,13 +176,13 @@ class CheckedSink(Datasink):
     """
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = as_path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.tallies: list[dict] = []
 
     def write(self, blocks, ctx) -> dict:
         table = pa.concat_tables(list(blocks))
-        pq.write_table(table, self.path / f"part-{ctx.task_idx:05d}.parquet")
+        pq.write_table(table, str(self.path / f"part-{ctx.task_idx:05d}.parquet"))  # a path or a URI
         return tally(table)
 
     def on_write_complete(self, write_result) -> None:

@@ -7,11 +7,12 @@ the same object maps a Ray Data batch, a training batch or an HTTP request.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 
 from loopfm.datasets.schema import OOV_INDEX, PAD_INDEX
+from loopfm.location import AnyPath, as_path
 
 FIRST_INDEX = 2
 
@@ -34,12 +35,15 @@ class Vocab:
         found = self.keys[pos_clipped] == ids
         return np.where(found, pos_clipped + FIRST_INDEX, OOV_INDEX).astype(np.int64)
 
-    def save(self, path: Path) -> None:
-        np.save(Path(path), self.keys)
+    def save(self, path: AnyPath) -> None:
+        """`.npy` bytes written whole (a local path or a URI's object)."""
+        buffer = io.BytesIO()
+        np.save(buffer, self.keys)
+        as_path(path).write_bytes(buffer.getvalue())
 
     @classmethod
-    def load(cls, path: Path) -> Vocab:
-        return cls(np.load(Path(path)))
+    def load(cls, path: AnyPath) -> Vocab:
+        return cls(np.load(io.BytesIO(as_path(path).read_bytes())))
 
 
 class VocabBuilder:

@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from loopfm.location import as_path
 from loopfm.rundir import atomic_file, atomic_write_text
 
 from .transfer import ARMS, CHANNELS, improvement, paired, summarize, transfer_ratio
@@ -390,7 +391,7 @@ def _plot_transfer(r: Mapping, path: Path) -> Path:
 
 def write_report(report: Mapping, out_dir: Path) -> list[Path]:
     """report.json, report.md, arms.png and (when any TR exists) transfer.png; each written atomically."""
-    out = Path(out_dir)
+    out = as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [
         atomic_write_text(out / "report.json", to_json(report)),
@@ -473,7 +474,7 @@ def _verticals_markdown(report: Mapping) -> str:
 def write_verticals_report(report: Mapping, out_dir: Path) -> list[Path]:
     """Each vertical's report in `<out_dir>/vertical<v>/` (as `write_report` writes one), then
     report.json (every vertical and the summary) and report.md (all of it) in `out_dir`."""
-    out = Path(out_dir)
+    out = as_path(out_dir)
     paths = [p for v, r in report["verticals"].items() for p in write_report(r, out / f"{VERTICAL_DIR}{v}")]
     return [atomic_write_text(out / "report.json", to_json(report)),
             atomic_write_text(out / "report.md", _verticals_markdown(report)),
@@ -490,7 +491,7 @@ def write_ablation(rows: Sequence[Mapping], key: str, out_dir: Path, name: str,
     `{"b_vs_a": {"auc": paired(...), "ne": paired(...)}}`, seed-paired differences (positive: b is
     better), tabled with their CIs and p-values under the rows.
     """
-    out = Path(out_dir)
+    out = as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = [m for m in metrics if any(m in row for row in rows)]
 

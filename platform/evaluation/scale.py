@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from loopfm.location import as_path
 from loopfm.rundir import atomic_write_text
 
 from .report import ALPHA, LABELS, _ci, _claim, _describe, _f, _figure, _pv, _save, build_report, to_json
@@ -310,7 +311,7 @@ def _plot(r: Mapping, path: Path) -> Path:
 
 def write_scale(report: Mapping, out_dir: Path, name: str = "scale") -> list[Path]:
     """<name>.json, <name>.md and <name>.png, each written atomically."""
-    out = Path(out_dir)
+    out = as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [atomic_write_text(out / f"{name}.json", to_json(report)),
             atomic_write_text(out / f"{name}.md", _markdown(report)),

@@ -17,7 +17,7 @@ import ray
 
 from loopfm.datasets.schema import LABEL, SPLITS, idx
 from loopfm.errors import VersionMismatchError
-from loopfm.rundir import Manifest, RunDir
+from loopfm.rundir import Manifest, RunDir, committed
 from loopfm.store import codec
 
 HIST_ITEMS, HIST_CATS, HIST_LABELS = "hist_items", "hist_cats", "hist_labels"
@@ -67,7 +67,7 @@ def read_features(run: RunDir, features: Union[str, FeaturesManifest], split: st
     manifest = FeaturesManifest.read(run.features(fingerprint))
     if manifest.fingerprint != fingerprint:
         raise VersionMismatchError(f"{run.features(fingerprint)} holds features {manifest.fingerprint}")
-    return ray.data.read_parquet(str(run.features(fingerprint) / split), columns=columns)
+    return ray.data.read_parquet(str(committed(run.features(fingerprint)) / split), columns=columns)
 
 
 def arrow_columns(table, manifest: FeaturesManifest) -> dict[str, np.ndarray]:

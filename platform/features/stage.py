@@ -40,6 +40,7 @@ from loopfm.rundir import MANIFEST, RunDir, check_rows
 from loopfm.runtime import init_ray, log
 from loopfm.skeleton import current, publish
 from loopfm.store import codec
+from loopfm.store.parquet import data_files
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, StoreManifest, Z
 
@@ -153,7 +154,8 @@ def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInf
     )
     history = splits.filter(expr=col(SURFACE) != vertical).map_batches(
         history_rows, batch_format="pyarrow", fn_args=(schema,))
-    store = ray.data.read_parquet(str(store_path)).map_batches(store_rows, batch_format="pyarrow", fn_args=(schema,))
+    store = ray.data.read_parquet([str(f) for f in data_files(store_path)]).map_batches(  # the files its manifest lists
+        store_rows, batch_format="pyarrow", fn_args=(schema,))
     # Each branch runs alone before the union: with order preserved, the union takes the branches
     # in turn, so a later branch's read tasks (backpressured, each holding its CPU) could take every
     # CPU that the item sort of the first branch still needs: a deadlock, seen on a loaded 2-core

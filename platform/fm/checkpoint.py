@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loopfm.config import FMConfig
+from loopfm.location import as_path
 from loopfm.models.fm import CausalFM
 from loopfm.rundir import Manifest
 from loopfm.weights import MODEL_FILE, model_hash, verified_state
@@ -34,7 +35,7 @@ class FMManifest(Manifest):
 
 def save_fm(directory: Path, weights: bytes, manifest: FMManifest) -> FMManifest:
     """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
-    (Path(directory) / MODEL_FILE).write_bytes(weights)
+    (as_path(directory) / MODEL_FILE).write_bytes(weights)
     manifest.fm_version = model_hash(weights)
     manifest.write(directory)
     return manifest

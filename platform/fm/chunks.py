@@ -16,15 +16,14 @@ Columns of a chunk row, each (chunk_len,) but `user_id`: `event_id` (-1 pad), `t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pyarrow.dataset as pads
 import ray
 
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import split_of, split_paths
+from loopfm.location import as_location, parquet_dataset
 from loopfm.ordering import sort_boundaries
 
 TOKENS = ("item", "category", "surface", "prev_label")
@@ -113,8 +112,8 @@ def block_chunks(events: dict[str, np.ndarray], chunk_len: int, context: int,
 def file_boundaries(paths: list[str], rows_per_partition: int = ROWS_PER_PARTITION) -> list[int]:
     """Sort boundaries for `chunk_users` from the user id of every event in these parquet files or
     folders (reads the user column only): partitions of about `rows_per_partition` events."""
-    files = [str(f) for p in map(Path, paths) for f in (sorted(p.rglob("*.parquet")) if p.is_dir() else [p])]
-    users = pads.dataset(files, format="parquet").to_table(columns=[USER_ID])[USER_ID].to_numpy()
+    files = [str(f) for p in map(as_location, paths) for f in (sorted(p.rglob("*.parquet")) if p.is_dir() else [p])]
+    users = parquet_dataset(files).to_table(columns=[USER_ID])[USER_ID].to_numpy()
     return sort_boundaries(users, rows_per_partition)
 
 

@@ -25,7 +25,7 @@ import torch
 from loopfm.actors.extractor import ChunkExtractor
 from loopfm.config import LoopFMConfig
 from loopfm.datasets.splits import SplitInfo
-from loopfm.errors import MissingInputError
+from loopfm.errors import MissingInputError, UnsupportedLocationError
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import build_chunks, keep_chunks
 from loopfm.fm.extract import extract_rows, extractor_args
@@ -33,7 +33,7 @@ from loopfm.fm.incremental import incremental_embed
 from loopfm.fm.train import TRAIN, Cutoffs, fm_fingerprint, split_cutoffs
 from loopfm.models import autoencoder
 from loopfm.ordering import ordered_data
-from loopfm.rundir import RunDir
+from loopfm.rundir import RunDir, committed
 from loopfm.runtime import init_ray, log
 from loopfm.skeleton import publish
 from loopfm.store import codec
@@ -48,10 +48,13 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, incremental: bool = False, since
     """`loopfm embed` (with `cutoffs`: the store of the FM trained only on events before them;
     with `incremental`: only the log's events newer than `since`, as a delta)."""
     if incremental:
+        if run.remote:
+            raise UnsupportedLocationError(f"embed --incremental: the run directory {run.root} is a URI; store deltas "
+                                           "are written only to a local or mounted run directory so far")
         return incremental_embed(cfg, run, since)
     info = SplitInfo.load(run)
     fm_dir = run.fm(fm_fingerprint(cfg, info, cutoffs))
-    if not (fm_dir / MODEL_FILE).is_file():
+    if not (committed(fm_dir) / MODEL_FILE).is_file():
         raise MissingInputError(f"no FM for this config at {fm_dir}: run `loopfm fm train` first")
     fm = FMManifest.read(fm_dir)
     built = stores_of(cfg, run, fm.fm_version)

@@ -30,10 +30,8 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -46,13 +44,22 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.rundir import MANIFEST, atomic_output, check_rows, manifest_json, now_stamp, reap_dead_temps, reap_stale
+from loopfm.location import AnyPath, UriPath, is_remote
+from loopfm.rundir import (
+    ATTEMPT,
+    ATTEMPT_KEY,
+    GRACE_S,
+    MANIFEST,
+    atomic_output,
+    attempt_name,
+    check_rows,
+    manifest_json,
+    now_stamp,
+    reap_dead_temps,
+    reap_stale,
+)
 from loopfm.store.backend import Chain, StoreBackend, UserRange
 from loopfm.store.schema import COMPRESSOR_FILE, EVENT_ID, TS, USER_ID, StoreManifest
-
-ATTEMPT_KEY = "attempt"  # the object-store manifest's extra key: the attempt prefix its files lie under
-GRACE_S = 3600.0  # an object-store attempt no manifest names is abandoned once this old
-_ATTEMPT = re.compile(r"\.attempt-(?P<ms>\d{13})-[0-9a-f]{12}")
 
 
 def file_hash(path: Path) -> str:
@@ -85,7 +92,7 @@ class ParquetBackend(StoreBackend):
                 if not (tmp / MANIFEST).is_file():
                     raise ValueError(f"an attempt at {path} ended without `seal`: not published")
             return
-        tmp = f"{path}/.attempt-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:12]}"
+        tmp = f"{path}/{attempt_name()}"
         self._live.add(tmp)
         try:
             self.fs.create_dir(tmp)
@@ -106,6 +113,20 @@ class ParquetBackend(StoreBackend):
         """Compute rows, ts range, file hashes and `created_at` into `manifest` and write it (what the
         caller built it with for those is overwritten); checks the row count (`expected_rows`: one per
         event the `stage` embedded) and that event ids are unique."""
+        manifest = self.measure(attempt, manifest, expected_rows, stage)
+        if self.renames:
+            manifest.write(Path(attempt))
+        else:
+            store = posixpath.dirname(attempt)
+            self._write_text(f"{store}/{MANIFEST}",
+                             manifest_json({**manifest.to_dict(), ATTEMPT_KEY: posixpath.basename(attempt)}))
+            self._sealed.add(attempt)
+        return manifest
+
+    def measure(self, attempt: str, manifest: StoreManifest, expected_rows: Optional[int] = None,
+                stage: str = "store") -> StoreManifest:
+        """`manifest` with the rows, ts range, files (named as `open` finds them: under the attempt
+        on an object store) and `created_at` of the attempt's data files, checked; written nowhere."""
         files = self._listing(attempt)
         tables = [pq.read_table(f, columns=[EVENT_ID, TS], filesystem=self._read_fs) for f in files]
         rows = sum(t.num_rows for t in tables)
@@ -122,13 +143,9 @@ class ParquetBackend(StoreBackend):
         manifest.created_at = now_stamp()
         if self.renames:
             manifest.files = {str(Path(f).relative_to(attempt)): file_hash(Path(f)) for f in files}
-            manifest.write(Path(attempt))
         else:
             store = posixpath.dirname(attempt)
             manifest.files = {posixpath.relpath(f, store): self._hash(f) for f in files}
-            self._write_text(f"{store}/{MANIFEST}",
-                             manifest_json({**manifest.to_dict(), ATTEMPT_KEY: posixpath.basename(attempt)}))
-            self._sealed.add(attempt)
         return manifest
 
     # -- reading -----------------------------------------------------------------------------
@@ -251,7 +268,7 @@ class ParquetBackend(StoreBackend):
         removed = []
         for info in self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
             name = posixpath.basename(info.path)
-            match = _ATTEMPT.fullmatch(name)
+            match = ATTEMPT.fullmatch(name)
             if (match is None or info.type != pafs.FileType.Directory or name == committed
                     or f"{path}/{name}" in self._live or now_ms - int(match["ms"]) < older_than_s * 1000):
                 continue
@@ -301,16 +318,34 @@ class ParquetBackend(StoreBackend):
 _LOCAL = ParquetBackend(pafs.LocalFileSystem(), "/")
 
 
-def data_files(path: Path) -> list[Path]:
+def backend_at(path: AnyPath) -> ParquetBackend:
+    """The backend holding `path`: local disk, or the object store of a remote run directory."""
+    return ParquetBackend(path.fs, path.key) if is_remote(path) else _LOCAL
+
+
+def _key(path: AnyPath) -> str:
+    return path.key if is_remote(path) else str(path)
+
+
+def data_files(path: AnyPath) -> list[AnyPath]:
+    """The data files of the committed store at `path` (on an object store: those its manifest lists)."""
+    if is_remote(path):
+        return [UriPath(path.scheme, f) for f in backend_at(path).files(path.key)]
     return [Path(f) for f in _LOCAL.files(str(path))]
 
 
-def seal(path: Path, manifest: StoreManifest, expected_rows: Optional[int] = None,
+def seal(path: AnyPath, manifest: StoreManifest, expected_rows: Optional[int] = None,
          stage: str = "store") -> StoreManifest:
-    """`ParquetBackend.seal` of the local temp directory `path` (inside `rundir.atomic_output`)."""
+    """`ParquetBackend.seal` of the attempt `path` (inside `rundir.atomic_output`). On an object store
+    the manifest goes into the attempt, named as `open` reads it; `atomic_output` commits it (adding
+    the attempt's name) as `<store>/manifest.json`, the same manifest the backend's own seal writes."""
+    if is_remote(path):
+        measured = backend_at(path.parent).measure(path.key, manifest, expected_rows, stage)
+        (path / MANIFEST).write_text(manifest_json(measured.to_dict()))
+        return measured
     return _LOCAL.seal(str(path), manifest, expected_rows, stage)
 
 
-def open_store(path: Path, expected: Optional[dict[str, Any]] = None, verify_files: bool = True) -> StoreManifest:
-    """The manifest of a finished local store, after checking it against `expected` and its files."""
-    return _LOCAL.open(str(path), expected, verify_files)
+def open_store(path: AnyPath, expected: Optional[dict[str, Any]] = None, verify_files: bool = True) -> StoreManifest:
+    """The manifest of a finished store, after checking it against `expected` and its files."""
+    return backend_at(path).open(_key(path), expected, verify_files)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from loopfm.config import TrainConfig, VMConfig
+from loopfm.location import as_path
 from loopfm.models.inputs import InputSpec
 from loopfm.models.vm import build_vm
 from loopfm.rundir import Manifest
@@ -49,7 +50,7 @@ class VMManifest(Manifest):
 
 def save_vm(directory: Path, model_state: bytes, manifest: VMManifest) -> VMManifest:
     """Write into `directory` (a temp dir from atomic_output); the manifest goes last."""
-    directory = Path(directory)
+    directory = as_path(directory)
     (directory / MODEL_FILE).write_bytes(model_state)
     manifest.model_version = model_hash(model_state)
     manifest.write(directory)
@@ -71,7 +72,7 @@ def build_from_manifest(manifest: VMManifest) -> torch.nn.Module:
 
 
 def load_vm(directory: Path) -> tuple[torch.nn.Module, VMManifest]:
-    directory = Path(directory)
+    directory = as_path(directory)
     manifest = VMManifest.read(directory)
     model = build_from_manifest(manifest)
     model.load_state_dict(verified_state(directory, manifest.model_version))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import platform as _stdlib_platform
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from loopfm.features.reader import KD_LOGIT, LABEL, FeaturesManifest, read_featu
 from loopfm.features.stage import features_verticals_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_train_stage
+from loopfm.location import remove_tree
 from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
 from loopfm.training.vm import arm_config, train_vms
@@ -140,7 +140,7 @@ def clear_stale_report(run: RunDir, keep: list[int]) -> None:
     for path in run.report.glob(f"{VERTICAL_DIR}*"):
         suffix = path.name[len(VERTICAL_DIR):]
         if path.is_dir() and suffix.isdigit() and int(suffix) not in keep:
-            shutil.rmtree(path)
+            remove_tree(path)
     if keep:
         for name in ("arms.png", "transfer.png"):
             (run.report / name).unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from loopfm.features.stage import features_verticals_stage
 from loopfm.models.losses import vm_loss
 from loopfm.ordering import ordered_data
 from loopfm.precision import autocast, float32, model_device
-from loopfm.rundir import RunDir
+from loopfm.rundir import RunDir, committed
 from loopfm.runtime import init_ray, log, torch_device, use_gpu
 from loopfm.skeleton import current, publish
 from loopfm.training.batches import ShardBatches
@@ -241,13 +241,13 @@ def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
     # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported): not a dependency of ours
     import psutil
 
-    files = run.features(features.fingerprint).rglob("*.parquet")
+    files = committed(run.features(features.fingerprint)).rglob("*.parquet")
     return 3 * sum(f.stat().st_size for f in files) < psutil.virtual_memory().available / 4
 
 
 def feature_columns(run: RunDir, features: FeaturesManifest, loopfm: bool, rawseq: bool) -> list[str]:
     """The feature columns an arm reads: the sequence slots of the other arms are never decoded."""
-    names = pads.dataset(str(run.features(features.fingerprint) / "train"), format="parquet").schema.names
+    names = pads.dataset(str(committed(run.features(features.fingerprint)) / "train"), format="parquet").schema.names
     skip = ({SEQ_Z} if not loopfm else set()) | (set(RAW_COLUMNS) if not rawseq else set())
     return [n for n in names if n not in skip]
 
