@@ -1,0 +1,132 @@
+"""The smoke `loopfm run` as a job on a two-node Ray cluster whose only shared storage is S3.
+
+Two `ray start` nodes on this machine, each with its own temp directory and working directory
+(what two machines have: nothing on local disk in common that a run could rely on), a loopback S3
+server (moto) that both reach through the environment, as nodes reach a bucket through their
+instance profile. The job ships the code (`py_modules`: the package as built from this checkout)
+and runs with `--out s3://...`; the report is read back from the bucket, and nothing of the run
+is on either node's disk. Before run directories took URIs this wrote a local folder `s3:`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from test_jobs import BIN, EXCLUDES, _free_ports, _stop, _submit_and_wait
+
+from conftest import REPO
+
+# the package's import layout (pyproject `package-dir`): what a wheel of this checkout holds
+PACKAGE = {"": "platform", "actors": "actors", "models": "models", "tune": "tune", "serve_apps": "serve_apps"}
+ARMS = ["base", "kd_loopfm"]
+# the job under test is the storage path of every stage, not the experiment: one seed, two arms, short fits
+SMALL = ["experiment.seeds=1", f"experiment.arms=[{','.join(ARMS)}]", "fm.epochs=1", "train.epochs=1",
+         "embed.compress.epochs=1", "ray.progress_bars=false"]
+AGENT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+               "metrics-export-port")
+
+
+def _node(args: list[str], node_dir: Path, temp_dir: Path, env: dict) -> subprocess.Popen:
+    """One `ray start --block` node with its own temp dir and working dir, in its own process group."""
+    (node_dir / "cwd").mkdir(parents=True)
+    ports = _free_ports(len(AGENT_FLAGS))
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={temp_dir}", *args, *(f"--{flag}={port}" for flag, port in zip(AGENT_FLAGS, ports))],
+        cwd=node_dir / "cwd", env=env, start_new_session=True,
+        stdout=(node_dir / "node.log").open("w"), stderr=subprocess.STDOUT)
+
+
+def _alive_nodes(address: str) -> int:
+    from ray.util.state import list_nodes
+
+    try:
+        return sum(n.state == "ALIVE" for n in list_nodes(address=address, timeout=5))
+    except Exception:
+        return 0
+
+
+@pytest.fixture
+def two_nodes(s3_server, tmp_path):
+    """A head and a worker node (3 logical CPUs each: docs/DESIGN.md, 'Ray facts'), both given the
+    S3 environment; yields (job address, head dir, worker dir, worker temp dir). The temp dirs are
+    short paths of their own: Ray's sockets live there, and a socket path is at most 107 bytes."""
+    temp = Path(tempfile.mkdtemp(prefix="lf-", dir="/tmp"))
+    gcs, dashboard, client = _free_ports(3)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",  # a loaded CI box can take over the default minute
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    head = _node(["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=3",
+                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}"],
+                 tmp_path / "head", temp / "h", env)
+    nodes = [head]
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        nodes.append(_node([f"--address=127.0.0.1:{gcs}", "--num-cpus=3"], tmp_path / "worker", temp / "w", env))
+        deadline = time.time() + 120
+        while _alive_nodes(address) < 2:
+            assert all(n.poll() is None for n in nodes), (tmp_path / "head" / "node.log").read_text()[-3000:]
+            assert time.time() < deadline, "two nodes not alive after 120 s"
+            time.sleep(1)
+        yield address, tmp_path / "head", tmp_path / "worker", temp / "w"
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ship(target: Path) -> Path:
+    """The `loopfm` package of this checkout as one folder (`py_modules` uploads it to every node)."""
+    package = target / "loopfm"
+    for name, source in PACKAGE.items():
+        shutil.copytree(REPO / source, package / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return package
+
+
+def _local_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+@pytest.mark.timeout(600)
+def test_the_smoke_run_on_two_nodes_writes_only_to_s3(two_nodes, s3_bucket, tmp_path):
+    address, head, worker, worker_temp = two_nodes
+    out = f"{s3_bucket}/runs/smoke"
+    shipped = _ship(tmp_path / "ship")
+    overrides = " ".join(f"--set '{s}'" for s in SMALL)
+    entrypoint = ("python -c 'import loopfm.cli; print(\"loopfm from\", loopfm.cli.__file__)' && "
+                  f"loopfm run --config configs/smoke.yaml --out {out} {overrides}")
+    status, logs = _submit_and_wait(address, entrypoint, timeout=540, runtime_env={
+        "working_dir": str(REPO), "excludes": EXCLUDES, "py_modules": [str(shipped)]})
+    assert status == "SUCCEEDED", logs[-4000:]
+    shipped_from = next(line for line in logs.splitlines() if line.startswith("loopfm from"))
+    assert str(REPO) not in shipped_from and "runtime_resources" in shipped_from, shipped_from
+
+    fs, root = pafs.FileSystem.from_uri(out)
+    with fs.open_input_stream(f"{root}/report/report.json") as f:
+        report = json.loads(f.read())
+    assert set(report["arms"]) == set(ARMS)
+    for arm in ARMS:
+        assert 0.0 < report["arms"][arm]["auc"]["mean"] < 1.0
+    assert report["run"] == out
+    names = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))]
+    assert f"{root}/report/report.md" in names and f"{root}/report/arms.png" in names
+    for output in ("data/source", "data/events", "data/splits"):  # committed by manifest, data under its attempt
+        with fs.open_input_stream(f"{root}/{output}/manifest.json") as f:
+            attempt = json.loads(f.read())["attempt"]
+        assert any(n.startswith(f"{root}/{output}/{attempt}/") and n.endswith(".parquet") for n in names), output
+    assert any("/ray/" in n for n in names)  # Ray Train's storage path is in the bucket too
+
+    worker_logs = list(worker_temp.glob("session_*/logs/worker-*"))
+    assert worker_logs, "the worker node ran no task"
+    for node in (head, worker):
+        assert _local_files(node / "cwd") == [], node  # the run wrote nothing beside either node's processes
+    assert not (REPO / "s3:").exists() and not any(Path.cwd().glob("s3:*"))
