@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 # CPU torch for CI and laptops. On a CUDA machine: make run TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+DIST ?= dist
 
-.PHONY: run test test-fast lint install clean
+.PHONY: run test test-fast lint install ship clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,13 @@ test: $(STAMP)
 # the pure tests only (no Ray, subprocess or server): the loop for changing code, in about a minute
 test-fast: $(STAMP)
 	LOOPFM_TEST_FAST=1 $(PY) -m pytest -m "not ray" -p no:cacheprovider $(PYTEST_ARGS)
+
+# This checkout's package as an install lays it out, for a job to ship (README, 'On a Ray cluster'):
+# ray job submit --runtime-env-json '{"py_modules": ["dist/loopfm"]}' ... runs this code, not the nodes' install
+ship: $(STAMP)
+	rm -rf $(DIST)/loopfm $(DIST)/loopfm-*
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
+	$(PY) -m zipfile -e $(DIST)/loopfm-*.whl $(DIST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

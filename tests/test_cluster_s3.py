@@ -4,8 +4,14 @@ Two `ray start` nodes on this machine, each with its own temp directory and work
 (what two machines have: nothing on local disk in common that a run could rely on), a loopback S3
 server (moto) that both reach through the environment, as nodes reach a bucket through their
 instance profile. The job ships the code (`py_modules`: the package as built from this checkout)
-and runs with `--out s3://...`; the report is read back from the bucket, and nothing of the run
-is on either node's disk. Before run directories took URIs this wrote a local folder `s3:`.
+and runs `loopfm run --out s3://...`; the report is read back from the bucket, and nothing of the
+run is on either node's disk. Before run directories took URIs this wrote a local folder `s3:`.
+
+The bucket starts with the session's embedded smoke run (its split log, FM and store: a local
+run's outputs, uploaded): those stages must find their outputs current through manifests read
+from S3. The features (a Ray Data join on both nodes), the VMs (Ray Train, its storage path in the
+bucket) and the report are computed and written by the job. Every output's own commit on S3 is
+checked directly in test_rundir_location and the store's in test_store_backends.
 """
 
 from __future__ import annotations
@@ -24,12 +30,11 @@ from test_jobs import BIN, EXCLUDES, _free_ports, _stop, _submit_and_wait
 
 from conftest import REPO
 
-# the package's import layout (pyproject `package-dir`): what a wheel of this checkout holds
-PACKAGE = {"": "platform", "actors": "actors", "models": "models", "tune": "tune", "serve_apps": "serve_apps"}
 ARMS = ["base", "kd_loopfm"]
 # the job under test is the storage path of every stage, not the experiment: one seed, two arms, short fits
-SMALL = ["experiment.seeds=1", f"experiment.arms=[{','.join(ARMS)}]", "fm.epochs=1", "train.epochs=1",
-         "embed.compress.epochs=1", "ray.progress_bars=false"]
+SMALL = ["experiment.seeds=1", f"experiment.arms=[{','.join(ARMS)}]", "train.epochs=1", "ray.progress_bars=false"]
+CURRENT = ("data generate", "data validate", "data split", "fm train", "embed")
+WRITTEN_BY_THE_JOB = ("features", "vm")
 AGENT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                "metrics-export-port")
 
@@ -83,30 +88,38 @@ def two_nodes(s3_server, tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _ship(target: Path) -> Path:
-    """The `loopfm` package of this checkout as one folder (`py_modules` uploads it to every node)."""
-    package = target / "loopfm"
-    for name, source in PACKAGE.items():
-        shutil.copytree(REPO / source, package / name, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return package
+def _ship(dist: Path) -> Path:
+    """`make ship`: this checkout's package laid out as an install (README, 'On a Ray cluster')."""
+    venv = BIN.parent  # installed already: `-o` keeps make from reinstalling it
+    subprocess.run(["make", "-s", "ship", f"DIST={dist}", f"VENV={venv}", "-o", f"{venv}/.installed"],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return dist / "loopfm"
 
 
 def _local_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
+def _upload(local: Path, uri: str) -> None:
+    fs, root = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 @pytest.mark.timeout(600)
-def test_the_smoke_run_on_two_nodes_writes_only_to_s3(two_nodes, s3_bucket, tmp_path):
+def test_the_smoke_run_on_two_nodes_writes_only_to_s3(two_nodes, s3_bucket, smoke_embedded, tmp_path):
     address, head, worker, worker_temp = two_nodes
     out = f"{s3_bucket}/runs/smoke"
-    shipped = _ship(tmp_path / "ship")
+    _upload(smoke_embedded[0].root, out)
+    shipped = _ship(tmp_path / "dist")
     overrides = " ".join(f"--set '{s}'" for s in SMALL)
     entrypoint = ("python -c 'import loopfm.cli; print(\"loopfm from\", loopfm.cli.__file__)' && "
                   f"loopfm run --config configs/smoke.yaml --out {out} {overrides}")
-    status, logs = _submit_and_wait(address, entrypoint, timeout=540, runtime_env={
+    status, logs = _submit_and_wait(address, entrypoint, timeout=420, runtime_env={
         "working_dir": str(REPO), "excludes": EXCLUDES, "py_modules": [str(shipped)]})
     assert status == "SUCCEEDED", logs[-4000:]
+    for stage in CURRENT:
+        assert f"run: stage `{stage}` done" in logs, stage
+    assert logs.count("is current, skipped") >= len(CURRENT)
     shipped_from = next(line for line in logs.splitlines() if line.startswith("loopfm from"))
     assert str(REPO) not in shipped_from and "runtime_resources" in shipped_from, shipped_from
 
@@ -116,13 +129,18 @@ def test_the_smoke_run_on_two_nodes_writes_only_to_s3(two_nodes, s3_bucket, tmp_
     assert set(report["arms"]) == set(ARMS)
     for arm in ARMS:
         assert 0.0 < report["arms"][arm]["auc"]["mean"] < 1.0
-    assert report["run"] == out
+    assert report["meta"]["run"] == out
     names = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))]
     assert f"{root}/report/report.md" in names and f"{root}/report/arms.png" in names
-    for output in ("data/source", "data/events", "data/splits"):  # committed by manifest, data under its attempt
-        with fs.open_input_stream(f"{root}/{output}/manifest.json") as f:
-            attempt = json.loads(f.read())["attempt"]
-        assert any(n.startswith(f"{root}/{output}/{attempt}/") and n.endswith(".parquet") for n in names), output
+    for output in WRITTEN_BY_THE_JOB:  # each committed by its manifest, its data under the attempt it names
+        manifests = [n for n in names if n.startswith(f"{root}/{output}/") and n.endswith("/manifest.json")
+                     and "/.attempt-" not in n]
+        assert manifests, output
+        for manifest in manifests:
+            with fs.open_input_stream(manifest) as f:
+                attempt = json.loads(f.read()).get("attempt")
+            folder = manifest.rsplit("/", 1)[0]
+            assert attempt and any(n.startswith(f"{folder}/{attempt}/") for n in names), manifest
     assert any("/ray/" in n for n in names)  # Ray Train's storage path is in the bucket too
 
     worker_logs = list(worker_temp.glob("session_*/logs/worker-*"))

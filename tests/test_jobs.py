@@ -122,7 +122,7 @@ def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540, runtim
                 raise
             time.sleep(0.5)
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, f"job {job} still {status} after {timeout}s"
+        assert time.time() < deadline, f"job {job} still {status} after {timeout}s:\n{client.get_job_logs(job)[-4000:]}"
         time.sleep(0.5)
     return status, client.get_job_logs(job)
 
