@@ -1,9 +1,22 @@
-"""`ray job submit` runs the pipeline on a Ray head started like a real cluster's (`ray start --head`).
+"""`ray job submit` on a Ray cluster started as a real one is (`ray start`), whose only shared storage is S3.
 
-The head is a separate process group, started here and torn down here by signal (never `ray stop`,
-which would also stop every other Ray on the machine). The job ships the repo as its
-`working_dir`, exactly as `ray job submit --working-dir . -- loopfm run ...` does.
+Two `ray start` nodes on this machine, each with its own temp directory and working directory
+(what two machines have: nothing on local disk in common that a run could rely on), a loopback S3
+server (moto) that both reach through the environment, as nodes reach a bucket through their
+instance profile. Nodes are separate process groups, started here and torn down here by signal
+(never `ray stop`, which would also stop every other Ray on the machine). The job ships the code
+as README's cluster recipe does (`--working-dir .` for the configs, `py_modules` for the package
+`make ship` lays out) and runs `loopfm run --out s3://...`; the report is read back from the
+bucket, and nothing of the run is on either node's disk. Before run directories took URIs this
+wrote a local folder `s3:`.
+
+The bucket starts with the session's embedded smoke run (its split log, FM and store: a local
+run's outputs, uploaded): those stages must find their outputs current through manifests read
+from S3. The features (a Ray Data join on both nodes), the VMs (Ray Train, its storage path in the
+bucket) and the report are computed and written by the job. Every output's own commit on S3 is
+checked directly in test_rundir_location and the store's in test_store_backends.
 """
+
 
 from __future__ import annotations
 
@@ -14,14 +27,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
+import pyarrow.fs as pafs
 import pytest
 
 from conftest import REPO
-from loopfm.config import DEFAULT_ARMS
 
 BIN = Path(sys.executable).parent
 EXCLUDES = ["runs", "wandb", "**/__pycache__", "*.egg-info", ".ruff_cache", ".pytest_cache"]
@@ -39,39 +53,6 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _start_head(log: Path) -> tuple[subprocess.Popen, str]:
-    """One `ray start --head --block` on fresh ports; returns the process and its dashboard address
-    once the job API answers. Raises with the head's output when it exits first."""
-    from ray.job_submission import JobSubmissionClient
-
-    gcs, dashboard, *agents = _free_ports(7)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the cluster's nodes run this project's venv
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-         "--disable-usage-stats",
-         # Every Ray node binds the ports below; the defaults (52365, 10001, ...) are taken by any other
-         # Ray on this machine (the test session's own, a developer's), and a head without its job
-         # agent answers every submission with "No available agent".
-         *(f"--{flag}={port}" for flag, port in zip(
-             ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-              "metrics-export-port", "ray-client-server-port"), agents))],
-        env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            JobSubmissionClient(address).list_jobs()
-            return head, address
-        except Exception:
-            if head.poll() is not None or time.time() > deadline:
-                _stop(head)
-                raise RuntimeError(
-                    f"ray head (exit {head.poll()}) did not come up:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.25)
-
-
 def _stop(head: subprocess.Popen) -> None:
     """SIGTERM the head's process group, SIGKILL it if it lingers; a group already gone is fine."""
     for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
@@ -84,27 +65,6 @@ def _stop(head: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A `ray start --head --block` process on loopback; yields its job-submission address.
-
-    A head that dies while starting (a port another process took between our probe and its bind)
-    is started again on fresh ports, up to three times; the last failure carries the head's log.
-    """
-    logs = tmp_path_factory.mktemp("head")
-    for attempt in range(3):
-        try:
-            head, address = _start_head(logs / f"head{attempt}.log")
-            break
-        except RuntimeError:
-            if attempt == 2:
-                raise
-    try:
-        yield address
-    finally:
-        _stop(head)
 
 
 def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540, runtime_env: Optional[dict] = None):
@@ -126,32 +86,131 @@ def _submit_and_wait(address: str, entrypoint: str, timeout: float = 540, runtim
         time.sleep(0.5)
     return status, client.get_job_logs(job)
 
+ARMS = ["base", "kd_loopfm"]
+# the job under test is the storage path of every stage, not the experiment: one seed, two arms, short fits
+SMALL = ["experiment.seeds=1", f"experiment.arms=[{','.join(ARMS)}]", "train.epochs=1", "ray.progress_bars=false"]
+CURRENT = ("data generate", "data validate", "data split", "fm train", "embed")
+WRITTEN_BY_THE_JOB = ("features", "vm")
+AGENT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+               "metrics-export-port")
+
+
+def _node(args: list[str], node_dir: Path, temp_dir: Path, env: dict) -> subprocess.Popen:
+    """One `ray start --block` node with its own temp dir and working dir, in its own process group."""
+    (node_dir / "cwd").mkdir(parents=True)
+    ports = _free_ports(len(AGENT_FLAGS))
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={temp_dir}", *args, *(f"--{flag}={port}" for flag, port in zip(AGENT_FLAGS, ports))],
+        cwd=node_dir / "cwd", env=env, start_new_session=True,
+        stdout=(node_dir / "node.log").open("w"), stderr=subprocess.STDOUT)
+
+
+def _alive_nodes(address: str) -> int:
+    from ray.util.state import list_nodes
+
+    try:
+        return sum(n.state == "ALIVE" for n in list_nodes(address=address, timeout=5))
+    except Exception:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3_server, tmp_path_factory):
+    """A head and a worker node (3 logical CPUs each: docs/DESIGN.md, 'Ray facts'), both given the
+    S3 environment; yields (job address, head dir, worker dir, worker temp dir). The temp dirs are
+    short paths of their own: Ray's sockets live there, and a socket path is at most 107 bytes."""
+    tmp_path = tmp_path_factory.mktemp("nodes")
+    temp = Path(tempfile.mkdtemp(prefix="lf-", dir="/tmp"))
+    gcs, dashboard, client = _free_ports(3)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",  # a loaded CI box can take over the default minute
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    head = _node(["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=3",
+                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}"],
+                 tmp_path / "head", temp / "h", env)
+    nodes = [head]
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        nodes.append(_node([f"--address=127.0.0.1:{gcs}", "--num-cpus=3"], tmp_path / "worker", temp / "w", env))
+        deadline = time.time() + 120
+        while _alive_nodes(address) < 2:
+            assert all(n.poll() is None for n in nodes), (tmp_path / "head" / "node.log").read_text()[-3000:]
+            assert time.time() < deadline, "two nodes not alive after 120 s"
+            time.sleep(1)
+        yield address, tmp_path / "head", tmp_path / "worker", temp / "w"
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ship(dist: Path) -> Path:
+    """`make ship`: this checkout's package laid out as an install (README, 'On a Ray cluster')."""
+    venv = BIN.parent  # installed already: `-o` keeps make from reinstalling it
+    subprocess.run(["make", "-s", "ship", f"DIST={dist}", f"VENV={venv}", "-o", f"{venv}/.installed"],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return dist / "loopfm"
+
+
+def _local_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def _upload(local: Path, uri: str) -> None:
+    fs, root = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
 
 @pytest.mark.timeout(600)
-def test_job_submit_runs_the_smoke_pipeline(ray_head, smoke_trained, tmp_path):
-    """The job ships the code and runs every stage of `loopfm run` on the cluster. The run directory
-    starts as the session's trained smoke run (what a user resubmitting after a finished `loopfm
-    run` has): the job must find data, FM, store and features current through the job path and
-    train only the VMs the report still lacks. The stages' own work is tested in test_pipeline."""
-    out = tmp_path / "run"
-    shutil.copytree(smoke_trained[0].root, out)
-    # one seed per arm: the job mechanism is under test here, the experiment has its own tests
-    status, logs = _submit_and_wait(ray_head, f"loopfm run --config configs/smoke.yaml --out {out} "
-                                              "--set experiment.seeds=1 --set ray.progress_bars=false")
-    assert status == "SUCCEEDED", logs[-3000:]
-    for stage in ("data split", "fm train", "embed", "features"):
-        assert f"{stage}: " in logs and f"run: stage `{stage}` done" in logs, stage
-    assert logs.count("is current, skipped") >= 4
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert set(report["arms"]) == set(DEFAULT_ARMS)
-    assert (out / "report" / "report.md").is_file() and (out / "report" / "arms.png").is_file()
-    assert len(list((out / "vm").glob("*/seed0-*"))) == len(DEFAULT_ARMS)  # the missing arms trained by the job
-    assert "run: finished" in logs
+def test_the_smoke_run_on_two_nodes_writes_only_to_s3(two_nodes, s3_bucket, smoke_embedded, tmp_path):
+    address, head, worker, worker_temp = two_nodes
+    out = f"{s3_bucket}/runs/smoke"
+    _upload(smoke_embedded[0].root, out)
+    shipped = _ship(tmp_path / "dist")
+    overrides = " ".join(f"--set '{s}'" for s in SMALL)
+    entrypoint = ("python -c 'import loopfm.cli; print(\"loopfm from\", loopfm.cli.__file__)' && "
+                  f"loopfm run --config configs/smoke.yaml --out {out} {overrides}")
+    status, logs = _submit_and_wait(address, entrypoint, timeout=420, runtime_env={
+        "working_dir": str(REPO), "excludes": EXCLUDES, "py_modules": [str(shipped)]})
+    assert status == "SUCCEEDED", logs[-4000:]
+    for stage in CURRENT:
+        assert f"run: stage `{stage}` done" in logs, stage
+    assert logs.count("is current, skipped") >= len(CURRENT)
+    shipped_from = next(line for line in logs.splitlines() if line.startswith("loopfm from"))
+    assert str(REPO) not in shipped_from and "runtime_resources" in shipped_from, shipped_from
+
+    fs, root = pafs.FileSystem.from_uri(out)
+    with fs.open_input_stream(f"{root}/report/report.json") as f:
+        report = json.loads(f.read())
+    assert set(report["arms"]) == set(ARMS)
+    for arm in ARMS:
+        assert 0.0 < report["arms"][arm]["auc"]["mean"] < 1.0
+    assert report["meta"]["run"] == out
+    names = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))]
+    assert f"{root}/report/report.md" in names and f"{root}/report/arms.png" in names
+    for output in WRITTEN_BY_THE_JOB:  # each committed by its manifest, its data under the attempt it names
+        manifests = [n for n in names if n.startswith(f"{root}/{output}/") and n.endswith("/manifest.json")
+                     and "/.attempt-" not in n]
+        assert manifests, output
+        for manifest in manifests:
+            with fs.open_input_stream(manifest) as f:
+                attempt = json.loads(f.read()).get("attempt")
+            folder = manifest.rsplit("/", 1)[0]
+            assert attempt and any(n.startswith(f"{folder}/{attempt}/") for n in names), manifest
+    assert any("/ray/" in n for n in names)  # Ray Train's storage path is in the bucket too
+
+    worker_logs = list(worker_temp.glob("session_*/logs/worker-*"))
+    assert worker_logs, "the worker node ran no task"
+    for node in (head, worker):
+        assert _local_files(node / "cwd") == [], node  # the run wrote nothing beside either node's processes
+    assert not (REPO / "s3:").exists() and not any(Path.cwd().glob("s3:*"))
 
 
 @pytest.mark.timeout(120)
-def test_failed_job_names_the_missing_file(ray_head, tmp_path):
-    status, logs = _submit_and_wait(ray_head, f"loopfm run --config configs/no_such.yaml --out {tmp_path / 'x'}", 100)
+def test_failed_job_names_the_missing_file(two_nodes, tmp_path):
+    entrypoint = f"loopfm run --config configs/no_such.yaml --out {tmp_path / 'x'}"
+    status, logs = _submit_and_wait(two_nodes[0], entrypoint, 100)
     assert status == "FAILED"
     assert "configs/no_such.yaml" in logs
     assert not (tmp_path / "x").exists()
