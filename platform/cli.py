@@ -106,18 +106,18 @@ COMMANDS: tuple[Command, ...] = (
     Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve",
             "loopfm.serve_apps.stage:serve_run_stage", (
         _opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"),
-    )),
+    ), uri=True),
     Command(("serve", "build"), "write a Serve config YAML for `serve deploy`",
             "loopfm.serve_apps.stage:serve_build_stage", (
         _opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"),
         _opt("-o", "--output", help="YAML path (default: <run>/serve/serve.yaml)"),
-    )),
+    ), uri=True),
     Command(("serve", "reload"), "redeploy the running app with the newest VM and its store, no dropped requests",
             "loopfm.serve_apps.stage:serve_reload_stage", (
         _opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"),
-    )),
+    ), uri=True),
     Command(("serve", "refresh"), "make the running app's feature lookup load new store deltas and appended logs now",
-            "loopfm.serve_apps.stage:serve_refresh_stage"),
+            "loopfm.serve_apps.stage:serve_refresh_stage", uri=True),
     Command(("cycle",), "the loop in one job: logs append, embed --incremental, then refresh a running app",
             "loopfm.pipeline:cycle_stage", (
         _opt("--files", nargs="+", required=True, help="parquet or CSV files of new events (newer than the log)"),
