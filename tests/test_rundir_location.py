@@ -159,7 +159,7 @@ def test_a_manifest_naming_a_path_outside_its_output_is_refused(s3_bucket):
         committed(out)
 
 
-@pytest.mark.parametrize("words", [["tune"], ["store", "compact"], ["freshness"]])
+@pytest.mark.parametrize("words", [["tune"], ["store", "compact"]])
 def test_a_command_not_converted_to_uris_refuses_one_naming_itself(words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = cli.main([*words, "--config", str(CONFIG), "--out", "s3://bucket/x"])

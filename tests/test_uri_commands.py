@@ -130,3 +130,96 @@ def test_the_app_serves_an_s3_run_over_http_with_the_offline_scores(s3_ray, s3_t
     assert state["store_version"] == vm.store_version and state["store_deltas"] == 0 and not state["refresh_error"]
     assert again["model_version"] == vm.model_version and abs(again["logits"][0] - logits[0]) < 1e-5
 
+
+@pytest.fixture(scope="module")
+def local_trained(tmp_path_factory, smoke_trained):
+    """A local copy of the same run, free to write into: what a command on the bucket is compared with."""
+    import shutil
+
+    src, _, _ = smoke_trained
+    dest = tmp_path_factory.mktemp("uri_local") / "run"
+    shutil.copytree(src.root, dest, ignore=lambda folder, names: sorted(NOT_UPLOADED) if Path(folder) == src.root
+                    else [])
+    return RunDir(dest)
+
+
+def test_drift_on_an_s3_run_writes_the_local_runs_table_to_the_bucket(s3_trained, local_trained, tmp_path,
+                                                                     monkeypatch, capsys):
+    import json
+
+    from loopfm.cli import main
+
+    run, _, _ = s3_trained
+    monkeypatch.chdir(tmp_path)
+    for where in (run.root, local_trained.root):
+        assert main(["drift", "--config", str(SMOKE), "--out", str(where), "--slices", "3"]) == 0, \
+            capsys.readouterr().err
+    assert json.loads((run.report / "drift.json").read_text()) == json.loads(
+        (local_trained.report / "drift.json").read_text())
+    assert (run.report / "drift.md").read_text() == (local_trained.report / "drift.md").read_text()
+    assert (run.report / "drift.png").is_file() and list(tmp_path.iterdir()) == []
+
+
+def test_ablate_on_an_s3_run_trains_into_the_bucket_and_writes_its_table_there(s3_ray, s3_trained, tmp_path,
+                                                                              monkeypatch, capsys):
+    """One value, one seed, the served arm: its VM (read from the bucket's features) and the table."""
+    import json
+
+    from loopfm.cli import main
+    from loopfm.rundir import ATTEMPT_KEY, read_manifest
+
+    run, _, _ = s3_trained
+    monkeypatch.chdir(tmp_path)
+    before = {p.name for p in (run.root / "vm" / SERVED_ARM).iterdir()}
+    assert main(["ablate", "--config", str(SMOKE), "--out", str(run.root), "--param", "train.epochs", "--values", "1",
+                 "--arm", SERVED_ARM, "--set", "experiment.seeds=1", "--set", "ray.progress_bars=false"]) == 0, \
+        capsys.readouterr().err
+    table = json.loads((run.report / "ablation_train_epochs.json").read_text())
+    assert [row["train.epochs"] for row in table["rows"]] == [1] and table["rows"][0]["auc"]["n"] == 1
+    assert (run.report / "ablation_train_epochs.png").is_file()
+    [new] = {p.name for p in (run.root / "vm" / SERVED_ARM).iterdir()} - before
+    assert read_manifest(run.root / "vm" / SERVED_ARM / new)[ATTEMPT_KEY]  # committed by its manifest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_freshness_writes_its_aligned_and_drifting_stores_into_the_bucket_as_it_does_locally(
+        s3_trained, local_trained, smoke_config):
+    """The stores `loopfm freshness` builds (no FM trained: the run's store aligned onto itself):
+    committed in the bucket by their manifests, each data file the bytes the local run writes."""
+    from loopfm.datasets.schema import SPLITS
+    from loopfm.datasets.splits import SplitInfo
+    from loopfm.fm.freshness import ALIGNMENT_FILE, aligned_store, drifting_store, slice_bounds, window_drift
+    from loopfm.rundir import ATTEMPT_KEY, committed, read_manifest
+    from loopfm.store.parquet import open_store
+    from loopfm.store.resolve import resolve_store
+
+    built = {}
+    for run in (s3_trained[0], local_trained):
+        info = SplitInfo.load(run)
+        _, store = resolve_store(smoke_config, run)
+        mapped, fit = aligned_store(run, smoke_config, store, store, info)
+        bounds = slice_bounds(run, info, 2)
+        drifting = drifting_store(run, smoke_config, [mapped, store], bounds, sum(info.rows[s] for s in SPLITS))
+        assert fit > 0.99 and drifting.rows == store.rows
+        built[run.remote] = [mapped, drifting, window_drift(run, drifting, bounds),
+                             (committed(run.store(mapped.store_version)) / ALIGNMENT_FILE).read_bytes()]
+        for m in (mapped, drifting):
+            assert open_store(run.store(m.store_version)).store_version == m.store_version  # files verified
+    remote, local = built[True], built[False]
+    run = s3_trained[0]
+    assert read_manifest(run.store(remote[0].store_version))[ATTEMPT_KEY]  # committed by its manifest
+    for r, m in zip(remote[:2], local[:2]):
+        assert r.store_version == m.store_version and sorted(r.files.values()) == sorted(m.files.values())
+    assert remote[2] == local[2] and remote[3] == local[3]
+
+
+def test_scale_reads_fms_and_features_of_an_s3_run_as_of_the_local_one(s3_trained, local_trained, smoke_config):
+    from loopfm.datasets.splits import SplitInfo
+    from loopfm.fm.checkpoint import FMManifest
+    from loopfm.fm.train import fm_fingerprint
+    from loopfm.training.scale import fm_parameters, vm_inputs_digest
+
+    run, features, _ = s3_trained
+    fm = FMManifest.read(run.fm(fm_fingerprint(smoke_config, SplitInfo.load(run))))
+    assert fm_parameters(run, fm) == fm_parameters(local_trained, fm)
+    assert vm_inputs_digest(run, features) == vm_inputs_digest(local_trained, features)
