@@ -112,7 +112,7 @@ COMMANDS: tuple[Command, ...] = (
             "TR of every channel against FM parameters with CIs -> report/scale.{json,md,png}",
             "loopfm.training.scale:scale_stage", uri=True),
     Command(("tune",), "search KD and LoopFM settings with Ray Tune (Optuna + ASHA, W&B); re-run to resume",
-            "loopfm.tune.stage:tune_stage"),
+            "loopfm.tune.stage:tune_stage", uri=True),
     Command(("serve", "run"), "serve the run's VM over HTTP with Ray Serve",
             "loopfm.serve_apps.stage:serve_run_stage", (
         _opt("--vm", help="VM checkpoint directory (default: the newest of serve.arm / serve.seed)"),

@@ -259,6 +259,15 @@ def as_path(path: Union[AnyPath, str]) -> AnyPath:
     return path if is_remote(path) else Path(path)
 
 
+def copy_tree(local: Path, dest: AnyPath) -> None:
+    """Every file under the local folder `local` into `dest` (a local folder or a URI's prefix),
+    added to what is there; a file of the same name is replaced."""
+    if is_remote(dest):
+        pafs.copy_files(str(local), dest.key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+        return
+    shutil.copytree(local, dest, dirs_exist_ok=True)
+
+
 def fs_path(path: AnyPath) -> str:
     """`path` as its filesystem names it (what a `pyarrow.fs` backend rooted there takes): the
     `bucket/key` of a URI, the path itself locally."""

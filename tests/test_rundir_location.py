@@ -160,7 +160,7 @@ def test_a_manifest_naming_a_path_outside_its_output_is_refused(s3_bucket):
 
 
 @pytest.mark.parametrize(("words", "options", "why"), [
-    (["tune"], [], "URI (s3://bucket/x) yet"),
+    (["bench"], ["extract"], "URI (s3://bucket/x) yet"),
     (["store", "compact"], [], "no lock"),
     (["logs", "append"], ["--files", "new.parquet"], "no lock"),
     (["cycle"], ["--files", "new.parquet"], "no lock"),

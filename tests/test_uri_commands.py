@@ -182,6 +182,38 @@ def test_ablate_on_an_s3_run_trains_into_the_bucket_and_writes_its_table_there(s
     assert list(tmp_path.iterdir()) == []
 
 
+def test_tune_on_an_s3_run_keeps_its_experiment_and_outputs_in_the_bucket_and_resumes_from_there(
+        s3_ray, s3_trained, tmp_path, monkeypatch):
+    """One trial (a VM trained by Ray Train inside it, on the bucket's features): Tune's experiment
+    under <run>/ray, the tables, the trial events and the offline W&B run under <run>/tune; the same
+    command again restores the experiment from the bucket without running the trial again."""
+    import shutil
+
+    from loopfm.config import load_config
+    from loopfm.tune.stage import experiment_path, tune_stage, wandb_folder
+    from loopfm.tune.trial import read_events
+
+    run, _, _ = s3_trained
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(SMOKE, ["ray.progress_bars=false", "tune.num_samples=1", "tune.max_concurrent_trials=1",
+                              "tune.space={train.kd_lambda: {type: float, low: 0.0, high: 1.0}}"])
+    try:
+        manifest = tune_stage(cfg, run)
+        assert manifest["trials"] == manifest["finished"] == 1 and manifest["restored"] is False
+        assert experiment_path(cfg, run).is_dir() and str(manifest["experiment"]).startswith("s3://")
+        for name in ("results.csv", "results.md", "best_config.yaml", "importances.json", "objective.png"):
+            assert (run.tune / name).is_file(), name
+        events = read_events(run.tune)
+        assert [e["event"] for e in events] == ["start", "done"] and events[1]["vm"].startswith(f"{run.root}/vm/")
+        assert list((run.tune / "wandb").rglob("run-*.wandb"))  # the trial's offline W&B run, copied up
+        again = tune_stage(cfg, run)
+        assert again["restored"] is True and again["best"]["trial_id"] == manifest["best"]["trial_id"]
+        assert [e["event"] for e in read_events(run.tune)] == ["start", "done"]  # not run again
+    finally:
+        shutil.rmtree(wandb_folder(run), ignore_errors=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_freshness_writes_its_aligned_and_drifting_stores_into_the_bucket_as_it_does_locally(
         s3_trained, local_trained, smoke_config):
     """The stores `loopfm freshness` builds (no FM trained: the run's store aligned onto itself):
