@@ -169,7 +169,7 @@ def test_a_command_not_converted_to_uris_refuses_one_naming_itself(words, option
                                                                    capsys):
     """Refused before anything runs, saying why: not converted yet, or a writer that needs a lock."""
     monkeypatch.chdir(tmp_path)
-    code = cli.main([*words, *options, "--config", str(CONFIG), "--out", "s3://bucket/x"])
+    code = cli.main([*words, "--config", str(CONFIG), "--out", "s3://bucket/x", *options])  # bench: args last
     err = capsys.readouterr().err
     assert code == 2 and f"`loopfm {' '.join(words)}` does not run on a run directory given as a URI" in err
     assert why in err and "data generate" in err and "serve build" in err and list(tmp_path.iterdir()) == []
