@@ -129,7 +129,8 @@ class UriPath:
         info = self._info()
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(str(self))
-        return SimpleNamespace(st_size=info.size or 0, st_mtime=info.mtime.timestamp() if info.mtime else 0.0)
+        return SimpleNamespace(st_size=info.size or 0, st_mtime=info.mtime.timestamp() if info.mtime else 0.0,
+                               st_mtime_ns=info.mtime_ns or 0)
 
     def _children(self, recursive: bool) -> list[pafs.FileInfo]:
         return self.fs.get_file_info(pafs.FileSelector(self.key, recursive=recursive, allow_not_found=True))
@@ -256,3 +257,23 @@ def parquet_dataset(paths: Sequence[Union[AnyPath, str]]) -> pads.Dataset:
 def as_path(path: Union[AnyPath, str]) -> AnyPath:
     """`path` as a local `Path`, unless it is already a remote `UriPath`."""
     return path if is_remote(path) else Path(path)
+
+
+def copy_tree(local: Path, dest: AnyPath) -> None:
+    """Every file under the local folder `local` into `dest` (a local folder or a URI's prefix),
+    added to what is there; a file of the same name is replaced."""
+    if is_remote(dest):
+        pafs.copy_files(str(local), dest.key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+        return
+    shutil.copytree(local, dest, dirs_exist_ok=True)
+
+
+def fs_path(path: AnyPath) -> str:
+    """`path` as its filesystem names it (what a `pyarrow.fs` backend rooted there takes): the
+    `bucket/key` of a URI, the path itself locally."""
+    return path.key if is_remote(path) else str(path)
+
+
+def beside(anchor: AnyPath, path: str) -> AnyPath:
+    """A path a filesystem gave back (`fs_path` form) as a location on the filesystem of `anchor`."""
+    return UriPath(anchor.scheme, path) if is_remote(anchor) else Path(path)

@@ -340,14 +340,15 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
-def output_lock(final: Path) -> FileLock:
+def output_lock(final: AnyPath) -> FileLock:
     """The lock every writer of `final` holds while it writes.
 
-    The lock file lives in the machine's temp dir, named by a hash of the output's absolute path,
-    not beside the output: readers list output folders, and a lock file can never be removed
-    safely (a waiter may hold it open). Writers on one machine exclude each other.
+    The lock file lives in the machine's temp dir, named by a hash of the output's absolute path
+    (of its URI on an object store), not beside the output: readers list output folders, and a
+    lock file can never be removed safely (a waiter may hold it open). Writers on one machine
+    exclude each other.
     """
-    key = hashlib.sha256(str(Path(final).resolve()).encode()).hexdigest()[:32]
+    key = hashlib.sha256((str(final) if is_remote(final) else str(Path(final).resolve())).encode()).hexdigest()[:32]
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     return FileLock(str(LOCK_DIR / f"{key}.lock"))
 

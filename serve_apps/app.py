@@ -8,6 +8,9 @@
     serve run loopfm.serve_apps.app:build_app run_dir=runs/smoke vm_dir=runs/smoke/vm/kd_loopfm/seed0-...
     serve deploy serve.yaml        # written by `loopfm serve build`
 
+`run_dir`, `vm_dir` and `store_dir` may be URIs (`s3://bucket/runs/x`): every replica reads its bundle
+from the run directory itself, resolving the URI with the credentials of the node it runs on.
+
 `app_args(cfg, run)` fills the args from a LoopFM config and a run directory (the newest VM of
 `serve.arm` / `serve.seed`, or one per vertical of `serve.verticals`), `deploy_config` wraps them
 in the multi-application config that `serve deploy` takes (it validates against Ray's own `ServeDeploySchema`).
@@ -15,7 +18,6 @@ in the multi-application config that `serve deploy` takes (it validates against 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -24,6 +26,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from loopfm.config import LoopFMConfig
 from loopfm.datasets.splits import SplitInfo
+from loopfm.location import AnyPath, as_location
 from loopfm.rundir import RunDir
 from loopfm.runtime import use_gpu
 from loopfm.serve_apps.bundle import latest_vm, open_bundles, vm_vertical
@@ -78,15 +81,15 @@ class AppArgs(BaseModel):
         """vertical -> VM dir of every VM the app serves."""
         if self.vm_dirs:
             return {int(v): d for v, d in self.vm_dirs.items()}
-        return {vm_vertical(Path(self.vm_dir), RunDir(self.run_dir)): self.vm_dir}
+        return {vm_vertical(self.vm_dir, RunDir(self.run_dir)): self.vm_dir}
 
 
-def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
+def app_args(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[AnyPath] = None) -> dict:
     """The app's args: `vm_dir`, else the newest VM of serve.arm / serve.seed for each vertical of
     `serve.verticals`, else the newest of that arm and seed."""
     s = cfg.serve
     if vm_dir or not s.verticals:
-        vms = {"vm_dir": str(Path(vm_dir or latest_vm(run, s.arm, s.seed)).resolve())}
+        vms = {"vm_dir": str(as_location(vm_dir or latest_vm(run, s.arm, s.seed)).resolve())}
     else:
         vms = {"vm_dirs": {v: str(latest_vm(run, s.arm, s.seed, v).resolve()) for v in s.verticals}}
     return AppArgs(
@@ -141,7 +144,7 @@ def logging_config(cfg: LoopFMConfig) -> dict:
     return {"enable_access_log": cfg.serve.access_log}
 
 
-def deploy_config(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
+def deploy_config(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[AnyPath] = None) -> dict:
     """The `serve deploy` config of this run's VM (validated with Ray's `ServeDeploySchema`)."""
     config = {
         "proxy_location": cfg.serve.proxy_location,

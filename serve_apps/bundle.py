@@ -1,5 +1,7 @@
 """What the app serves: VM checkpoints (one per vertical), their feature sets and one store version.
 
+Every path may be a URI (`s3://...`): a cluster serves a run directory in a bucket.
+
 `latest_vm` picks the newest VM checkpoint of an arm and seed in a run directory (by the time its
 manifest was written), of one vertical when asked; `Bundle.open` reads the manifests and checks
 they agree: the VM's feature set must exist, and the store it names must be the one the feature set
@@ -11,31 +13,34 @@ CLI and the deployments all call it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.reader import FeaturesManifest
+from loopfm.location import AnyPath, UriPath, as_location
 from loopfm.rundir import RunDir
 from loopfm.training.checkpoint import VMManifest
 
+Where = Union[str, os.PathLike, UriPath]  # a local path, or a URI: the run directory may be a bucket's
 
-def vm_vertical(vm_dir: Path, run: RunDir) -> int:
+
+def vm_vertical(vm_dir: Where, run: RunDir) -> int:
     """The surface a VM serves: its manifest's `vertical`, or the split's vertical for a manifest
     written before VMs carried one (read from the JSON, so either manifest version works)."""
     declared = declared_vertical(vm_dir)
     return declared if declared is not None else SplitInfo.load(run).vertical
 
 
-def declared_vertical(vm_dir: Path) -> Optional[int]:
+def declared_vertical(vm_dir: Where) -> Optional[int]:
     """The manifest's own `vertical`, None when it has none."""
-    declared = json.loads((Path(vm_dir) / "manifest.json").read_text()).get("vertical")
+    declared = json.loads((as_location(vm_dir) / "manifest.json").read_text()).get("vertical")
     return None if declared is None else int(declared)
 
 
-def latest_vm(run: RunDir, arm: str, seed: int, vertical: Optional[int] = None) -> Path:
+def latest_vm(run: RunDir, arm: str, seed: int, vertical: Optional[int] = None) -> AnyPath:
     """The newest `vm/<arm>/seed<seed>-*/` holding a manifest (newest manifest wins); with
     `vertical`, the newest of the VMs that serve that surface (`vm_vertical`)."""
     parent = run.root / "vm" / arm
@@ -52,14 +57,14 @@ def latest_vm(run: RunDir, arm: str, seed: int, vertical: Optional[int] = None) 
 @dataclass
 class Bundle:
     run: RunDir
-    vm_dir: Path
+    vm_dir: AnyPath
     vm: VMManifest
     features: FeaturesManifest
-    store_dir: Optional[Path]  # None when the VM does not read the store
+    store_dir: Optional[AnyPath]  # None when the VM does not read the store
 
     @classmethod
-    def open(cls, run_dir: str | Path, vm_dir: str | Path, store_dir: Optional[str | Path] = None) -> Bundle:
-        run, vm_dir = RunDir(run_dir), Path(vm_dir).resolve()
+    def open(cls, run_dir: Where, vm_dir: Where, store_dir: Optional[Where] = None) -> Bundle:
+        run, vm_dir = RunDir(run_dir), as_location(vm_dir).resolve()
         vm = VMManifest.read(vm_dir)
         features = FeaturesManifest.read(run.features(vm.features_fingerprint))
         if vm.seq_len != features.seq_len or vm.raw_seq_len != features.raw_seq_len:
@@ -73,7 +78,7 @@ class Bundle:
         if vm.store_version is None:
             store = None
         else:
-            store = Path(store_dir).resolve() if store_dir else run.store(vm.store_version)
+            store = as_location(store_dir).resolve() if store_dir else run.store(vm.store_version)
         return cls(run, vm_dir, vm, features, store)
 
     @property
@@ -81,8 +86,7 @@ class Bundle:
         return self.vm.store_version
 
 
-def open_bundles(run_dir: str | Path, vm_dirs: dict[int, str | Path],
-                 store_dir: Optional[str | Path] = None) -> dict[int, Bundle]:
+def open_bundles(run_dir: Where, vm_dirs: dict[int, Where], store_dir: Optional[Where] = None) -> dict[int, Bundle]:
     """The bundle of each vertical's VM, refused unless all that read a store read the same version
     (the app holds one store) and each VM that declares its vertical is registered under it."""
     if not vm_dirs:

@@ -24,16 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from loopfm.datasets.append import appended_batches
 from loopfm.datasets.schema import CATEGORY, EVENT_ID, ITEM_ID, LABEL, OOV_INDEX, SPLITS, SURFACE, TS, USER_ID, idx
-from loopfm.datasets.splits import SplitInfo
+from loopfm.datasets.splits import SplitInfo, split_paths
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.join import (
     USER_EVENT_COLUMNS,
@@ -45,6 +43,8 @@ from loopfm.features.join import (
     vertical_history,
 )
 from loopfm.features.reader import DENSE, HISTORY_COLUMNS, RAW_COLUMNS, SEQ_LEN_VALID, SEQ_Z
+from loopfm.location import AnyPath, as_path, fs_path, parquet_dataset
+from loopfm.rundir import committed
 from loopfm.serve_apps.bundle import Bundle
 from loopfm.store import codec
 from loopfm.store.deltas import chain_max_ts, delta_paths, open_chain, run_backend
@@ -72,8 +72,8 @@ class _PerUser:
         return len(self.users)
 
 
-def _read(paths: list[Path], columns: list[str]) -> pa.Table:
-    return pads.dataset([str(p) for p in paths], format="parquet").to_table(columns=columns)
+def _read(paths: list[AnyPath], columns: list[str]) -> pa.Table:
+    return parquet_dataset(paths).to_table(columns=columns)
 
 
 class FeatureTable:
@@ -108,7 +108,7 @@ class FeatureTable:
     def _load_events(self, run) -> None:
         paths = []
         for name in SPLITS:
-            paths += sorted((run.splits / name).rglob("*.parquet"))
+            paths += sorted(split_paths(run, name).rglob("*.parquet"))  # the committed split
         if not paths:
             raise MissingInputError(f"no split files under {run.splits}")
         cols = [EVENT_ID, USER_ID, ITEM_ID, TS, LABEL, SURFACE, idx(ITEM_ID), idx(CATEGORY), *self.context_names]
@@ -116,7 +116,7 @@ class FeatureTable:
         ev = {c: t[c].to_numpy() for c in cols}
         batches = appended_batches(run)
         self.log_head = batches[-1].name if batches else None  # the newest appended batch loaded
-        appended = [f for batch in batches for f in sorted(batch.glob("*.parquet"))]
+        appended = [f for batch in batches for f in sorted(committed(batch).glob("*.parquet"))]
         if appended:  # events logged after the split (`loopfm logs append`): ids through the run's vocabulary
             a = _read(appended, [CATEGORY, *(c for c in cols if c not in (idx(ITEM_ID), idx(CATEGORY)))])
             new = {c: a[c].to_numpy() for c in a.column_names}
@@ -147,7 +147,7 @@ class FeatureTable:
     def _load_store(self, bundle: Bundle) -> None:
         f = bundle.features
         path = bundle.store_dir
-        if path is None or not (Path(path) / "manifest.json").is_file():
+        if path is None or not (as_path(path) / "manifest.json").is_file():
             raise MissingInputError(f"no store at {path} (the VM {bundle.vm.model_version} reads store version "
                                     f"{bundle.vm.store_version})")
         manifest = open_store(path, {"width": f.width, "dtype": f.dtype})
@@ -160,7 +160,8 @@ class FeatureTable:
         self.store_manifest = manifest
         self.store_chain = [m.store_version for _, m in chain]
         self.newest_event_ts = chain_max_ts(chain)
-        table = run_backend(bundle.run).scan([(str(p), m) for p, m in chain], [USER_ID, TS, EVENT_ID, SURFACE, Z])
+        table = run_backend(bundle.run).scan([(fs_path(p), m) for p, m in chain],
+                                             [USER_ID, TS, EVENT_ID, SURFACE, Z])
         user, ts, event_id, surface = (table[c].to_numpy() for c in (USER_ID, TS, EVENT_ID, SURFACE))
         z = codec.binary_to_rows(table[Z], self.row_bytes)
         keep = np.ones(len(ts), dtype=bool) if f.surfaces == "all" else np.isin(surface, f.surfaces)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Optional
 
 import ray
@@ -25,6 +24,7 @@ from ray import serve
 
 from loopfm.config import LoopFMConfig
 from loopfm.errors import MissingInputError
+from loopfm.location import AnyPath, as_location, is_remote
 from loopfm.rundir import RunDir, atomic_write_text
 from loopfm.runtime import init_ray, log
 from loopfm.serve_apps.app import APP_NAME, ROUTE_PREFIX, app_args, build_app, deploy_config, logging_config
@@ -33,7 +33,7 @@ ADDRESS_FILE = "ray_address"
 INGRESS = "ScoringIngress"  # the deployment every topology answers HTTP and handle calls with
 
 
-def serve_dir(run: RunDir) -> Path:
+def serve_dir(run: RunDir) -> AnyPath:
     return run.root / "serve"
 
 
@@ -41,7 +41,7 @@ def start_http(cfg: LoopFMConfig) -> None:
     serve.start(proxy_location=cfg.serve.proxy_location, http_options={"host": cfg.serve.host, "port": cfg.serve.port})
 
 
-def deploy(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> dict:
+def deploy(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[AnyPath] = None) -> dict:
     """Deploy (or redeploy, rolling) the app for the run's newest VM; returns the app args."""
     args = app_args(cfg, run, vm_dir)
     serve.run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, logging_config=logging_config(cfg))
@@ -63,7 +63,7 @@ def serve_run_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLi
     """`loopfm serve run [--vm DIR]`: serve `vm` (default: the newest of serve.arm / serve.seed) until Ctrl-C."""
     init_ray(cfg.ray)
     start_http(cfg)
-    deployed = deploy(cfg, run, Path(vm) if vm else None)
+    deployed = deploy(cfg, run, as_location(vm) if vm else None)
     serve_dir(run).mkdir(parents=True, exist_ok=True)
     atomic_write_text(serve_dir(run) / ADDRESS_FILE, ray.get_runtime_context().gcs_address)
     info = served_version() or {}
@@ -83,13 +83,15 @@ def serve_run_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLi
 
 
 def serve_build_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLike] = None,
-                      output: Optional[str | os.PathLike] = None) -> Path:
+                      output: Optional[str | os.PathLike] = None) -> AnyPath:
     """`loopfm serve build [--vm DIR] [-o YAML]`: the Serve config of `vm`, at `output`
-    (default: <run>/serve/serve.yaml)."""
-    config = deploy_config(cfg, run, Path(vm) if vm else None)
-    out = Path(output or serve_dir(run) / "serve.yaml")
+    (default: <run>/serve/serve.yaml; in the bucket when the run directory is a URI)."""
+    config = deploy_config(cfg, run, as_location(vm) if vm else None)
+    out = as_location(output) if output else serve_dir(run) / "serve.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = ("# Ray Serve config written by `loopfm serve build`; deploy with `serve deploy " + str(out) + "`\n"
+    # `serve deploy` reads a local file: a config in a bucket is copied down first
+    deploy_with = f"`serve deploy {out}`" if not is_remote(out) else f"`serve deploy serve.yaml` (a copy of {out})"
+    header = ("# Ray Serve config written by `loopfm serve build`; deploy with " + deploy_with + "\n"
               "# (needs `loopfm` installed on the cluster and the run directory readable by it).\n")
     atomic_write_text(out, header + yaml.safe_dump(config, sort_keys=False))
     args = config["applications"][0]["args"]
@@ -97,7 +99,7 @@ def serve_build_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.Path
     return out
 
 
-def reload(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[Path] = None) -> tuple[Optional[dict], dict]:
+def reload(cfg: LoopFMConfig, run: RunDir, vm_dir: Optional[AnyPath] = None) -> tuple[Optional[dict], dict]:
     """Redeploy the running app with the newest VM (and its store); (before, after) of `served_version`."""
     before = served_version()
     if before is None:
@@ -122,7 +124,7 @@ def connect(cfg: LoopFMConfig, run: RunDir) -> None:
 def serve_reload_stage(cfg: LoopFMConfig, run: RunDir, vm: Optional[str | os.PathLike] = None) -> None:
     """`loopfm serve reload [--vm DIR]`: redeploy the running app with `vm` (default: the newest)."""
     connect(cfg, run)
-    before, after = reload(cfg, run, Path(vm) if vm else None)
+    before, after = reload(cfg, run, as_location(vm) if vm else None)
     log.info("serve reload: VM %s (store %s) -> VM %s (store %s)", before.get("model_version"),
              before.get("store_version"), after.get("model_version"), after.get("store_version"))
 

@@ -159,10 +159,17 @@ def test_a_manifest_naming_a_path_outside_its_output_is_refused(s3_bucket):
         committed(out)
 
 
-@pytest.mark.parametrize("words", [["tune"], ["serve", "build"], ["store", "compact"], ["freshness"]])
-def test_a_command_not_converted_to_uris_refuses_one_naming_itself(words, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("words", "options", "why"), [
+    (["bench"], ["extract"], "URI (s3://bucket/x) yet"),
+    (["store", "compact"], [], "no lock"),
+    (["logs", "append"], ["--files", "new.parquet"], "no lock"),
+    (["cycle"], ["--files", "new.parquet"], "no lock"),
+])
+def test_a_command_not_converted_to_uris_refuses_one_naming_itself(words, options, why, tmp_path, monkeypatch,
+                                                                   capsys):
+    """Refused before anything runs, saying why: not converted yet, or a writer that needs a lock."""
     monkeypatch.chdir(tmp_path)
-    code = cli.main([*words, "--config", str(CONFIG), "--out", "s3://bucket/x"])
+    code = cli.main([*words, "--config", str(CONFIG), "--out", "s3://bucket/x", *options])  # bench: args last
     err = capsys.readouterr().err
     assert code == 2 and f"`loopfm {' '.join(words)}` does not run on a run directory given as a URI" in err
-    assert "data generate" in err and list(tmp_path.iterdir()) == []
+    assert why in err and "data generate" in err and "serve build" in err and list(tmp_path.iterdir()) == []

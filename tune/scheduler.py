@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from loopfm.location import as_location
 from loopfm.rundir import atomic_write_text
 
 
@@ -30,7 +30,7 @@ class CooperativeASHA(ASHAScheduler):
         if decision != TrialScheduler.STOP:
             return decision
         if int(result.get("training_iteration", 0)) < self.max_epochs:  # at the last epoch it ends anyway
-            stop_dir = Path(self.stop_dir)
+            stop_dir = as_location(self.stop_dir)  # the run's tune/.stop: a local path or a URI
             stop_dir.mkdir(parents=True, exist_ok=True)
             flag = stop_dir / trial.trial_id
             if not flag.exists():

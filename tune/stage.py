@@ -8,6 +8,11 @@
       -> <run>/tune/                     results.{csv,md}, best_config.yaml, importances, plots,
                                          wandb/ (one offline run per trial), trials.jsonl
 
+On a run directory in an object store the experiment lives under `<run>/ray/` there (Tune's own
+`storage_path` URI support); W&B writes its offline runs as files while trials run, so they go to
+a local folder of the driver's machine (`wandb_folder`) and are copied into `<run>/tune/wandb/`
+once the search returns.
+
 The experiment's name is a hash of the config it searches (everything but `ray`, `serve`, `name`,
 `experiment` and `tune.wandb`), so the same command run again after an interruption (Ctrl-C,
 a crash, a lost node) finds it with `Tuner.can_restore` and resumes it with `Tuner.restore`:
@@ -18,6 +23,8 @@ Train run resumes from its last epoch checkpoint when it has workers), and the s
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 from loopfm.cli import COMMANDS
 from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.errors import LoopFMError
+from loopfm.location import AnyPath, copy_tree
 from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
 from loopfm.tune.results import METRIC_COLUMNS, TrialRow, mode_of, write_outputs
@@ -45,8 +53,25 @@ def tune_fingerprint(cfg: LoopFMConfig) -> str:
     return stable_hash(raw)
 
 
-def experiment_path(cfg: LoopFMConfig, run: RunDir) -> Path:
+def experiment_path(cfg: LoopFMConfig, run: RunDir) -> AnyPath:
     return run.ray_storage / f"tune-{tune_fingerprint(cfg)}"
+
+
+def wandb_folder(run: RunDir) -> Path:
+    """Where the trials' W&B runs are written: `<run>/tune/wandb`; on an object store a local folder
+    named by the run's URI, the same on every call, so a restored experiment's callback (pickled
+    with the folder it was given) writes where the first run did (`upload_wandb` copies it up)."""
+    if not run.remote:
+        return run.tune / "wandb"
+    key = hashlib.sha256(str(run.tune).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "loopfm-wandb" / key
+
+
+def upload_wandb(run: RunDir) -> None:
+    """On an object store: the trials' W&B runs, from the local `wandb_folder` into `<run>/tune/wandb/`."""
+    local = wandb_folder(run)
+    if run.remote and local.is_dir():
+        copy_tree(local, run.tune / "wandb")
 
 
 def _upstream(cfg: LoopFMConfig, run: RunDir) -> None:
@@ -77,7 +102,7 @@ def build_tuner(cfg: LoopFMConfig, run: RunDir):
                                  mode=mode, max_t=epochs, grace_period=min(t.grace_period, epochs),
                                  reduction_factor=t.reduction_factor)
     path = experiment_path(cfg, run)
-    callbacks = [cb for cb in [wandb_callback(t.wandb, run.tune / "wandb", group=path.name)] if cb]
+    callbacks = [cb for cb in [wandb_callback(t.wandb, wandb_folder(run), group=path.name)] if cb]
     return tune.Tuner(
         trainable(cfg, run),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
@@ -100,7 +125,7 @@ def tune_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     path = experiment_path(cfg, run)
     started = time.time()
     if tune.Tuner.can_restore(str(path)):
-        wandb_callback(cfg.tune.wandb, run.tune / "wandb", group=path.name)  # the driver's W&B env again
+        wandb_callback(cfg.tune.wandb, wandb_folder(run), group=path.name)  # the driver's W&B env again
         log.info("tune: resuming the search in %s", path)
         tuner = tune.Tuner.restore(str(path), trainable=trainable(cfg, run), resume_unfinished=True,
                                    resume_errored=True)
@@ -111,7 +136,10 @@ def tune_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
                  cfg.tune.max_concurrent_trials, path)
         tuner = build_tuner(cfg, run)
         restored = False
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        upload_wandb(run)
     rows = trial_rows(grid, cfg, run.tune / STOPS)
     terminal = sum(r.status in ("TERMINATED", "STOPPED", "ERROR") for r in rows)
     manifest = write_outputs(rows, cfg, run.tune, extra={
@@ -130,7 +158,7 @@ def tune_stage(cfg: LoopFMConfig, run: RunDir) -> dict:
     return manifest
 
 
-def trial_rows(grid, cfg: LoopFMConfig, stops: Path) -> list:
+def trial_rows(grid, cfg: LoopFMConfig, stops: AnyPath) -> list:
     """One TrialRow per Tune trial of the result grid (`stops`: ASHA's stop files)."""
     ended = {e["trial_id"] for e in read_events(stops.parent) if e["event"] in ("done", "stopped")}
     rows = []

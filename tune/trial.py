@@ -17,7 +17,12 @@ workers' placement group); it writes `tune/.stop/<trial id>` and the VM loop lea
 next epoch, so Train shuts down as after any run (see `loopfm.tune.scheduler`).
 
 Every trial appends `start` and `done` (or `stopped`) lines to `tune/trials.jsonl` (trial id,
-pid, time): the audit trail that shows a restored tune did not re-run finished trials.
+pid, time): the audit trail that shows a restored tune did not re-run finished trials. An object
+store cannot append: there each line is one object of `tune/trials/`, named by its time.
+
+On a run directory in an object store the trials' locks (`trial_lock`) are this machine's only:
+trials on two nodes may both build a store, features or a VM, each a whole attempt committed by
+its manifest (the last wins), which costs time, never a half-read output.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import os
 import queue as std_queue
 import time
-from pathlib import Path
+import uuid
 from typing import Any, Optional
 
 import ray.tune
@@ -38,7 +43,8 @@ from ray.util.queue import Queue
 from loopfm.config import LoopFMConfig, validate_config
 from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
-from loopfm.rundir import RunDir
+from loopfm.location import AnyPath, as_location, is_remote
+from loopfm.rundir import RunDir, output_lock
 from loopfm.runtime import setup_logging
 from loopfm.skeleton import current
 from loopfm.training.checkpoint import VMManifest
@@ -47,6 +53,7 @@ from loopfm.training.vm import arm_config, arm_of, selection_value, train_vm, vm
 from loopfm.tune.space import decode, serving_bytes
 
 EVENTS = "trials.jsonl"
+EVENT_OBJECTS = "trials"  # on an object store: one object per line of trials.jsonl
 LOCKS = ".locks"
 STOPS = ".stop"
 
@@ -111,10 +118,15 @@ def train_reporting_to_tune(train, queue) -> Any:
     return fit.result()
 
 
-def log_event(tune_dir: Path, event: str, **fields: Any) -> None:
-    """One JSON line, appended in a single write (O_APPEND: concurrent trials do not interleave)."""
+def log_event(tune_dir: AnyPath, event: str, **fields: Any) -> None:
+    """One JSON line, appended in a single write (O_APPEND: concurrent trials do not interleave);
+    on an object store, which cannot append, one object named by its time."""
     tune_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"event": event, "time": round(time.time(), 3), "pid": os.getpid(), **fields}) + "\n"
+    now = time.time()
+    line = json.dumps({"event": event, "time": round(now, 3), "pid": os.getpid(), **fields}) + "\n"
+    if is_remote(tune_dir):
+        (tune_dir / EVENT_OBJECTS / f"{int(now * 1000):013d}-{uuid.uuid4().hex[:8]}.json").write_text(line)
+        return
     fd = os.open(tune_dir / EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -122,11 +134,24 @@ def log_event(tune_dir: Path, event: str, **fields: Any) -> None:
         os.close(fd)
 
 
-def read_events(tune_dir: Path) -> list[dict]:
-    f = Path(tune_dir) / EVENTS
+def read_events(tune_dir: AnyPath) -> list[dict]:
+    tune_dir = as_location(tune_dir)
+    if is_remote(tune_dir):
+        return [json.loads(f.read_text()) for f in sorted((tune_dir / EVENT_OBJECTS).glob("*.json"), key=str)]
+    f = tune_dir / EVENTS
     if not f.is_file():
         return []
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def trial_lock(run: RunDir, name: str) -> FileLock:
+    """A lock the trials take around shared work: a file of `tune/.locks/`, or on an object store
+    (no locks there) one in this machine's temp dir named by the URI (module docstring)."""
+    if run.remote:
+        return output_lock(run.tune / LOCKS / name)
+    locks = run.tune / LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / name))
 
 
 def config_for(base: LoopFMConfig, overrides: dict) -> LoopFMConfig:
@@ -154,16 +179,14 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
     cfg = trial_config(validate_config(base, "tune base config"), params)
     trial_id = ray.tune.get_context().get_trial_id()
     log_event(run.tune, "start", trial_id=trial_id)
-    locks = run.tune / LOCKS
-    locks.mkdir(parents=True, exist_ok=True)
     # Stage outputs are shared by trials: one trial builds a store / features, the others find them current.
-    with FileLock(str(locks / "stages.lock")):
+    with trial_lock(run, "stages.lock"):
         embed_stage(cfg, run)
         features = features_stage(cfg, run)
     fingerprint = vm_fingerprint(cfg, features)
     queue = Queue(actor_options={"num_cpus": 0})
     report = TrialReport(queue, cfg.tune.metric, serving_bytes(cfg), cfg.train.select_by)
-    with FileLock(str(locks / f"vm-{fingerprint}.lock")):  # the same config twice: trained once
+    with trial_lock(run, f"vm-{fingerprint}.lock"):  # the same config twice: trained once
         done = run.vm(arm_of(cfg.train), cfg.train.seed, fingerprint)
         manifest = current("tune: trial", done, fingerprint, VMManifest.read)
         if manifest is not None:
@@ -183,6 +206,6 @@ def run_trial(params: dict, base: dict, run_root: str) -> None:
               valid_auc=manifest.metrics["valid"]["auc"], valid_ne=manifest.metrics["valid"]["ne"])
 
 
-def stop_file(tune_dir: Path, trial_id: str) -> Path:
+def stop_file(tune_dir: AnyPath, trial_id: str) -> AnyPath:
     """The file that asks a trial's Train loop to end before its next epoch (see EarlyStop)."""
-    return Path(tune_dir) / STOPS / trial_id
+    return as_location(tune_dir) / STOPS / trial_id

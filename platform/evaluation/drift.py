@@ -26,6 +26,7 @@ from loopfm.config import LoopFMConfig
 from loopfm.errors import MissingInputError
 from loopfm.evaluation.metrics import auc
 from loopfm.evaluation.report import write_ablation
+from loopfm.location import fs_path
 from loopfm.logs import log
 from loopfm.rundir import RunDir
 from loopfm.store import codec
@@ -99,7 +100,7 @@ def drift_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 4, stores: Sequenc
     rows = []
     backend = run_backend(run)
     chain = open_chain(run, *resolve_store(cfg, run))
-    cols, z = read_z(backend.scan([(str(p), m) for p, m in chain], [EVENT_ID, TS, Z]), chain[0][1])
+    cols, z = read_z(backend.scan([(fs_path(p), m) for p, m in chain], [EVENT_ID, TS, Z]), chain[0][1])
     lo, hi = int(cols[TS].min()), int(cols[TS].max())
     bounds = [lo + (hi - lo) * k // slices for k in range(1, slices)]
     rows += slice_drift(cols, z, bounds)
@@ -107,7 +108,7 @@ def drift_stage(cfg: LoopFMConfig, run: RunDir, slices: int = 4, stores: Sequenc
     if stores:
         if len(stores) != 2:
             raise MissingInputError(f"--stores takes two store versions A,B; got {stores}")
-        a, b = ((backend.scan(str(run.store(v)), [EVENT_ID, TS, Z]), open_store(run.store(v))) for v in stores)
+        a, b = ((backend.scan(fs_path(run.store(v)), [EVENT_ID, TS, Z]), open_store(run.store(v))) for v in stores)
         rows.append({"comparison": f"store {stores[0]} -> {stores[1]}", **store_drift(read_z(*a), read_z(*b))})
     for row in rows:
         log.info("drift: %-32s centroid %.4f  mean shift %.3f sd  var shift %.3f  classifier auc %.3f",

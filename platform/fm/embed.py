@@ -49,8 +49,10 @@ def embed_stage(cfg: LoopFMConfig, run: RunDir, incremental: bool = False, since
     with `incremental`: only the log's events newer than `since`, as a delta)."""
     if incremental:
         if run.remote:
-            raise UnsupportedLocationError(f"embed --incremental: the run directory {run.root} is a URI; store deltas "
-                                           "are written only to a local or mounted run directory so far")
+            raise UnsupportedLocationError(
+                f"embed --incremental: the run directory {run.root} is a URI; a store's delta chain has one writer "
+                "at a time (store.deltas.chain_lock), and an object store gives no lock that excludes a writer on "
+                "another machine: run it on a local or mounted run directory")
         return incremental_embed(cfg, run, since)
     info = SplitInfo.load(run)
     fm_dir = run.fm(fm_fingerprint(cfg, info, cutoffs))

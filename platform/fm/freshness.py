@@ -22,7 +22,7 @@ every seed; `report/freshness.{md,json,png}` says which came out ahead, whicheve
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -38,6 +38,7 @@ from loopfm.evaluation.transfer import improvement, paired, summarize
 from loopfm.features.stage import features_stage
 from loopfm.fm.embed import embed_stage
 from loopfm.fm.train import fm_train_stage
+from loopfm.location import AnyPath, fs_path, parquet_dataset
 from loopfm.rundir import RunDir
 from loopfm.runtime import init_ray, log
 from loopfm.skeleton import current, publish
@@ -63,7 +64,7 @@ FRESHNESS_PAIRS = (("stale", "fixed"), ("fixed", "drifting"), ("stale", "driftin
 
 def read_store_z(run: RunDir, store: StoreManifest) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(event id and ts columns sorted by event id, decoded z) of every row of `store`."""
-    cols, z = read_z(run_backend(run).scan(str(run.store(store.store_version)), [EVENT_ID, TS, Z]), store)
+    cols, z = read_z(run_backend(run).scan(fs_path(run.store(store.store_version)), [EVENT_ID, TS, Z]), store)
     order = np.argsort(cols[EVENT_ID], kind="stable")
     return {c: v[order] for c, v in cols.items()}, z[order]
 
@@ -107,15 +108,17 @@ def aligned_store(run: RunDir, cfg: LoopFMConfig, store: StoreManifest, referenc
     if done is not None:
         return done, fit
 
-    def build(tmp: Path) -> StoreManifest:
-        np.savez(tmp / ALIGNMENT_FILE, weight=weight, bias=bias)
+    def build(tmp: AnyPath) -> StoreManifest:
+        alignment = io.BytesIO()  # the .npz bytes written whole: a local file or one object
+        np.savez(alignment, weight=weight, bias=bias)
+        (tmp / ALIGNMENT_FILE).write_bytes(alignment.getvalue())
         for f in data_files(run.store(store.store_version)):
-            table = pq.read_table(f)
+            table = pq.read_table(str(f))  # a local path or a URI pyarrow resolves
             rows = codec.decode(codec.binary_to_rows(table[Z], codec.bytes_per_row(store.width, store.dtype)),
                                 store.dtype, store.width)
             mapped = codec.encode(apply_alignment(rows, weight, bias), reference.dtype)
             table = table.set_column(table.schema.get_field_index(Z), Z, codec.rows_to_binary(mapped))
-            pq.write_table(table, tmp / f.name)
+            pq.write_table(table, str(tmp / f.name))
         return seal(tmp, StoreManifest(
             store_version=version, fm_version=fm_version, checkpoint_hash=store.fm_version, layers=store.layers,
             raw_width=store.raw_width, width=reference.width, prefix_widths=reference.prefix_widths,
@@ -138,16 +141,16 @@ def drifting_store(run: RunDir, cfg: LoopFMConfig, stores: list[StoreManifest], 
         return done
     edges = [None, *bounds[1:], None]  # FM_k serves [c_k, c_k+1); FM_1 also everything before
 
-    def build(tmp: Path) -> StoreManifest:
+    def build(tmp: AnyPath) -> StoreManifest:
         for k, store in enumerate(stores):
-            rows = pads.dataset([str(f) for f in data_files(run.store(store.store_version))], format="parquet")
+            rows = parquet_dataset(data_files(run.store(store.store_version)))
             expr = None
             if edges[k] is not None:
                 expr = pads.field(TS) >= edges[k]
             if edges[k + 1] is not None:
                 upper = pads.field(TS) < edges[k + 1]
                 expr = upper if expr is None else expr & upper
-            pq.write_table(rows.to_table(filter=expr), tmp / f"slice{k}.parquet")
+            pq.write_table(rows.to_table(filter=expr), str(tmp / f"slice{k}.parquet"))
         last = stores[-1]
         return seal(tmp, StoreManifest(
             store_version=version, fm_version=fm_version, checkpoint_hash=",".join(s.checkpoint_hash for s in stores),

@@ -20,21 +20,22 @@ functions are the run directory's entry points to them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from filelock import FileLock
 
 from loopfm.config import LoopFMConfig
+from loopfm.location import AnyPath, beside, fs_path
 from loopfm.logs import log
 from loopfm.rundir import RunDir, output_lock
 from loopfm.store.backend import StoreBackend, backend_for
+from loopfm.store.parquet import backend_at
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import StoreManifest
 
 
 def run_backend(run: RunDir) -> StoreBackend:
-    """The store backend of run directory `run` (local disk: commits by rename)."""
-    return backend_for(run.root)
+    """The store backend of run directory `run` (local disk: commits by rename; an object store: by
+    manifest). Its paths are the filesystem's (`location.fs_path`): `bucket/key` on an object store."""
+    return backend_at(run.root) if run.remote else backend_for(run.root)
 
 
 def chain_lock(run: RunDir, version: str) -> FileLock:
@@ -42,17 +43,18 @@ def chain_lock(run: RunDir, version: str) -> FileLock:
     return output_lock(run.store_deltas(version))
 
 
-def delta_paths(run: RunDir, version: str) -> list[Path]:
-    return [Path(p) for p in run_backend(run).delta_paths(version)]
+def delta_paths(run: RunDir, version: str) -> list[AnyPath]:
+    return [beside(run.root, p) for p in run_backend(run).delta_paths(version)]
 
 
-def open_chain(run: RunDir, base_path: Path, base: StoreManifest | None = None) -> list[tuple[Path, StoreManifest]]:
+def open_chain(run: RunDir, base_path: AnyPath,
+               base: StoreManifest | None = None) -> list[tuple[AnyPath, StoreManifest]]:
     """[(path, manifest)] of the full store and each of its deltas in order, every link checked.
     `base`: the store's manifest when the caller has already verified it with `open_store`."""
-    return [(Path(p), m) for p, m in run_backend(run).chain(str(base_path), base)]
+    return [(beside(run.root, p), m) for p, m in run_backend(run).chain(fs_path(base_path), base)]
 
 
-def chain_max_ts(chain: list[tuple[Path, StoreManifest]]) -> int:
+def chain_max_ts(chain: list[tuple[AnyPath, StoreManifest]]) -> int:
     return max(m.max_ts for _, m in chain if m.rows)
 
 

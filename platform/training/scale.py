@@ -29,7 +29,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch.nn as nn
 
 from loopfm.config import ARM_CHANNELS, ConfigError, FMSize, LoopFMConfig, stable_hash
@@ -41,7 +40,8 @@ from loopfm.evaluation.scale import build_scale, write_scale
 from loopfm.features.reader import KD_LOGIT, SEQ_Z, FeaturesManifest
 from loopfm.fm.checkpoint import FMManifest, load_fm
 from loopfm.fm.train import fm_fingerprint
-from loopfm.rundir import RunDir
+from loopfm.location import parquet_dataset
+from loopfm.rundir import RunDir, committed
 from loopfm.runtime import init_ray, log
 from loopfm.training.experiment import fm_on_test, replicate_config, replicate_features
 from loopfm.training.vm import arm_config, train_vms
@@ -79,8 +79,8 @@ def vm_inputs_digest(run: RunDir, features: FeaturesManifest) -> str:
     """sha256 of every feature column the FM does not write, every split, in file (read) order."""
     h = hashlib.sha256()
     for split in SPLITS:
-        files = sorted(str(p) for p in (run.features(features.fingerprint) / split).rglob("*.parquet"))
-        dataset = pads.dataset(files, format="parquet")
+        files = sorted((committed(run.features(features.fingerprint)) / split).rglob("*.parquet"), key=str)
+        dataset = parquet_dataset(files)
         columns = [c for c in dataset.schema.names if c not in FM_COLUMNS]
         h.update(f"{split}:{','.join(columns)}".encode())
         for batch in dataset.to_batches(columns=columns):

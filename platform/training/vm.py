@@ -13,7 +13,6 @@ Output (`vm/<arm>/seed<k>-<fingerprint>/`): `model.pt` + `manifest.json` (`VMMan
 from __future__ import annotations
 
 import io
-import os
 import threading
 import time
 from dataclasses import asdict
@@ -34,6 +33,7 @@ from loopfm.evaluation.metrics import evaluate
 from loopfm.features.collate import VMBatchCollate
 from loopfm.features.reader import LABEL, RAW_COLUMNS, SEQ_Z, FeaturesManifest, read_features
 from loopfm.features.stage import features_verticals_stage
+from loopfm.location import as_location
 from loopfm.models.losses import vm_loss
 from loopfm.ordering import ordered_data
 from loopfm.precision import autocast, float32, model_device
@@ -205,7 +205,7 @@ def _finish(manifest: VMManifest, state: dict, out, features: FeaturesManifest, 
                         "best_epoch": state["stopper"]["best_epoch"] + 1,
                         "history": state["history"], "seconds": round(state["seconds"], 1)}
     ran_out = len(state["history"]) >= train_cfg.epochs or state["stopper"]["bad_epochs"] >= train_cfg.patience
-    if stop_file and os.path.exists(stop_file) and not ran_out:
+    if stop_file and as_location(stop_file).exists() and not ran_out:  # a local path or a URI (tune on a bucket)
         manifest.metrics["stopped"] = True
         log.info("train: %s seed %d stopped after %d epochs (%s); not saved", manifest.arm, manifest.seed,
                  len(state["history"]), stop_file)
@@ -303,7 +303,7 @@ def vm_epochs(manifest: VMManifest, train_cfg: TrainConfig, splits: dict, device
     for epoch in range(state.epoch, train_cfg.epochs):
         if state.stopper.should_stop:
             break
-        if stop_file and ray.train.collective.broadcast_from_rank_zero(os.path.exists(stop_file)):
+        if stop_file and ray.train.collective.broadcast_from_rank_zero(as_location(stop_file).exists()):
             return state, True  # asked to stop (e.g. by Tune's ASHA): every worker leaves on the same epoch
         model.train()
         # dropout: a resumed epoch draws as the first run did
