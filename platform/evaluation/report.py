@@ -444,7 +444,8 @@ def _plot_verticals(report: Mapping, path: Path) -> Path:
     ax.set_xticks(x, [f"vertical {row['vertical']}" for row in rows])
     ax.set_ylabel("paired ΔAUC (positive: first is better)")
     ax.set_title("Across verticals: paired ΔAUC per comparison (whiskers: 95% CI)", fontsize=10)
-    ax.legend(loc="best", fontsize=8)
+    if pairs:  # a report whose arms give no summary comparison draws only the zero line
+        ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
 
 
