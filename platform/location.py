@@ -200,9 +200,10 @@ class UriPath:
 
 
 AnyPath = Union[Path, UriPath]
+Location = Union[str, os.PathLike, UriPath]  # what a caller may give: a path, a URI string or a UriPath
 
 
-def as_location(location: Union[str, os.PathLike, UriPath]) -> AnyPath:
+def as_location(location: Location) -> AnyPath:
     """A run directory's location: a plain path or `file://` URI as a local `Path`, a URI of a
     scheme pyarrow.fs resolves as a `UriPath`; any other URI is refused by name, never taken for a
     relative path (`Path("s3://b/x")` is the local folder `s3:/b/x`)."""

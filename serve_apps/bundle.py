@@ -13,28 +13,25 @@ CLI and the deployments all call it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 from loopfm.datasets.splits import SplitInfo
 from loopfm.errors import MissingInputError, VersionMismatchError
 from loopfm.features.reader import FeaturesManifest
-from loopfm.location import AnyPath, UriPath, as_location
+from loopfm.location import AnyPath, Location, as_location
 from loopfm.rundir import RunDir
 from loopfm.training.checkpoint import VMManifest
 
-Where = Union[str, os.PathLike, UriPath]  # a local path, or a URI: the run directory may be a bucket's
 
-
-def vm_vertical(vm_dir: Where, run: RunDir) -> int:
+def vm_vertical(vm_dir: Location, run: RunDir) -> int:
     """The surface a VM serves: its manifest's `vertical`, or the split's vertical for a manifest
     written before VMs carried one (read from the JSON, so either manifest version works)."""
     declared = declared_vertical(vm_dir)
     return declared if declared is not None else SplitInfo.load(run).vertical
 
 
-def declared_vertical(vm_dir: Where) -> Optional[int]:
+def declared_vertical(vm_dir: Location) -> Optional[int]:
     """The manifest's own `vertical`, None when it has none."""
     declared = json.loads((as_location(vm_dir) / "manifest.json").read_text()).get("vertical")
     return None if declared is None else int(declared)
@@ -63,7 +60,7 @@ class Bundle:
     store_dir: Optional[AnyPath]  # None when the VM does not read the store
 
     @classmethod
-    def open(cls, run_dir: Where, vm_dir: Where, store_dir: Optional[Where] = None) -> Bundle:
+    def open(cls, run_dir: Location, vm_dir: Location, store_dir: Optional[Location] = None) -> Bundle:
         run, vm_dir = RunDir(run_dir), as_location(vm_dir).resolve()
         vm = VMManifest.read(vm_dir)
         features = FeaturesManifest.read(run.features(vm.features_fingerprint))
@@ -86,7 +83,8 @@ class Bundle:
         return self.vm.store_version
 
 
-def open_bundles(run_dir: Where, vm_dirs: dict[int, Where], store_dir: Optional[Where] = None) -> dict[int, Bundle]:
+def open_bundles(run_dir: Location, vm_dirs: dict[int, Location],
+                 store_dir: Optional[Location] = None) -> dict[int, Bundle]:
     """The bundle of each vertical's VM, refused unless all that read a store read the same version
     (the app holds one store) and each VM that declares its vertical is registered under it."""
     if not vm_dirs:

@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from conftest import REPO
+from loopfm.location import as_location, copy_tree
 
 BIN = Path(sys.executable).parent
 EXCLUDES = ["runs", "wandb", "**/__pycache__", "*.egg-info", ".ruff_cache", ".pytest_cache"]
@@ -157,16 +158,11 @@ def _local_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
-def _upload(local: Path, uri: str) -> None:
-    fs, root = pafs.FileSystem.from_uri(uri)
-    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
 @pytest.mark.timeout(600)
 def test_the_smoke_run_on_two_nodes_writes_only_to_s3(two_nodes, s3_bucket, smoke_embedded, tmp_path):
     address, head, worker, worker_temp = two_nodes
     out = f"{s3_bucket}/runs/smoke"
-    _upload(smoke_embedded[0].root, out)
+    copy_tree(smoke_embedded[0].root, as_location(out))
     shipped = _ship(tmp_path / "dist")
     overrides = " ".join(f"--set '{s}'" for s in SMALL)
     entrypoint = ("python -c 'import loopfm.cli; print(\"loopfm from\", loopfm.cli.__file__)' && "

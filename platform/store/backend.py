@@ -28,6 +28,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from loopfm.location import UriPath
 from loopfm.rundir import valid_id
 from loopfm.store.schema import StoreManifest
 
@@ -127,9 +128,12 @@ def backend_class(kind: str = "parquet") -> type[StoreBackend]:
     return getattr(importlib.import_module(module), name)
 
 
-def backend_for(location: str | os.PathLike, kind: str = "parquet", **options: Any) -> StoreBackend:
-    """The backend of a run directory given as a local path or a URI (`s3://bucket/runs/x?region=...`,
-    `gs://...`, `file:///...`; the filesystem from `pyarrow.fs.FileSystem.from_uri`)."""
+def backend_for(location: str | os.PathLike | UriPath, kind: str = "parquet", **options: Any) -> StoreBackend:
+    """The backend of a run directory given as a local path, a URI (`s3://bucket/runs/x?region=...`,
+    `gs://...`, `file:///...`; the filesystem from `pyarrow.fs.FileSystem.from_uri`) or a run
+    directory's `UriPath` (its own filesystem, resolved from the environment)."""
+    if isinstance(location, UriPath):
+        return backend_class(kind)(location.fs, location.key, **options)
     text = os.fspath(location)
     if _SCHEME.match(text):
         filesystem, root = pafs.FileSystem.from_uri(text)

@@ -27,7 +27,6 @@ from loopfm.location import AnyPath, beside, fs_path
 from loopfm.logs import log
 from loopfm.rundir import RunDir, output_lock
 from loopfm.store.backend import StoreBackend, backend_for
-from loopfm.store.parquet import backend_at
 from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import StoreManifest
 
@@ -35,7 +34,7 @@ from loopfm.store.schema import StoreManifest
 def run_backend(run: RunDir) -> StoreBackend:
     """The store backend of run directory `run` (local disk: commits by rename; an object store: by
     manifest). Its paths are the filesystem's (`location.fs_path`): `bucket/key` on an object store."""
-    return backend_at(run.root) if run.remote else backend_for(run.root)
+    return backend_for(run.root)
 
 
 def chain_lock(run: RunDir, version: str) -> FileLock:
