@@ -259,3 +259,39 @@ def join_user(examples: dict[str, np.ndarray], events: dict[str, np.ndarray], st
         "seq_len_valid": seq_len_valid,
         "kd_logit": own_logit(examples["event_id"], store["event_id"], store["fm_logit"]),
     }
+
+
+def join_users(examples: dict[str, np.ndarray], events: dict[str, np.ndarray], store: dict[str, np.ndarray],
+               spec: JoinSpec, vertical: int) -> dict[str, np.ndarray]:
+    """The examples of many users at once (one block of the stage's user sort), by `join_user`.
+
+    The same three dicts as `join_user`, each with a `user_id` column, holding every row of each
+    of their users (the stage's sort keeps a user whole in one block). One stable argsort per
+    dict groups the rows by user, and one searchsorted finds every user's slice, so each
+    `join_user` call gets views of exactly its own rows, never a filter per user. Users without
+    examples give no rows. Returns the feature columns aligned with `examples` in its order.
+    """
+    ex_order = np.argsort(np.asarray(examples["user_id"]), kind="stable")
+    ex = {k: np.asarray(v)[ex_order] for k, v in examples.items()}
+    ev = _by_user(events)
+    st = _by_user(store)
+    users, first = np.unique(ex["user_id"], return_index=True)
+    bounds = zip(first, np.append(first[1:], len(ex_order)),
+                 *_slices(ev["user_id"], users), *_slices(st["user_id"], users))
+    parts = [join_user({k: v[a:b] for k, v in ex.items()}, {k: v[c:d] for k, v in ev.items()},
+                       {k: v[e:f] for k, v in st.items()}, spec, vertical) for a, b, c, d, e, f in bounds]
+    if not parts:  # no examples in the block: empty columns of the right shapes and types
+        parts = [join_user(ex, {k: v[:0] for k, v in ev.items()}, {k: v[:0] for k, v in st.items()}, spec, vertical)]
+    back = np.empty_like(ex_order)
+    back[ex_order] = np.arange(len(ex_order))
+    return {k: np.concatenate([p[k] for p in parts])[back] for k in parts[0]}
+
+
+def _by_user(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = np.argsort(np.asarray(rows["user_id"]), kind="stable")
+    return {k: np.asarray(v)[order] for k, v in rows.items()}
+
+
+def _slices(sorted_users: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of each of `users` in `sorted_users` (empty where a user has no rows)."""
+    return np.searchsorted(sorted_users, users, side="left"), np.searchsorted(sorted_users, users, side="right")

@@ -3,14 +3,17 @@
     vertical events --sort(item_id), per block--> + item counters (`join.counts_before`)
     ∪ other surfaces' events (history for the rawseq control) ∪ store rows (every surface)
       (each branch materialized before the union: see `build_examples`)
-      -> groupby(user_id).map_groups(join one user)   (sort-based shuffle, set by init_ray)
+      -> sort(user_id) on boundaries from the data      (sort-based shuffle, set by init_ray)
+      -> per block: every user of the block joined (`join.join_users`), one table out
       -> write_parquet(partition_cols=[split])        (one write pass)
       -> features/<fingerprint>/{train,valid,test}/ + manifest.json
 
 All inputs are cast to one schema (columns the other side lacks are null), so a user's events
-and store rows meet in one group. Memory: the shuffle holds every event and store row once (in
-Ray's object store, spilled to disk when it is larger); the sequences, L times bigger, exist one
-user group at a time and go straight to parquet, never examples x L x width at once.
+and store rows land in one block: the sort's reduce writes one block per key range, so no user
+straddles two (what `fm/chunks.py` relies on too). Memory: the shuffle holds every event and
+store row once (in Ray's object store, spilled to disk when it is larger); the sequences, L
+times bigger, exist one block's users at a time and go straight to parquet, never
+examples x L x width at once.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo, split_of, split_paths, surfaces_present
 from loopfm.errors import MissingInputError, VersionMismatchError
-from loopfm.features.join import DENSE_NAMES, USER_EVENT_COLUMNS, JoinSpec, counts_before, join_user
+from loopfm.features.join import DENSE_NAMES, USER_EVENT_COLUMNS, JoinSpec, counts_before, join_users
 from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
 from loopfm.fm.checkpoint import FMManifest
-from loopfm.fm.chunks import ROWS_PER_PARTITION
+from loopfm.fm.chunks import ROWS_PER_PARTITION, file_boundaries
 from loopfm.fm.train import fm_fingerprint
 from loopfm.ordering import ordered_data, sort_boundaries
 from loopfm.rundir import MANIFEST, RunDir, check_rows
@@ -160,11 +163,15 @@ def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInf
     # in turn, so a later branch's read tasks (backpressured, each holding its CPU) could take every
     # CPU that the item sort of the first branch still needs: a deadlock, seen on a loaded 2-core
     # box. The shuffle below holds every row anyway, so materializing costs no extra memory.
+    # The user sort's boundaries come from the events' user ids (about ROWS_PER_PARTITION events
+    # per block, with their store rows): the same blocks on every run, each far below the size
+    # at which a block would be split, so every user stays whole in one block.
+    users = file_boundaries([str(split_paths(run, name)) for name in SPLITS])
     return (
         examples.materialize().union(history.materialize(), store.materialize())
-        .groupby(USER_ID)
-        .map_groups(join_group, batch_format="pyarrow", fn_args=(spec, events_schema.names, vertical))
-        .map_batches(contiguous, batch_format="pyarrow", batch_size=None)
+        .sort(USER_ID, boundaries=users)
+        .map_batches(join_block, batch_size=None, batch_format="pyarrow",
+                     fn_args=(spec, events_schema.names, vertical))
     )
 
 
@@ -211,16 +218,23 @@ def _conform(table: pa.Table, schema: pa.Schema, given: dict[str, pa.Array]) -> 
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def join_group(group: pa.Table, spec: JoinSpec, event_columns: list[str], vertical: int) -> pa.Table:
-    """map_groups fn: one user's union rows -> that user's examples."""
-    is_store = group[FROM_STORE]
-    events = group.filter(pc.invert(is_store))
+def join_block(block: pa.Table, spec: JoinSpec, event_columns: list[str], vertical: int) -> pa.Table:
+    """map_batches fn over one block of the user sort (each of its users whole) -> their examples.
+
+    The block is split into examples, events and store rows once, handed to `join.join_users` as
+    numpy columns (one Python call per user there, on slices), and the output columns are built
+    once for the whole block: a `map_groups` call per user cost a per-user Arrow filter and left
+    one Arrow chunk per user in every output column.
+    """
+    is_store = block[FROM_STORE].to_numpy(zero_copy_only=False)
+    events = block.filter(pa.array(~is_store))
     examples = events.filter(pc.is_valid(events[SPLIT])).select([*event_columns, SPLIT, ITEM_N, ITEM_POS])
-    store = group.filter(is_store)
-    joined = join_user(
-        {c: examples[c].to_numpy() for c in (EVENT_ID, TS, ITEM_N, ITEM_POS)},
-        {c: events[c].to_numpy() for c in USER_EVENT_COLUMNS},
+    store = block.filter(pa.array(is_store))
+    joined = join_users(
+        {c: examples[c].to_numpy() for c in (USER_ID, EVENT_ID, TS, ITEM_N, ITEM_POS)},
+        {c: events[c].to_numpy() for c in (USER_ID, *USER_EVENT_COLUMNS)},
         {
+            USER_ID: store[USER_ID].to_numpy(),
             EVENT_ID: store[EVENT_ID].to_numpy(),
             TS: store[TS].to_numpy(),
             SURFACE: store[SURFACE].to_numpy(),
@@ -238,13 +252,8 @@ def join_group(group: pa.Table, spec: JoinSpec, event_columns: list[str], vertic
         out.append_column(SEQ_Z, codec.rows_to_binary(joined[SEQ_Z]))
         .append_column(SEQ_LEN_VALID, pa.array(joined[SEQ_LEN_VALID]))
         .append_column(KD_LOGIT, pa.array(joined[KD_LOGIT]))
+        .combine_chunks()  # one chunk per column: the partitioned parquet writer loops over chunks
     )
-
-
-def contiguous(block: pa.Table) -> pa.Table:
-    """One chunk per column: a block of per-user pieces otherwise makes the partitioned parquet
-    writer loop over thousands of tiny record batches (20x slower, measured)."""
-    return block.combine_chunks()
 
 
 def _finish_partitions(run: RunDir, tmp: Path, store: StoreManifest, vertical: int,
