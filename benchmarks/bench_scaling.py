@@ -8,7 +8,10 @@ timed whole as a user would see it:
 
 * **embed**: `loopfm.fm.embed.embed_stage` (user chunks -> compressor fit on a fixed sample ->
   the ChunkExtractor actor pool over every chunk -> sealed store);
-* **features**: `loopfm.features.stage.features_stage` (the point-in-time join over that store);
+* **features**: `loopfm.features.stage.features_stage` (the point-in-time join over that store),
+  with the memory of the whole process tree (driver, raylet, workers; `common.MemorySampler`) and
+  /dev/shm polled while it runs: a join that holds one block's users at a time should show a flat
+  private-memory peak as the log grows, the shuffle's object store the growth;
 * **train**: `loopfm.training.vm.train_vm`, the `loopfm` arm (Ray Train, one worker).
 
 Per stage: the log-log slope of seconds against events (least squares over the sizes; 1.0 =
@@ -39,11 +42,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    MemorySampler,
     Timer,
     append_row,
     device_name,
     figure,
     machine,
+    memory_now,
     save_png,
     start_ray,
     versions,
@@ -78,9 +83,16 @@ def one_size(cfg, users: int, events_per_user: int, scratch: Path, train: bool =
             store = embed_stage(cfg, run)
         out["embed_s"], out["store_rows"] = round(t.seconds, 2), store.rows
         load.append(round(os.getloadavg()[0], 2))
+        private_before, shm_before = memory_now()
+        sampler = MemorySampler(every=0.5)
+        sampler.start()
         with Timer() as t:
             features = features_stage(cfg, run)
+        peaks = sampler.stop()
         out["features_s"], out["examples"] = round(t.seconds, 2), sum(features.rows.values())
+        out["features_memory"] = {**peaks, "private_mib_before": round(private_before, 1),
+                                  "shm_mib_before": round(shm_before, 1),
+                                  "private_mib_growth": round(peaks["private_mib_peak"] - private_before, 1)}
         load.append(round(os.getloadavg()[0], 2))
         if not train:
             return out
@@ -194,7 +206,9 @@ def row(r: dict) -> None:
     f, sizes, c = r["fits"], r["sizes"], r["config"]
     slopes = ", ".join(f"{stage} {f[stage]['slope']:.2f}" for stage in STAGES)
     per = "; ".join(f"{s['events']:,} events: " + ", ".join(f"{stage} {s[f'{stage}_s']}s" for stage in STAGES)
-                    + f" (load {s['load_avg_1m'][0]}->{s['load_avg_1m'][-1]})" for s in sizes)
+                    + f" (features peak {s['features_memory']['private_mib_peak']:.0f} MiB private, "
+                    f"{s['features_memory']['shm_mib_peak']:.0f} MiB shm;"
+                    f" load {s['load_avg_1m'][0]}->{s['load_avg_1m'][-1]})" for s in sizes)
     affine = ", ".join(f"{stage} {f[stage]['fixed_s']}s + {f[stage]['per_million_events_s']}s/M events"
                        for stage in STAGES)
     append_row(
