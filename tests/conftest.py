@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+    # A test taking `two_node_cluster` shuts the session's Ray down for a cluster of its own, and the
+    # next test needing the session's Ray starts it again: last in the run (a stable sort, the rest
+    # keep their order), the session's Ray starts once.
+    items.sort(key=lambda item: "two_node_cluster" in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(autouse=True)
@@ -137,6 +142,7 @@ def ensure_local_ray():
     if ray.is_initialized() and not _state["local"]:
         ray.shutdown()
     if not ray.is_initialized():
+        session_s3()  # before Ray starts: its raylet, workers and Serve replicas inherit the S3 environment
         # with its dashboard: Ray Train's PlacementGroupCleaner polls the State API (see start_local_ray)
         start_local_ray(4, dashboard=True, log_to_driver=False)
         _state["local"] = True
@@ -168,12 +174,14 @@ def two_node_cluster():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shutdown_ray_at_end():
+def _shutdown_ray_at_end(tmp_path_factory):
+    _state["tmp_path_factory"] = tmp_path_factory  # where the session's moto server logs
     yield
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    _stop_session_s3()
 
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "loopfm-test", "AWS_SECRET_ACCESS_KEY": "loopfm-test-secret",
@@ -200,29 +208,52 @@ def start_moto(port: int, log: Path) -> subprocess.Popen:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """A loopback S3 server and the environment every process of the test resolves `s3://` with
-    (dummy credentials, AWS_ENDPOINT_URL): what an instance profile and a real endpoint give a
-    cluster. Yields the endpoint URL."""
-    from loopfm.location import filesystem
-    from loopfm.runtime import free_port
+_s3: dict = {}  # the session's loopback S3 server: its process and the environment it set
 
-    port = free_port()
-    proc = start_moto(port, tmp_path_factory.mktemp("moto") / "moto.log")
-    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    filesystem.cache_clear()  # resolved again against this endpoint
-    yield env["AWS_ENDPOINT_URL"]
-    proc.kill()
-    proc.wait(timeout=10)
-    for k, v in saved.items():
+
+def session_s3() -> str:
+    """The session's loopback S3 server (moto's, a real HTTP S3 API in its own process), started on
+    first use and kept to the end of the session, and the environment every process resolves
+    `s3://` with (dummy credentials, AWS_ENDPOINT_URL), set in this process: what an instance profile
+    and a real endpoint give a cluster. `ensure_local_ray` calls it before it starts the session's
+    Ray, so the raylet and every worker and Serve replica of that Ray inherit the environment (as a
+    cluster's nodes do), and the S3 tests need no Ray of their own. Returns the endpoint URL."""
+    if not _s3:
+        from loopfm.location import filesystem
+        from loopfm.runtime import free_port
+
+        port = free_port()
+        factory = _state.get("tmp_path_factory")
+        log = factory.mktemp("moto") if factory is not None else Path(tempfile.mkdtemp(prefix="loopfm-moto-"))
+        proc = start_moto(port, log / "moto.log")
+        env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        _s3.update(proc=proc, env=env, saved={k: os.environ.get(k) for k in env})
+        os.environ.update(env)
+        filesystem.cache_clear()  # resolved again against this endpoint
+    return _s3["env"]["AWS_ENDPOINT_URL"]
+
+
+def _stop_session_s3() -> None:
+    if not _s3:
+        return
+    from loopfm.location import filesystem
+
+    _s3["proc"].kill()
+    _s3["proc"].wait(timeout=10)
+    for k, v in _s3["saved"].items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
     filesystem.cache_clear()
+    _s3.clear()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """The session's loopback S3 server (`session_s3`) and its environment, in this process and in
+    the session's Ray. Yields the endpoint URL."""
+    yield session_s3()
 
 
 @pytest.fixture

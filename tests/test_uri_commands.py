@@ -64,16 +64,22 @@ def s3_trained(bucket, smoke_trained):
 
 @pytest.fixture(scope="module")
 def s3_ray(s3_server, s3_trained):
-    """The session's Ray started again after the S3 environment is set, so its raylet and every
-    worker and Serve replica resolve `s3://` against the loopback server (as a cluster's nodes
-    resolve it with their instance profile)."""
+    """The session's Ray, started after the S3 environment was set (conftest's `ensure_local_ray`
+    starts the loopback server first), so its raylet and every worker and Serve replica resolve
+    `s3://` against the loopback server (as a cluster's nodes resolve it with their instance
+    profile): checked here on a worker."""
+    import os
+
     import ray
 
-    ray.shutdown()
-    conftest._state["local"] = False
-    yield conftest.ensure_local_ray()
-    ray.shutdown()  # the next user of the session's Ray starts one without the loopback endpoint
-    conftest._state["local"] = False
+    ray_ = conftest.ensure_local_ray()
+
+    @ray.remote(num_cpus=0)
+    def endpoint_of_a_worker():
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    assert ray.get(endpoint_of_a_worker.remote(), timeout=120) == s3_server
+    return ray_
 
 
 def test_serve_build_on_an_s3_run_writes_its_config_to_the_bucket(s3_server, s3_trained, tmp_path, monkeypatch,
