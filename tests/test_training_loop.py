@@ -61,6 +61,8 @@ def test_shards_are_kept_when_asked_or_small(smoke_trained):
 @pytest.mark.timeout(120)
 def test_kept_shard_batches_hold_the_same_rows_every_epoch_reshuffled(smoke_trained, ray_session):
 
+    import torch
+
     from loopfm.features.collate import VMBatchCollate
     from loopfm.features.reader import read_features
     from loopfm.training.batches import ShardBatches
@@ -81,6 +83,12 @@ def test_kept_shard_batches_hold_the_same_rows_every_epoch_reshuffled(smoke_trai
 
     evaluation = ShardBatches(read_features(run, features, "valid").iterator(), collate, 64, keep=True)
     assert rows(evaluation.epoch()) and rows(evaluation.epoch()) == rows(evaluation.epoch())  # order kept
+
+    # the shard is decoded once and batches gathered from it: each batch is the decode of its own rows
+    assert list(evaluation.held.decoded) == [collate.key]
+    for k, batch in enumerate(evaluation.epoch()):
+        alone = collate.tensors({c: v[k * 64 : (k + 1) * 64] for c, v in evaluation.columns.items()})
+        assert batch.keys() == alone.keys() and all(torch.equal(batch[c], alone[c]) for c in batch)
 
     streamed = ShardBatches(read_features(run, features, "valid").iterator(), collate, 64, keep=False)
     assert sorted(rows(streamed.epoch(0))) == sorted(first) and streamed.columns is None

@@ -29,8 +29,24 @@ class VMBatchCollate(ArrowBatchCollateFn):
 
     def tensors(self, columns: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Numpy feature columns -> the VM batch as tensors on this collate's device."""
-        decoded = decode_batch(columns, self.manifest, self.width, self.with_seq, self.with_raw)
-        tensors = {k: _tensor(v) for k, v in decoded.items()}
+        return self.to_device(self.decode(columns))
+
+    def decode(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Numpy feature columns -> the VM batch as numpy arrays, one row per example. Decoding is
+        row-wise, so rows taken from a decoded shard (`take`) equal the decode of those rows."""
+        return decode_batch(columns, self.manifest, self.width, self.with_seq, self.with_raw)
+
+    def take(self, decoded: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of `rows` from arrays `decode` made: what `tensors` gives for those rows."""
+        return self.to_device({k: v[rows] for k, v in decoded.items()})
+
+    @property
+    def key(self) -> tuple:
+        """What decides the decoded arrays (VMs with equal keys can share one decoded shard)."""
+        return (self.manifest.fingerprint, self.width, self.with_seq, self.with_raw)
+
+    def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        tensors = {k: _tensor(v) for k, v in arrays.items()}
         return tensors if self.device is None else {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 import numpy as np
@@ -40,7 +40,7 @@ from loopfm.precision import autocast, float32, model_device
 from loopfm.rundir import RunDir, committed
 from loopfm.runtime import init_ray, log, torch_device, use_gpu
 from loopfm.skeleton import current, publish
-from loopfm.training.batches import ShardBatches
+from loopfm.training.batches import HeldShard, ShardBatches
 from loopfm.training.checkpoint import VMManifest, build_from_manifest, save_vm
 from loopfm.training.loop import (
     Background,
@@ -82,6 +82,7 @@ def seq_width(cfg: LoopFMConfig, features: FeaturesManifest):
 
 # How often the driver looks for finished VMs of a running `train_vms` run.
 PUBLISH_POLL_S = 2.0
+TEST_BATCH = 4096  # rows per forward when the driver scores a VM on test
 # Held by a VM's epochs and by the driver's test scoring. In Train's local mode both run in the
 # driver process, and torch ops running at once in two threads change each other's thread counts,
 # so kernels whose result depends on them would give other weights for the same seed.
@@ -138,8 +139,8 @@ def train_vms(cfgs: list[LoopFMConfig], run: RunDir, features: FeaturesManifest,
     columns = list(dict.fromkeys(c for n in names for c in n))  # every VM's columns, the first VM's order
     with ordered_data():  # the same examples in the same order every run: the same VM for the same seed
         datasets = {split: read_features(run, features, split, columns) for split in ("train", "valid")}
-        test = read_features(run, features, "test", columns)
         keep = keep_shards(first.train.data_cache, run, features)
+        test = TestSplit(read_features(run, features, "test", columns), keep)
         for split in ("train", "valid") if keep else ("valid",):  # read once, not once per epoch
             datasets[split] = datasets[split].materialize()
         one = pending[0]
@@ -197,7 +198,7 @@ def vm_manifest(cfg: LoopFMConfig, fingerprint: str, features: FeaturesManifest,
     )
 
 
-def _finish(manifest: VMManifest, state: dict, out, features: FeaturesManifest, test, gpu: bool,
+def _finish(manifest: VMManifest, state: dict, out, features: FeaturesManifest, test: TestSplit, gpu: bool,
             train_cfg: TrainConfig, stop_file) -> VMManifest:
     """Score a finished VM on test once, in the driver, and save it (unless it was stopped early)."""
     test_metrics = evaluate_state(state["best"], manifest, features, test, torch_device(gpu))
@@ -217,7 +218,17 @@ def _finish(manifest: VMManifest, state: dict, out, features: FeaturesManifest, 
     return manifest
 
 
-def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest, test,
+@dataclass
+class TestSplit:
+    """The test split as the driver scores every VM of a run on it: a Dataset, held in memory (read
+    once, decoded once per kind of VM) when the run keeps its shards, else streamed per VM."""
+
+    dataset: object
+    keep: bool
+    held: HeldShard = field(default_factory=HeldShard)
+
+
+def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest, test: TestSplit,
                    device: torch.device = torch.device("cpu")) -> dict:
     """Test metrics of the kept epoch's weights, in the driver, once: the test split never takes
     part in choosing anything, and is not scored every epoch for nothing."""
@@ -226,15 +237,16 @@ def evaluate_state(state: dict, manifest: VMManifest, features: FeaturesManifest
     model.to(device)
     collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None,
                              with_raw=manifest.rawseq)
-    return evaluate_vm(model, test.iter_torch_batches(batch_size=4096, collate_fn=collate, device=str(device)))
+    return evaluate_vm(model, ShardBatches(test.dataset, collate, TEST_BATCH, test.keep, held=test.held).epoch())
 
 
 def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
     """Whether Train workers keep their shards in memory after the first epoch (`train.data_cache`).
 
-    "auto" says yes when the feature splits' parquet, at an assumed 3x in memory, fills under a
-    quarter of this machine's available memory: for splits that small, streaming them again every
-    epoch costs more than holding them.
+    "auto" says yes when the feature splits' parquet, at an assumed 3x in memory, plus the kept
+    splits decoded (float32 sequences and int64 raw slots, `ShardBatches`) fill under a quarter of
+    this machine's available memory: for splits that small, streaming them again every epoch costs
+    more than holding them.
     """
     if mode != "auto":
         return mode == "memory"
@@ -242,7 +254,9 @@ def keep_shards(mode: str, run: RunDir, features: FeaturesManifest) -> bool:
     import psutil
 
     files = committed(run.features(features.fingerprint)).rglob("*.parquet")
-    return 3 * sum(f.stat().st_size for f in files) < psutil.virtual_memory().available / 4
+    kept_rows = features.rows["train"] + features.rows["valid"]
+    decoded = kept_rows * features.seq_len * (4 * features.width + 8 * len(RAW_COLUMNS))
+    return 3 * sum(f.stat().st_size for f in files) + decoded < psutil.virtual_memory().available / 4
 
 
 def feature_columns(run: RunDir, features: FeaturesManifest, loopfm: bool, rawseq: bool) -> list[str]:
@@ -263,7 +277,7 @@ def vms_loop(config: dict) -> None:
     device = train_device(config.get("use_gpu", False))
     rank = ray.train.get_context().get_world_rank()
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "valid")}
-    kept: dict = {}
+    held = {name: HeldShard() for name in ("train", "valid")}  # read and decoded once for every VM
     total = len(config["manifests"])
     for index, fields in enumerate(config["manifests"]):
         if index in done:
@@ -274,12 +288,11 @@ def vms_loop(config: dict) -> None:
         collate = VMBatchCollate(features, manifest.seq_width, str(device), with_seq=manifest.seq_width is not None,
                                  with_raw=manifest.rawseq)
         splits = {name: ShardBatches(shards[name], collate, train_cfg.batch_size, config.get("keep_shards", False),
-                                     shuffle_seed=train_cfg.seed if name == "train" else None, kept=kept.get(name))
+                                     shuffle_seed=train_cfg.seed if name == "train" else None, held=held[name])
                   for name in ("train", "valid")}
         tag = f"{manifest.arm} seed {manifest.seed}" + (f" (VM {index + 1}/{total})" if total > 1 else "")
         with TORCH_TURN:
             state, stopped = vm_epochs(manifest, train_cfg, splits, device, timer, index, config.get("stop_file"), tag)
-        kept.update({name: batches.columns for name, batches in splits.items() if batches.columns is not None})
         if rank == 0:
             buffer = io.BytesIO()
             torch.save({"best": state.best_state, "stopper": asdict(state.stopper), "history": state.history,
