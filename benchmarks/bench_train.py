@@ -6,9 +6,11 @@ stage over splits and a store written straight into a scratch run directory (ran
 and z, as benchmarks/bench_features.py does; 3 surfaces, vertical 0). Measured per arm:
 
 * **bare**: the feature splits read with pyarrow into memory (numpy columns, once, not timed),
-  then per epoch a permutation, batches through `VMBatchCollate.tensors` (`decode_batch`), forward /
-  backward / step of the same `build_vm` model with `vm_loss`, and the same evaluation of valid
-  and test as `vms_loop` (no checkpoint). Torch threads = what the Ray Train worker gets.
+  decoded once as `ShardBatches` does (`VMBatchCollate.decode`), then per epoch a permutation,
+  batches gathered from the decoded rows, forward / backward / step of the same `build_vm` model
+  with `vm_loss`, and the same evaluation as
+  `train_vms`: valid every epoch, test once after the last (no checkpoint). Torch threads = what
+  the Ray Train worker gets.
 * **ray**: `loopfm.training.vm.train_vm` on the same features, the whole call timed (Ray Train
   start-up, Ray Data reads and streaming, evaluation, checkpoints; nothing subtracted);
   examples/s = train rows x epochs / seconds. `train_vm(timing_log=...)` has each worker's
@@ -107,11 +109,16 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
         train = data["train"]
         n = len(next(iter(train.values())))
 
+        decoded: dict[int, dict] = {}
+
         def batches(split: dict, order=None):
+            """As `ShardBatches` from memory: the split decoded once (on first use), batches gathered."""
             size = len(next(iter(split.values())))
+            if id(split) not in decoded:
+                decoded[id(split)] = collate.decode(split)
+            order = np.arange(size) if order is None else order
             for start in range(0, size, t.batch_size):
-                rows = slice(start, start + t.batch_size) if order is None else order[start : start + t.batch_size]
-                yield collate.tensors({k: v[rows] for k, v in split.items()})
+                yield collate.take(decoded[id(split)], order[start : start + t.batch_size])
 
         epochs, train_s, eval_s = [], 0.0, 0.0
         with Timer() as total:
@@ -121,9 +128,9 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
                     losses = []
                     for batch in batches(train, rng.permutation(n)):
                         losses.append(vm_step(model, optimizer, batch, t, device))  # vms_loop's own step
-                with Timer() as ev:
+                with Timer() as ev:  # as train_vms: valid every epoch, test once (the driver, after the fit)
                     metrics = {}
-                    for split in ("valid", "test"):
+                    for split in ("valid", "test") if epoch == t.epochs - 1 else ("valid",):
                         arrays = predict(model, batches(data[split]))
                         metrics[split] = evaluate(arrays["label"], arrays["logit"], arrays["user"])
                 train_s, eval_s = train_s + tr.seconds, eval_s + ev.seconds
@@ -189,17 +196,64 @@ def breakdown(log_path: str, started: float, ended: float) -> dict:
     }
 
 
+def collate_paths(cfg: LoopFMConfig, run: RunDir, features, threads: int, steps: int = 20) -> dict:
+    """Per-batch decode (`VMBatchCollate.tensors` on each batch's rows) against decoding the split
+    once and gathering each batch (`decode` + `take`, what `ShardBatches` does): seconds for one
+    epoch of train batches each way, the one decode apart, and whether `steps` optimizer steps from
+    the same seed give the same weights bit for bit."""
+    from loopfm.datasets.splits import SplitInfo
+    from loopfm.features.collate import VMBatchCollate
+    from loopfm.training.checkpoint import build_from_manifest
+    from loopfm.training.loop import seed_everything
+    from loopfm.training.vm import seq_width, vm_fingerprint, vm_manifest, vm_optimizer, vm_step
+
+    t, width = cfg.train, seq_width(cfg, features)
+    data = read_split(run, features, "train", width is not None)
+    collate = VMBatchCollate(features, width, "cpu", with_seq=width is not None, with_raw=t.use_rawseq)
+    order = np.random.default_rng(t.seed).permutation(len(data["label"]))
+    starts = range(0, len(order), t.batch_size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with Timer() as per_batch:
+            for start in starts:
+                collate.tensors({k: v[order[start : start + t.batch_size]] for k, v in data.items()})
+        with Timer() as once:
+            decoded = collate.decode(data)
+        with Timer() as gathered:
+            for start in starts:
+                collate.take(decoded, order[start : start + t.batch_size])
+        manifest = vm_manifest(cfg, vm_fingerprint(cfg, features), features, SplitInfo.load(run))
+        weights = []
+        for batch_of in (lambda rows: collate.tensors({k: v[rows] for k, v in data.items()}),
+                         lambda rows: collate.take(decoded, rows)):
+            seed_everything(t.seed)
+            model = build_from_manifest(manifest)
+            optimizer = vm_optimizer(model, t)
+            for start in list(starts)[:steps]:
+                vm_step(model, optimizer, batch_of(order[start : start + t.batch_size]), t, torch.device("cpu"))
+            weights.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    return {"batches": len(starts), "per_batch_decode_s": round(per_batch.seconds, 3),
+            "decode_once_s": round(once.seconds, 3), "gather_s": round(gathered.seconds, 3),
+            "ratio_per_epoch": round(per_batch.seconds / gathered.seconds, 2),
+            "same_weights": all(torch.equal(a, b) for a, b in zip(*weights))}
+
+
 def compare_arm(acfg: LoopFMConfig, run: RunDir, features, threads: int, plain: bool = False) -> dict:
-    """One arm: the bare loop, then `train_vm` with its workers' stamps; their ratios."""
+    """One arm: the collate's two paths, the bare loop, then `train_vm` with its workers' stamps; their ratios."""
     from loopfm.training.vm import arm_of
 
     arm = arm_of(acfg.train)
+    collate = collate_paths(acfg, run, features, threads)
+    print(arm, "collate:", collate, flush=True)
     bare = bare_run(acfg, run, features, threads)
     print(arm, "bare:", bare, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_train_log_") as tmp:
         timed = ray_run(acfg, run, features, str(Path(tmp) / "loop.jsonl"))
     print(arm, "ray:", timed, flush=True)
-    entry = {"bare": bare, "ray": timed,
+    entry = {"collate": collate, "bare": bare, "ray": timed,
              "ratio_fit": round(timed["examples_per_s"] / bare["examples_per_s"], 3),
              "ratio_train_epochs": round(timed["train_examples_per_s"] / bare["train_examples_per_s"], 3)}
     later = [e["train_s"] for e in bare["epochs"][1:]]
@@ -317,6 +371,11 @@ def notes(r: dict) -> str:
                      f"{t['report_s']}s + teardown {t['teardown_s']}s; bare train {e['bare']['train_s']}s, eval "
                      f"{e['bare']['eval_s']}s; train-epochs ratio {e['ratio_train_epochs']}x"
                      + (f", steady (epochs after the first) {e['ratio_steady']}x" if "ratio_steady" in e else ""))
+        if "collate" in e:
+            c = e["collate"]
+            text += (f"; collate per epoch ({c['batches']} batches): decoded per batch {c['per_batch_decode_s']}s vs "
+                     f"gathered from the decoded split {c['gather_s']}s ({c['ratio_per_epoch']}x), after one decode "
+                     f"of {c['decode_once_s']}s; same weights after 20 steps: {c['same_weights']}")
         parts.append(text)
     if "fleet" in r:
         f = r["fleet"]
@@ -342,7 +401,7 @@ def row(r: dict) -> None:
         f"{c['dtype']}, shards {'kept in worker memory after epoch 1' if c['shards_kept'] else 'streamed every epoch'} "
         f"(train.data_cache={c['train']['data_cache']}); "
         f"1 Train worker (1 CPU, {r['threads']['worker_probe']} torch thread) vs bare at "
-        f"{r['threads']['bare']} thread, both evaluating valid+test each epoch; {r['notes']} "
+        f"{r['threads']['bare']} thread, both scoring valid every epoch and test once; {r['notes']} "
         f"Load avg {r['load_avg_1m_start']}->{r['load_avg_1m_end']}",
     )
 

@@ -43,6 +43,7 @@ SCRIPTS = {
     "memory": "bench_memory.py",
     "features": "bench_features.py",
     "incremental": "bench_incremental.py",
+    "run": "bench_run.py",
 }
 ALL = ("extract", "train", "serve", "scaling", "memory")  # what `loopfm bench all` runs, in this order
 NAMES = (*SCRIPTS, "all")

@@ -141,7 +141,7 @@ COMMANDS: tuple[Command, ...] = (
             "loopfm.bench:bench_stage", (
         _opt("benchmark",
              choices=("extract", "extract_scale", "train", "serve", "scaling", "memory", "features", "incremental",
-                      "all"),
+                      "run", "all"),
              help="which harness (all = extract, train, serve, scaling, memory)"),
         _opt("harness_args", metavar="args", nargs=argparse.REMAINDER,
              help="after `--`: the harness's own flags, e.g. -- --users 2000"),
