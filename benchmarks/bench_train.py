@@ -6,11 +6,10 @@ stage over splits and a store written straight into a scratch run directory (ran
 and z, as benchmarks/bench_features.py does; 3 surfaces, vertical 0). Measured per arm:
 
 * **bare**: the feature splits read with pyarrow into memory (numpy columns, once, not timed),
-  decoded once as `ShardBatches` does (`VMBatchCollate.decode`), then per epoch a permutation,
-  batches gathered from the decoded rows, forward / backward / step of the same `build_vm` model
-  with `vm_loss`, and the same evaluation as
-  `train_vms`: valid every epoch, test once after the last (no checkpoint). Torch threads = what
-  the Ray Train worker gets.
+  held by `ShardBatches` as a kept shard (decoded once, then per epoch a seeded permutation,
+  batches gathered from the decoded rows), forward / backward / step of the model `train_vms`
+  builds, with `vm_loss`, and the same evaluation as `train_vms`: valid every epoch, test once
+  after the last (no checkpoint). Torch threads = what the Ray Train worker gets.
 * **ray**: `loopfm.training.vm.train_vm` on the same features, the whole call timed (Ray Train
   start-up, Ray Data reads and streaming, evaluation, checkpoints; nothing subtracted);
   examples/s = train rows x epochs / seconds. `train_vm(timing_log=...)` has each worker's
@@ -81,11 +80,11 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
     """vms_loop's work without Ray: same model, loss, optimizer, collate, evaluation; data in memory."""
     from loopfm.evaluation.metrics import evaluate
     from loopfm.features.collate import VMBatchCollate
-    from loopfm.models.inputs import InputSpec
-    from loopfm.models.vm import build_vm
     from loopfm.precision import gpu_precision
+    from loopfm.training.batches import HeldShard, ShardBatches
+    from loopfm.training.checkpoint import build_from_manifest
     from loopfm.training.loop import seed_everything
-    from loopfm.training.vm import predict, seq_width, vm_optimizer, vm_step
+    from loopfm.training.vm import TEST_BATCH, predict, seq_width, vm_fingerprint, vm_manifest, vm_optimizer, vm_step
 
     width = seq_width(cfg, features)
     with Timer() as load:
@@ -95,30 +94,17 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
     try:
         t = cfg.train
         seed_everything(t.seed)
-        info = SplitInfo.load(run)
         device = gpu_precision("cuda" if gpu() else "cpu")  # TF32 + bf16 autocast on CUDA, as vms_loop
-        spec = InputSpec(vocab_sizes={k: info.vocab_sizes[k] for k in ("user_id", "item_id", "category")},
-                         context_sizes=tuple(info.vocab_sizes[c] for c in info.categorical), seq_width=width,
-                         rawseq=t.use_rawseq, history="history" in cfg.vm.features,
-                         n_dense=len(features.dense_names) if "counters" in cfg.vm.features else 0,
-                         num_surfaces=info.num_surfaces, pooling=cfg.vm.pooling)
-        model = build_vm(cfg.vm, spec, t.use_kd and t.aux_head).to(device)
+        manifest = vm_manifest(cfg, vm_fingerprint(cfg, features), features, SplitInfo.load(run))
+        model = build_from_manifest(manifest).to(device)  # the model train_vms builds for this config
         optimizer = vm_optimizer(model, t)  # the Ray path's optimizer, so both loops do the same work
         collate = VMBatchCollate(features, width, str(device), with_seq=width is not None, with_raw=t.use_rawseq)
-        rng = np.random.default_rng(t.seed)
-        train = data["train"]
-        n = len(next(iter(train.values())))
-
-        decoded: dict[int, dict] = {}
-
-        def batches(split: dict, order=None):
-            """As `ShardBatches` from memory: the split decoded once (on first use), batches gathered."""
-            size = len(next(iter(split.values())))
-            if id(split) not in decoded:
-                decoded[id(split)] = collate.decode(split)
-            order = np.arange(size) if order is None else order
-            for start in range(0, size, t.batch_size):
-                yield collate.take(decoded[id(split)], order[start : start + t.batch_size])
+        # the splits in memory as a kept shard (read already: no Ray), decoded once, batches gathered
+        train = ShardBatches(None, collate, t.batch_size, keep=True, shuffle_seed=t.seed,
+                             held=HeldShard(columns=data["train"]))
+        scored = {"valid": ShardBatches(None, collate, t.batch_size, keep=True, held=HeldShard(columns=data["valid"])),
+                  "test": ShardBatches(None, collate, TEST_BATCH, keep=True, held=HeldShard(columns=data["test"]))}
+        n = len(data["train"]["label"])
 
         epochs, train_s, eval_s = [], 0.0, 0.0
         with Timer() as total:
@@ -126,12 +112,12 @@ def bare_run(cfg: LoopFMConfig, run: RunDir, features, threads: int) -> dict:
                 model.train()
                 with Timer() as tr:
                     losses = []
-                    for batch in batches(train, rng.permutation(n)):
+                    for batch in train.epoch(epoch):
                         losses.append(vm_step(model, optimizer, batch, t, device))  # vms_loop's own step
                 with Timer() as ev:  # as train_vms: valid every epoch, test once (the driver, after the fit)
                     metrics = {}
                     for split in ("valid", "test") if epoch == t.epochs - 1 else ("valid",):
-                        arrays = predict(model, batches(data[split]))
+                        arrays = predict(model, scored[split].epoch())
                         metrics[split] = evaluate(arrays["label"], arrays["logit"], arrays["user"])
                 train_s, eval_s = train_s + tr.seconds, eval_s + ev.seconds
                 epochs.append({"epoch": epoch, "train_s": round(tr.seconds, 3), "eval_s": round(ev.seconds, 3),

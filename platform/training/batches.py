@@ -6,12 +6,12 @@ epoch (the first included) is a seeded permutation of those rows, each batch a g
 a bare PyTorch loop would do: no Ray Data executor, prefetch thread or object-store read per
 epoch, which on a small machine cost more than the model's step, and no decode per batch, a
 large part of a small VM's step (docs/PERFORMANCE.md, "Decisions"). The VMs of one run share what
-was read and decoded (`HeldShard`). Because the first epoch is a full permutation too, training depends on the
-shard's rows and the seed, not on how Ray Data cut them into files and blocks (a local shuffle
-buffer of a few batches leaves epoch 0 in near time order). With `keep=False` every epoch streams
-through Ray Data with its local shuffle buffer: the path for splits larger than a worker's memory.
-The shard a worker keeps is the one `streaming_split` gave it (equal row counts per worker, so
-every DDP worker still takes the same number of steps).
+was read and decoded (`HeldShard`). Because the first epoch is a full permutation too, training
+depends on the shard's rows and the seed, not on how Ray Data cut them into files and blocks (a
+local shuffle buffer of a few batches leaves epoch 0 in near time order). With `keep=False` every
+epoch streams through Ray Data with its local shuffle buffer: the path for splits larger than a
+worker's memory. The shard a worker keeps is the one `streaming_split` gave it (equal row counts
+per worker, so every DDP worker still takes the same number of steps).
 """
 
 from __future__ import annotations
