@@ -10,8 +10,8 @@ timed whole as a user would see it:
   the ChunkExtractor actor pool over every chunk -> sealed store);
 * **features**: `loopfm.features.stage.features_stage` (the point-in-time join over that store),
   with the memory of the whole process tree (driver, raylet, workers; `common.MemorySampler`) and
-  /dev/shm polled while it runs: a join that holds one block's users at a time should show a flat
-  private-memory peak as the log grows, the shuffle's object store the growth;
+  /dev/shm polled while it runs: the join holds one bucket per task (`features.buckets`), so its
+  private memory and what it adds to the object store should stay flat as the log grows;
 * **train**: `loopfm.training.vm.train_vm`, the `loopfm` arm (Ray Train, one worker).
 
 Per stage: the log-log slope of seconds against events (least squares over the sizes; 1.0 =
@@ -62,6 +62,9 @@ from loopfm.config import load_config  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402
 
 STAGES = ("embed", "features", "train")
+# The join's memory, each against events (flat: slope near 0): every process's private memory at
+# the peak, the largest single process's, and what the object store (/dev/shm) gained over the stage.
+MEMORY = ("private_mib_peak", "largest_private_mib", "shm_mib_growth")
 # The compressor's quality does not change what the stages cost; a small fixed fit keeps it out of the way.
 DEFAULTS = ["ray.progress_bars=false", "embed.compress.epochs=3", "embed.compress.sample_events=10000",
             "train.epochs=2", "train.num_workers=1", "fm.num_workers=0"]
@@ -92,7 +95,8 @@ def one_size(cfg, users: int, events_per_user: int, scratch: Path, train: bool =
         out["features_s"], out["examples"] = round(t.seconds, 2), sum(features.rows.values())
         out["features_memory"] = {**peaks, "private_mib_before": round(private_before, 1),
                                   "shm_mib_before": round(shm_before, 1),
-                                  "private_mib_growth": round(peaks["private_mib_peak"] - private_before, 1)}
+                                  "private_mib_growth": round(peaks["private_mib_peak"] - private_before, 1),
+                                  "shm_mib_growth": round(peaks["shm_mib_peak"] - shm_before, 1)}
         load.append(round(os.getloadavg()[0], 2))
         if not train:
             return out
@@ -121,13 +125,15 @@ def fits(sizes: list[dict]) -> dict:
                       "per_million_events_s": round(float(per_event) * 1e6, 2)}
     total = [sum(s[f"{stage}_s"] for stage in STAGES) for s in sizes]
     out["all"] = loglog_slope(events, total)
+    memory = {name: [max(s["features_memory"][name], 1.0) for s in sizes] for name in MEMORY}
+    out["features_memory"] = {f"{name}_slope": loglog_slope(events, mib)["slope"] for name, mib in memory.items()}
     return out
 
 
 def plot(r: dict) -> None:
     sizes, f = r["sizes"], r["fits"]
     events = np.array([s["events"] for s in sizes], dtype=float)
-    fig, (ax, rate) = figure(2)
+    fig, (ax, rate, memory) = figure(3)
     grid = np.geomspace(events.min(), events.max(), 50)
     for stage, color in zip(STAGES, ("C0", "C1", "C2")):
         seconds = np.array([s[f"{stage}_s"] for s in sizes])
@@ -148,6 +154,16 @@ def plot(r: dict) -> None:
     rate.set_ylim(bottom=0)
     rate.legend(fontsize=8)
     rate.grid(alpha=0.3)
+    for name, label in zip(MEMORY, ("private, all processes (peak)", "private, largest process",
+                                    "object store gained")):
+        memory.plot(events, [s["features_memory"][name] for s in sizes], "o-",
+                    label=f"{label}: slope {f['features_memory'][name + '_slope']:.2f}")
+    memory.set_xscale("log")
+    memory.set_xlabel("events")
+    memory.set_ylabel("features stage memory (MiB)")
+    memory.set_ylim(bottom=0)
+    memory.legend(fontsize=8)
+    memory.grid(alpha=0.3)
     c = r["config"]
     fig.suptitle(f"Cost growth, {r['device']}: FM d={c['fm']['d_model']} x{c['fm']['n_layers']}, L={c['seq_len']}, "
                  f"VM {c['vm_model']} x{c['train_epochs']} epochs "
@@ -206,14 +222,16 @@ def row(r: dict) -> None:
     f, sizes, c = r["fits"], r["sizes"], r["config"]
     slopes = ", ".join(f"{stage} {f[stage]['slope']:.2f}" for stage in STAGES)
     per = "; ".join(f"{s['events']:,} events: " + ", ".join(f"{stage} {s[f'{stage}_s']}s" for stage in STAGES)
-                    + f" (features peak {s['features_memory']['private_mib_peak']:.0f} MiB private, "
-                    f"{s['features_memory']['shm_mib_peak']:.0f} MiB shm;"
+                    + f" (features peak {s['features_memory']['private_mib_peak']:.0f} MiB private, largest "
+                    f"process {s['features_memory']['largest_private_mib']:.0f} MiB, shm gained "
+                    f"{s['features_memory']['shm_mib_growth']:.0f} MiB;"
                     f" load {s['load_avg_1m'][0]}->{s['load_avg_1m'][-1]})" for s in sizes)
     affine = ", ".join(f"{stage} {f[stage]['fixed_s']}s + {f[stage]['per_million_events_s']}s/M events"
                        for stage in STAGES)
     append_row(
         r["date"], "scaling (stage time vs events)", f"{r['device']}, Ray {r['versions']['ray']}",
-        f"log-log slope {slopes} (all stages {f['all']['slope']:.2f}) over {r['span']}x events",
+        f"log-log slope {slopes} (all stages {f['all']['slope']:.2f}) over {r['span']}x events; features memory "
+        + ", ".join(f"{name} {f['features_memory'][name + '_slope']:.2f}" for name in MEMORY),
         f"{per}. Affine fit: {affine}. FM d={c['fm']['d_model']} x{c['fm']['n_layers']} "
         f"({c['fm_params']:,} params, random "
         f"init), {c['embed']['num_actors']} actor; features L={c['seq_len']}; VM {c['vm_model']} loopfm arm, "

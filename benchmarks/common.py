@@ -108,12 +108,12 @@ class MemorySampler(threading.Thread):
     """Peaks (MiB), polled every `every` s from /proc, over this process and its descendants (a
     local Ray started by this driver: GCS, raylet, every worker and actor): private memory
     (RssAnon summed), RSS summed (shared pages counted once per process), the largest single
-    process's RSS (and its command), and /dev/shm in use (Ray's object store)."""
+    process's RSS (and its command) and private memory, and /dev/shm in use (Ray's object store)."""
 
     def __init__(self, every: float = 0.2):
         super().__init__(daemon=True)
         self.every, self._done = every, threading.Event()
-        self.private = self.rss = self.largest = self.shm = 0.0
+        self.private = self.rss = self.largest = self.largest_private = self.shm = 0.0
         self.largest_cmd, self.processes = "", 0
 
     def run(self) -> None:
@@ -125,6 +125,7 @@ class MemorySampler(threading.Thread):
         private = sum(p["anon"] for p in procs)
         self.private, self.rss = max(self.private, private), max(self.rss, sum(p["rss"] for p in procs))
         self.processes = max(self.processes, len(procs))
+        self.largest_private = max([self.largest_private, *(p["anon"] for p in procs)])
         top = max(procs, key=lambda p: p["rss"], default=None)
         if top and top["rss"] > self.largest:
             self.largest, self.largest_cmd = top["rss"], top["cmd"]
@@ -136,6 +137,7 @@ class MemorySampler(threading.Thread):
         self.sample()
         return {"private_mib_peak": round(self.private, 1), "rss_sum_mib_peak": round(self.rss, 1),
                 "largest_process_rss_mib": round(self.largest, 1), "largest_process": self.largest_cmd,
+                "largest_private_mib": round(self.largest_private, 1),
                 "processes_max": self.processes, "shm_mib_peak": round(self.shm, 1)}
 
 

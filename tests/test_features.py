@@ -243,6 +243,24 @@ def test_current_features_are_skipped(built):
     assert list((built.run.root / "features").iterdir()) == [built.out]
 
 
+@pytest.mark.timeout(300)
+def test_many_buckets_give_the_examples_of_one(built, monkeypatch, tmp_path):
+    """The join's three bucketed passes with buckets of 1,000 rows (about a dozen user buckets and
+    several item and example buckets on the smoke log, where the default size makes one of each)
+    write the same examples, every column, as the one-bucket build; the files, taken in name order,
+    hold event ids ascending; the bucket files are gone from the published feature set."""
+    monkeypatch.setattr(stage, "ROWS_PER_PARTITION", 1000)
+    shutil.copytree(built.run.root, tmp_path / "run", ignore=shutil.ignore_patterns("features"))
+    assert main(["features", "--config", str(SMOKE), "--out", str(tmp_path / "run"), *OVERRIDES]) == 0
+    out = tmp_path / "run" / "features" / built.out.name
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *sorted(SPLITS)]
+    for split in SPLITS:
+        files = sorted((out / split).glob("*.parquet"))
+        ids = np.concatenate([pq.read_table(f, columns=["event_id"])["event_id"].to_numpy() for f in files])
+        assert len(files) > 1 and (np.diff(ids) > 0).all(), split
+        assert pq.read_table(out / split).equals(pq.read_table(built.out / split).sort_by("event_id")), split
+
+
 @pytest.mark.timeout(120)
 def test_store_that_does_not_match_is_refused(run_with_store, capsys):
     run, _, _ = run_with_store

@@ -1,4 +1,4 @@
-"""The features stage joins a whole block of users at once (`join.join_users`, `stage.join_block`):
+"""The features stage joins a whole bucket of users at once (`join.join_users`, `stage.join_block`):
 it must give every user exactly what `join_user` gives that user alone.
 
 Pure: numpy and Arrow only, no Ray (the stage's Ray plumbing is covered by tests/test_features.py).
@@ -124,7 +124,7 @@ def test_a_block_without_examples_gives_empty_columns_of_the_usual_types():
 
 @pytest.mark.parametrize("lag", [0, 20])
 def test_join_block_on_an_arrow_block_in_the_union_schema(lag):
-    """`stage.join_block` over the union rows the sort hands it (vertical events with their item
+    """`stage.join_block` over the union rows a user bucket holds (vertical events with their item
     counters and split, other surfaces' events, store rows; shuffled) equals `join_user` per user."""
     spec = JoinSpec(SPEC.seq_len, SPEC.raw_seq_len, lag, SPEC.retention, SPEC.surfaces, SPEC.row_bytes,
                     SPEC.counter_window, SPEC.prior)

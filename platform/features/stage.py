@@ -1,19 +1,20 @@
-"""`loopfm features`: the point-in-time join as one streaming Ray Data job.
+"""`loopfm features`: the point-in-time join as three bucketed passes over disk (`buckets`).
 
-    vertical events --sort(item_id), per block--> + item counters (`join.counts_before`)
-    ∪ other surfaces' events (history for the rawseq control) ∪ store rows (every surface)
-      (each branch materialized before the union: see `build_examples`)
-      -> sort(user_id) on boundaries from the data      (sort-based shuffle, set by init_ray)
-      -> per block: every user of the block joined (`join.join_users`), one table out
-      -> write_parquet(partition_cols=[split])        (one write pass)
+    vertical events --bucket(item_id)--> per item bucket: + item counters (`join.counts_before`)
+    ---------------------------------\
+    other surfaces' events (history for the rawseq control) --bucket(user_id)--> _join/users/{events,history,store}
+    store rows (every surface) ------/
+    per user bucket: every user of the bucket joined (`join.join_users`) --bucket(event_id)--> _join/examples
+    per example bucket: sorted by event_id -> write_parquet(partition_cols=[split])
       -> features/<fingerprint>/{train,valid,test}/ + manifest.json
 
-All inputs are cast to one schema (columns the other side lacks are null), so a user's events
-and store rows land in one block: the sort's reduce writes one block per key range, so no user
-straddles two (what `fm/chunks.py` relies on too). Memory: the shuffle holds every event and
-store row once (in Ray's object store, spilled to disk when it is larger); the sequences, L
-times bigger, exist one block's users at a time and go straight to parquet, never
-examples x L x width at once.
+All inputs are cast to one schema (columns the other side lacks are null), so a user bucket reads
+a user's events and store rows in one table. Bucket boundaries are drawn from the data
+(`ordering.sort_boundaries`: about ROWS_PER_PARTITION events each), so a fresh run writes the same
+rows into the same files. Memory: each pass streams batches into bucket files and each task then
+holds one bucket, so neither the object store nor any process holds the whole log; the sequences,
+L times bigger than the log, exist one bucket's users at a time and go straight to disk. The
+bucket files live in the stage's temp output (`_join/`) and are removed before it is published.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from loopfm.config import LoopFMConfig, stable_hash
 from loopfm.datasets.schema import ITEM_ID, LABEL, SPLITS, SURFACE, TS, USER_ID, idx
 from loopfm.datasets.splits import SplitInfo, split_of, split_paths, surfaces_present
 from loopfm.errors import MissingInputError, VersionMismatchError
+from loopfm.features.buckets import over_buckets, write_buckets
 from loopfm.features.join import DENSE_NAMES, USER_EVENT_COLUMNS, JoinSpec, counts_before, join_users
 from loopfm.features.reader import KD_LOGIT, LIST_COLUMNS, SEQ_LEN_VALID, SEQ_Z, FeaturesManifest
 from loopfm.fm.checkpoint import FMManifest
 from loopfm.fm.chunks import ROWS_PER_PARTITION, file_boundaries
 from loopfm.fm.train import fm_fingerprint
+from loopfm.location import AnyPath, remove_tree
 from loopfm.ordering import ordered_data, sort_boundaries
 from loopfm.rundir import MANIFEST, RunDir, check_rows
 from loopfm.runtime import init_ray, log
@@ -48,6 +51,7 @@ from loopfm.store.resolve import resolve_store
 from loopfm.store.schema import EVENT_ID, FM_LOGIT, StoreManifest, Z
 
 SPLIT = "split"
+WORK = "_join"  # the bucket files, inside the temp output (see the module docstring)
 FROM_STORE = "from_store"
 ITEM_N, ITEM_POS = "item_n", "item_pos"  # the item counters, carried on vertical event rows into the user join
 
@@ -81,8 +85,10 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, fm_version: Optional[str] = N
     boundaries = sort_boundaries(np.concatenate(list(ids.values())), ROWS_PER_PARTITION)
 
     def build(tmp: Path) -> FeaturesManifest:
-        examples = build_examples(run, store_path, spec, info, vertical).sort(EVENT_ID, boundaries=boundaries)
-        examples.write_parquet(str(tmp), partition_cols=[SPLIT])
+        work = tmp / WORK
+        build_examples(run, store_path, spec, info, vertical, work, boundaries).write_parquet(
+            str(tmp), partition_cols=[SPLIT])
+        remove_tree(work)
         rows = _finish_partitions(run, tmp, store, vertical, {name: len(v) for name, v in ids.items()})
         return FeaturesManifest(
             fingerprint=fingerprint,
@@ -137,6 +143,12 @@ def vertical_event_ids(run: RunDir, vertical: int) -> dict[str, np.ndarray]:
         columns=[EVENT_ID], filter=pc.field(SURFACE) == vertical)[EVENT_ID].to_numpy() for name in SPLITS}
 
 
+def vertical_items(run: RunDir, vertical: int) -> np.ndarray:
+    """The item id of every vertical event, every split: the item buckets' boundaries come from them."""
+    return np.concatenate([pads.dataset(str(split_paths(run, name)), format="parquet").to_table(
+        columns=[ITEM_ID], filter=pc.field(SURFACE) == vertical)[ITEM_ID].to_numpy() for name in SPLITS])
+
+
 def vertical_label_rate(run: RunDir, vertical: int) -> float:
     """The train split's positive rate on the vertical: the prior every counter rate is smoothed toward."""
     table = pads.dataset(str(split_paths(run, "train")), format="parquet").to_table(
@@ -144,35 +156,41 @@ def vertical_label_rate(run: RunDir, vertical: int) -> float:
     return float(pc.mean(table[LABEL]).as_py() or 0.0) if table.num_rows else 0.0
 
 
-def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInfo, vertical: int):
-    """The lazy Ray Dataset of examples (a `split` column says where each belongs)."""
+def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInfo, vertical: int,
+                   work: AnyPath, boundaries: list[int]) -> ray.data.Dataset:
+    """The lazy Ray Dataset of examples in event-id order (a `split` column says where each
+    belongs), in one block per range of `boundaries`. Runs the passes before the last one, whose
+    bucket files it leaves under `work`."""
     events_schema = pads.dataset(str(split_paths(run, "train")), format="parquet").schema.remove_metadata()
     schema = union_schema(events_schema)
-    splits = ray.data.read_parquet([str(split_paths(run, name)) for name in SPLITS])
-    examples = (
-        splits.filter(expr=col(SURFACE) == vertical)
-        .sort(ITEM_ID)  # one block per key range: every item whole in one block
-        .map_batches(item_counters, batch_size=None, batch_format="pyarrow", fn_args=(spec.lag,))
-        .map_batches(event_rows, batch_format="pyarrow", fn_args=(schema, info.valid_start_ts, info.test_start_ts))
-    )
-    history = splits.filter(expr=col(SURFACE) != vertical).map_batches(
-        history_rows, batch_format="pyarrow", fn_args=(schema,))
-    store = ray.data.read_parquet([str(f) for f in data_files(store_path)]).map_batches(  # the files its manifest lists
-        store_rows, batch_format="pyarrow", fn_args=(schema,))
-    # Each branch runs alone before the union: with order preserved, the union takes the branches
-    # in turn, so a later branch's read tasks (backpressured, each holding its CPU) could take every
-    # CPU that the item sort of the first branch still needs: a deadlock, seen on a loaded 2-core
-    # box. The shuffle below holds every row anyway, so materializing costs no extra memory.
-    # The user sort's boundaries come from the events' user ids (about ROWS_PER_PARTITION events
-    # per block, with their store rows): the same blocks on every run, each far below the size
-    # at which a block would be split, so every user stays whole in one block.
-    users = file_boundaries([str(split_paths(run, name)) for name in SPLITS])
-    return (
-        examples.materialize().union(history.materialize(), store.materialize())
-        .sort(USER_ID, boundaries=users)
-        .map_batches(join_block, batch_size=None, batch_format="pyarrow",
-                     fn_args=(spec, events_schema.names, vertical))
-    )
+    paths = [str(split_paths(run, name)) for name in SPLITS]
+    users = file_boundaries(paths, ROWS_PER_PARTITION)  # about that many events per user bucket, and their store rows
+    splits = ray.data.read_parquet(paths)
+    vertical_events = splits.filter(expr=col(SURFACE) == vertical)
+    log.info("features: bucketing the vertical's events by item, then every row by user")
+    write_buckets(vertical_events, ITEM_ID, sort_boundaries(vertical_items(run, vertical), ROWS_PER_PARTITION),
+                  work / "items")
+    write_buckets(over_buckets([work / "items"], example_rows, spec.lag, schema, info.valid_start_ts,
+                               info.test_start_ts), USER_ID, users, work / "users" / "events")
+    write_buckets(splits.filter(expr=col(SURFACE) != vertical).map_batches(
+        history_rows, batch_format="pyarrow", fn_args=(schema,)), USER_ID, users, work / "users" / "history")
+    store = ray.data.read_parquet([str(f) for f in data_files(store_path)])  # the files its manifest lists
+    write_buckets(store.map_batches(
+        store_rows, batch_format="pyarrow", fn_args=(schema,)), USER_ID, users, work / "users" / "store")
+    log.info("features: joining each user bucket, then bucketing the examples by event id")
+    write_buckets(over_buckets([work / "users" / part for part in ("events", "history", "store")], join_block, spec,
+                               events_schema.names, vertical), EVENT_ID, boundaries, work / "examples",
+                  batch_rows=ROWS_PER_PARTITION)
+    return over_buckets([work / "examples"], by_event_id)
+
+
+def example_rows(table: pa.Table, lag: int, schema: pa.Schema, valid_start: int, test_start: int) -> pa.Table:
+    """One item bucket's vertical events (every item whole) as examples: item counters, split tag, union schema."""
+    return event_rows(item_counters(table, lag), schema, valid_start, test_start)
+
+
+def by_event_id(table: pa.Table) -> pa.Table:
+    return table.sort_by(EVENT_ID).combine_chunks()  # one chunk per column: the partitioned writer loops over chunks
 
 
 def item_counters(block: pa.Table, lag: int) -> pa.Table:
@@ -219,7 +237,7 @@ def _conform(table: pa.Table, schema: pa.Schema, given: dict[str, pa.Array]) -> 
 
 
 def join_block(block: pa.Table, spec: JoinSpec, event_columns: list[str], vertical: int) -> pa.Table:
-    """map_batches fn over one block of the user sort (each of its users whole) -> their examples.
+    """One user bucket (each of its users whole: events, history and store rows) -> their examples.
 
     The block is split into examples, events and store rows once, handed to `join.join_users` as
     numpy columns (one Python call per user there, on slices), and the output columns are built
