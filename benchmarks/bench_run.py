@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
-from common import Timer, append_row, device_name, machine, probe_threads, versions, write_result  # noqa: E402
+from common import Timer, append_row, batches_as_arrays, device_name, machine, probe_threads, versions, write_result  # noqa: E402
 
 from loopfm.cli import COMMANDS  # noqa: E402
 from loopfm.config import LoopFMConfig, load_config  # noqa: E402
@@ -91,9 +91,7 @@ def chunk_arrays(cfg: LoopFMConfig, run: RunDir) -> dict[str, np.ndarray]:
     from loopfm.ordering import ordered_data
 
     with ordered_data():
-        parts = list(build_chunks(run, cfg, split_cutoffs(SplitInfo.load(run))).materialize()
-                     .iter_batches(batch_size=None, batch_format="numpy"))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return batches_as_arrays(build_chunks(run, cfg, split_cutoffs(SplitInfo.load(run))).materialize())
 
 
 def bare_fm(cfg: LoopFMConfig, run: RunDir, chunks: dict, threads: int) -> dict:

@@ -203,11 +203,12 @@ def serve_levels(cfg: LoopFMConfig, run: RunDir, bodies: list[dict], levels: lis
     return {"topology": cfg.serve.topology, "deploy_s": round(up.seconds, 2), "app_args": args, "levels": results}
 
 
-def serve_floor(bodies: list[dict], answer: bytes, duration: float, warmup: float) -> dict:
+def serve_floor(bodies: list[dict], answer: bytes, duration: float, warmup: float, most: int = 1) -> dict:
     """A trivial FastAPI deployment that reads the body and answers `answer` (the size of a real
     answer): alone (Serve's own cost per request), with one handle call to a trivial deployment
     (one hop more), and with a no-op `@serve.batch` call at 1 ms and at 0 wait (the batcher's cost
-    when one request is in flight)."""
+    when one request is in flight); all at 1 client. The trivial app alone also at `most` clients:
+    the most requests/s Serve's proxy and the client reach on this machine with no model at all."""
     from ray import serve
 
     app = FastAPI()
@@ -248,6 +249,8 @@ def serve_floor(bodies: list[dict], answer: bytes, duration: float, warmup: floa
                            ("plus_batch_wait_0", Floor.bind(batch_wait_s=0.0))):
             serve.run(app_, name="floor", route_prefix="/")
             out[name] = asyncio.run(load(url, bodies, 1, duration, warmup))
+            if name == "http_floor" and most > 1:
+                out[f"http_floor_c{most}"] = asyncio.run(load(url, bodies, most, duration, warmup))
             serve.delete("floor")
     finally:
         serve.shutdown()
@@ -309,7 +312,7 @@ def main() -> None:
         if a.breakdown:
             answer = json.dumps({"scores": [0.123456789] * a.items, "logits": [-1.23456789] * a.items,
                                  "model_version": "0" * 16}).encode()
-            breakdown = serve_floor(bodies, answer, min(a.duration, 10.0), a.warmup)
+            breakdown = serve_floor(bodies, answer, min(a.duration, 10.0), a.warmup, max(levels))
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -356,6 +359,9 @@ def table_details(r: dict) -> str:
                  f"with one handle hop {b['plus_one_hop']['p50_ms']} ms, with a no-op @serve.batch call "
                  f"{b['plus_batch_wait_1ms']['p50_ms']} ms (wait 1 ms) / {b['plus_batch_wait_0']['p50_ms']} ms "
                  f"(wait 0)")
+        most = [k for k in b if k.startswith("http_floor_c")]
+        floor += "".join(f"; trivial app at c={k.removeprefix('http_floor_c')}: {b[k]['requests_per_s']} req/s, "
+                         f"p50 {b[k]['p50_ms']} ms" for k in most)
     return (f"{c['items_per_request']} candidates/request, {c['duration_s']:g}s per level; VM {c['vm']['model']} "
             f"{c['vm']['hidden']} pooling {c['vm']['pooling']}, L={c['seq_len']} width {c['seq_width']} {c['dtype']}, "
             f"{c['store_rows']:,} store rows ({c['run']} run); Serve: {s['replicas']} replica per deployment, "

@@ -103,6 +103,12 @@ def start_ray(num_cpus: Optional[int]) -> dict:
     return {"ray_cpus": ray.cluster_resources().get("CPU"), "ray_gpus": ray.cluster_resources().get("GPU", 0)}
 
 
+def batches_as_arrays(ds) -> dict[str, np.ndarray]:
+    """Every batch of a Ray Dataset, in order, as one dict of numpy arrays (a bare loop's input)."""
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 # -- memory of this process and its descendants (the local Ray: raylet, workers, actors) ------
 class MemorySampler(threading.Thread):
     """Peaks (MiB), polled every `every` s from /proc, over this process and its descendants (a

@@ -42,7 +42,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_extract  # noqa: E402
 import bench_train  # noqa: E402
-from common import Timer, device_name, gpu, machine, peak_flops, probe_threads, versions, write_log, write_splits  # noqa: E402
+from common import (  # noqa: E402
+    Timer,
+    batches_as_arrays,
+    device_name,
+    gpu,
+    machine,
+    peak_flops,
+    probe_threads,
+    versions,
+    write_log,
+    write_splits,
+)
 
 from loopfm.config import LoopFMConfig, load_config  # noqa: E402
 from loopfm.rundir import RunDir  # noqa: E402
@@ -222,8 +233,7 @@ def fm_part(cfg: LoopFMConfig, args) -> dict:
                 chunks = build_chunks(run, cfg, split_cutoffs(info)).materialize()
             datasets = {"train": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((TRAIN,),)),
                         "eval": chunks.map_batches(keep_chunks, batch_format="numpy", fn_args=((VALID, TEST),))}
-            parts = list(chunks.iter_batches(batch_size=None, batch_format="numpy"))
-            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            arrays = batches_as_arrays(chunks)
             train, evaluation = keep_chunks(arrays, (TRAIN,)), keep_chunks(arrays, (VALID, TEST))
             threads = probe_threads(1)["threads"]
             bare = fm_bare(cfg, train, evaluation, info, threads)

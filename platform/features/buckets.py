@@ -15,7 +15,7 @@ reads and writes alike (a local folder or an object-store prefix), and go with i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -36,8 +36,13 @@ def bucket_of(keys: np.ndarray, boundaries: list[int]) -> np.ndarray:
 
 
 def write_buckets(ds: ray.data.Dataset, key: str, boundaries: list[int], root: AnyPath,
-                  batch_rows: int = BUCKET_BATCH_ROWS) -> None:
-    """Every row of `ds` into `root/bucket=<i>/` by the range of its `key` (one streaming pass)."""
+                  batch_rows: Optional[int] = BUCKET_BATCH_ROWS) -> None:
+    """Every row of `ds` into `root/bucket=<i>/` by the range of its `key` (one streaming pass).
+
+    `batch_rows=None` buckets each block as it comes: for the output of `over_buckets`, whose
+    blocks are one bucket's rows each. A batch size there would make Ray Data bundle the pass's
+    one-row input blocks (bucket numbers) up to that many rows: every bucket in one task.
+    """
     ds.map_batches(_tag, batch_size=batch_rows, batch_format="pyarrow", fn_args=(key, boundaries)).write_parquet(
         str(root), partition_cols=[BUCKET])
 

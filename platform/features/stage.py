@@ -171,7 +171,7 @@ def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInf
     write_buckets(vertical_events, ITEM_ID, sort_boundaries(vertical_items(run, vertical), ROWS_PER_PARTITION),
                   work / "items")
     write_buckets(over_buckets([work / "items"], example_rows, spec.lag, schema, info.valid_start_ts,
-                               info.test_start_ts), USER_ID, users, work / "users" / "events")
+                               info.test_start_ts), USER_ID, users, work / "users" / "events", batch_rows=None)
     write_buckets(splits.filter(expr=col(SURFACE) != vertical).map_batches(
         history_rows, batch_format="pyarrow", fn_args=(schema,)), USER_ID, users, work / "users" / "history")
     store = ray.data.read_parquet([str(f) for f in data_files(store_path)])  # the files its manifest lists
@@ -180,7 +180,7 @@ def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInf
     log.info("features: joining each user bucket, then bucketing the examples by event id")
     write_buckets(over_buckets([work / "users" / part for part in ("events", "history", "store")], join_block, spec,
                                events_schema.names, vertical), EVENT_ID, boundaries, work / "examples",
-                  batch_rows=ROWS_PER_PARTITION)
+                  batch_rows=None)
     return over_buckets([work / "examples"], by_event_id)
 
 
