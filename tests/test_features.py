@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from features_reference import (
     join_frames,
@@ -38,6 +39,7 @@ from loopfm.cli import main
 from loopfm.datasets.schema import SPLITS
 from loopfm.errors import VersionMismatchError
 from loopfm.features import FeaturesManifest, JoinSpec, decode_batch, read_features, stage
+from loopfm.features.buckets import buckets_under, over_buckets, read_bucket, write_buckets
 from loopfm.features.collate import VMBatchCollate
 from loopfm.rundir import RunDir
 from loopfm.store import codec
@@ -241,6 +243,28 @@ def test_current_features_are_skipped(built):
     assert main(built.argv) == 0
     assert (built.out / "manifest.json").stat().st_mtime_ns == stamp
     assert list((built.run.root / "features").iterdir()) == [built.out]
+
+
+@pytest.mark.timeout(240)
+def test_buckets_hold_their_key_range_and_a_pass_reads_one_bucket_per_task(ray_session, tmp_path):
+    """`write_buckets` puts every row once into the bucket of its key's range; `over_buckets` hands
+    each task one bucket, so bucketing its output again writes a file per (source, target) bucket
+    pair (a pass that bundled every bucket into one task, as a batch size there once made it,
+    writes one file per target and holds the whole log in one process)."""
+    rng = np.random.default_rng(0)
+    table = pa.table({"a": rng.integers(0, 1000, 5000), "b": rng.integers(0, 1000, 5000), "row": np.arange(5000)})
+    a_bounds, b_bounds = [250, 500, 750], [300, 600]
+    write_buckets(ray.data.from_arrow(table), "a", a_bounds, tmp_path / "a")
+    assert buckets_under([tmp_path / "a"]) == [0, 1, 2, 3]
+    edges = [-1, *a_bounds, 1000]
+    for i in range(4):
+        a = read_bucket([tmp_path / "a"], i)["a"].to_numpy()
+        assert len(a) and ((a >= edges[i]) & (a < edges[i + 1])).all(), i
+    write_buckets(over_buckets([tmp_path / "a"], pa.Table.sort_by, "row"), "b", b_bounds, tmp_path / "b",
+                  batch_rows=None)
+    again = [read_bucket([tmp_path / "b"], j) for j in buckets_under([tmp_path / "b"])]
+    assert sorted(pa.concat_tables(again)["row"].to_pylist()) == list(range(5000))
+    assert [len(list((tmp_path / "b" / f"bucket={j}").glob("*.parquet"))) for j in range(3)] == [4, 4, 4]
 
 
 @pytest.mark.timeout(300)
