@@ -218,7 +218,7 @@ def serve_floor(bodies: list[dict], answer: bytes, duration: float, warmup: floa
         async def __call__(self, x):
             return x
 
-    @serve.deployment(name="Floor")
+    @serve.deployment(name="Floor", max_ongoing_requests=256)  # as the app's own (Serve's default, 5, queues at c=16)
     @serve.ingress(app)
     class Floor:
         def __init__(self, inner=None, batch_wait_s=None):
