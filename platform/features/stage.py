@@ -1,10 +1,9 @@
 """`loopfm features`: the point-in-time join as three bucketed passes over disk (`buckets`).
 
-    vertical events --bucket(item_id)--> per item bucket: + item counters (`join.counts_before`)
-    ---------------------------------\
-    other surfaces' events (history for the rawseq control) --bucket(user_id)--> _join/users/{events,history,store}
-    store rows (every surface) ------/
-    per user bucket: every user of the bucket joined (`join.join_users`) --bucket(event_id)--> _join/examples
+    vertical events --by item--> per item bucket: + item counters (`join.counts_before`) --by user--+
+    other surfaces' events (history for the rawseq control) -------------------------------by user--+--> _join/users/
+    store rows (every surface) -------------------------------------------------------------by user--+
+    per user bucket: its users joined (`join.join_users`) --by event id--> _join/examples/
     per example bucket: sorted by event_id -> write_parquet(partition_cols=[split])
       -> features/<fingerprint>/{train,valid,test}/ + manifest.json
 
