@@ -166,8 +166,8 @@ def bare_features(cfg: LoopFMConfig, run: RunDir, scratch: Path) -> dict:
         events_schema = pads.dataset(str(split_paths(run, "train")), format="parquet").schema.remove_metadata()
         schema = stage.union_schema(events_schema)
         on_vertical = pc.equal(events[SURFACE], vertical)
-        examples = stage.event_rows(stage.item_counters(events.filter(on_vertical), cfg.features.lag), schema,
-                                    info.valid_start_ts, info.test_start_ts)
+        examples = stage.example_rows(events.filter(on_vertical), cfg.features.lag, schema, info.valid_start_ts,
+                                      info.test_start_ts)
         history = stage.history_rows(events.filter(pc.invert(on_vertical)), schema)
         rows = stage.store_rows(pa.concat_tables([pq.read_table(f) for f in data_files(store_dir)]), schema)
         union = pa.concat_tables([examples, history, rows])

@@ -153,29 +153,29 @@ def plot(r: dict) -> None:
     ax.set_ylabel("stage wall time (s)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    rate.set_xscale("log")
-    rate.set_xlabel("events")
-    rate.set_ylabel("events/s (whole stage)")
-    rate.set_ylim(bottom=0)
-    rate.legend(fontsize=8)
-    rate.grid(alpha=0.3)
+    events_axis(rate, "events/s (whole stage)")
     for name, label in zip((*MEMORY, "shm_mib_growth"), ("private gained, all processes",
                                                          "private, largest process", "object store gained")):
         slopes = (f" (slope {f['features_memory'][name + '_slope']:.2f}, upper half "
                   f"{f['features_memory'][name + '_slope_upper']:.2f})" if name in MEMORY else "")
         memory.plot(events, [s["features_memory"][name] for s in sizes], "o-", label=label + slopes)
-    memory.set_xscale("log")
-    memory.set_xlabel("events")
-    memory.set_ylabel("features stage memory (MiB)")
-    memory.set_ylim(bottom=0)
-    memory.legend(fontsize=8)
-    memory.grid(alpha=0.3)
+    events_axis(memory, "features stage memory (MiB)")
     c = r["config"]
     fig.suptitle(f"Cost growth, {r['device']}: FM d={c['fm']['d_model']} x{c['fm']['n_layers']}, L={c['seq_len']}, "
                  f"VM {c['vm_model']} x{c['train_epochs']} epochs "
                  f"(load {r['load_avg_1m_start']}->{r['load_avg_1m_end']})",
                  fontsize=9)
     save_png(fig, "bench_scaling.png")
+
+
+def events_axis(axis, ylabel: str) -> None:
+    """A panel of some quantity (from 0) against events on a log axis."""
+    axis.set_xscale("log")
+    axis.set_xlabel("events")
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
 
 
 def main() -> None:

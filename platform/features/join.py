@@ -263,10 +263,10 @@ def join_user(examples: dict[str, np.ndarray], events: dict[str, np.ndarray], st
 
 def join_users(examples: dict[str, np.ndarray], events: dict[str, np.ndarray], store: dict[str, np.ndarray],
                spec: JoinSpec, vertical: int) -> dict[str, np.ndarray]:
-    """The examples of many users at once (one block of the stage's user sort), by `join_user`.
+    """The examples of many users at once (one user bucket of the stage), by `join_user`.
 
     The same three dicts as `join_user`, each with a `user_id` column, holding every row of each
-    of their users (the stage's sort keeps a user whole in one block). One stable argsort per
+    of their users (the stage buckets by user, so a user is whole in one bucket). One stable argsort per
     dict groups the rows by user, and one searchsorted finds every user's slice, so each
     `join_user` call gets views of exactly its own rows, never a filter per user. Users without
     examples give no rows. Returns the feature columns aligned with `examples` in its order.

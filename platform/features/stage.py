@@ -80,7 +80,7 @@ def features_stage(cfg: LoopFMConfig, run: RunDir, fm_version: Optional[str] = N
     started = time.time()
     log.info("features: joining vertical %d with store %s (L=%d, lag=%d, retention=%s, surfaces=%s)",
              vertical, store.store_version, spec.seq_len, spec.lag, spec.retention, cfg.features.surfaces)
-    ids = vertical_event_ids(run, vertical)
+    ids = vertical_column(run, vertical, EVENT_ID)
     boundaries = sort_boundaries(np.concatenate(list(ids.values())), ROWS_PER_PARTITION)
 
     def build(tmp: Path) -> FeaturesManifest:
@@ -134,18 +134,12 @@ def configured_fm_version(cfg: LoopFMConfig, run: RunDir, info: SplitInfo) -> Op
     return FMManifest.read(fm_dir).fm_version if (fm_dir / MANIFEST).is_file() else None
 
 
-def vertical_event_ids(run: RunDir, vertical: int) -> dict[str, np.ndarray]:
-    """Every example's event id, per split: the output is sorted by them, on boundaries drawn from
-    these (not sampled at random), so a fresh run writes the same rows into the same files; and
-    each split's output must hold as many examples as its input holds vertical events."""
+def vertical_column(run: RunDir, vertical: int, column: str) -> dict[str, np.ndarray]:
+    """One column of the vertical's events, per split. Bucket boundaries are drawn from these keys
+    (not sampled at random), so a fresh run writes the same rows into the same files; and each
+    split's output must hold as many examples as its input holds vertical events."""
     return {name: pads.dataset(str(split_paths(run, name)), format="parquet").to_table(
-        columns=[EVENT_ID], filter=pc.field(SURFACE) == vertical)[EVENT_ID].to_numpy() for name in SPLITS}
-
-
-def vertical_items(run: RunDir, vertical: int) -> np.ndarray:
-    """The item id of every vertical event, every split: the item buckets' boundaries come from them."""
-    return np.concatenate([pads.dataset(str(split_paths(run, name)), format="parquet").to_table(
-        columns=[ITEM_ID], filter=pc.field(SURFACE) == vertical)[ITEM_ID].to_numpy() for name in SPLITS])
+        columns=[column], filter=pc.field(SURFACE) == vertical)[column].to_numpy() for name in SPLITS}
 
 
 def vertical_label_rate(run: RunDir, vertical: int) -> float:
@@ -167,8 +161,8 @@ def build_examples(run: RunDir, store_path: Path, spec: JoinSpec, info: SplitInf
     splits = ray.data.read_parquet(paths)
     vertical_events = splits.filter(expr=col(SURFACE) == vertical)
     log.info("features: bucketing the vertical's events by item, then every row by user")
-    write_buckets(vertical_events, ITEM_ID, sort_boundaries(vertical_items(run, vertical), ROWS_PER_PARTITION),
-                  work / "items")
+    items = np.concatenate(list(vertical_column(run, vertical, ITEM_ID).values()))
+    write_buckets(vertical_events, ITEM_ID, sort_boundaries(items, ROWS_PER_PARTITION), work / "items")
     write_buckets(over_buckets([work / "items"], example_rows, spec.lag, schema, info.valid_start_ts,
                                info.test_start_ts), USER_ID, users, work / "users" / "events", batch_rows=None)
     write_buckets(splits.filter(expr=col(SURFACE) != vertical).map_batches(
